@@ -21,6 +21,8 @@ from .rope import apply_rope, replicate_pad_to_multiple
 
 TIMESTEP_FEATURES = 256  # width of the sinusoidal timestep / guidance features
 LN_EPS = 1e-6
+# The token refiner's MLP is 4x wide whatever the config's mlp_ratio (HunyuanVideo fixes it).
+REFINER_MLP_RATIO = 4.0
 
 
 # ---- pure helpers -----------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class TokenRefiner(nn.Module):
     valid tokens the same result (their rows are all-valid anyway) and keeps padded rows finite.
     """
 
-    def __init__(self, text_dim: int, dim: int, heads: int, layers: int, mlp_ratio: float) -> None:
+    def __init__(self, text_dim: int, dim: int, heads: int, layers: int, mlp_ratio: float = REFINER_MLP_RATIO) -> None:
         super().__init__()
         self.time_text_embed = ConditionEmbedding(dim, text_dim, guidance=False)
         self.proj_in = nn.Linear(text_dim, dim)

@@ -51,7 +51,7 @@ class FramePackTransformer(nn.Module):
         self.clean_x_embedder = (
             HistoryEmbedder(cfg.in_channels, dim, cfg.history_kernels) if cfg.has_clean_x_embedder else None
         )
-        self.context_embedder = TokenRefiner(cfg.text_embed_dim, dim, heads, cfg.num_refiner_layers, ratio)
+        self.context_embedder = TokenRefiner(cfg.text_embed_dim, dim, heads, cfg.num_refiner_layers)
         self.image_projection = ImageProjection(cfg.image_proj_dim, dim) if cfg.has_image_proj else None
         self.time_text_embed = ConditionEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.transformer_blocks = nn.ModuleList(DualStreamBlock(dim, heads, ratio) for _ in range(cfg.num_layers))

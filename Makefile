@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv here and
+# install what they need. On a machine without a torch in .venv we install the CPU build
+# (TORCH_SPEC); GPU users install their own CUDA build into .venv first and it is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: demo test install bench clean
+
+# One stamp per set of extras, rebuilt when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[$*]"
+	touch $@
+
+install: $(VENV)/.installed-models
+
+demo: $(VENV)/.installed-models
+	$(VENV)/bin/framepack demo
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/transformer_forward.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
