@@ -1,37 +1,22 @@
-"""The ``framepack`` command line. Thin: parses arguments and calls the library."""
+"""The ``framepack`` command line. Thin: parses arguments, calls the library, reports progress.
+
+Every user error ends as one line on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_random_weights_demo
-
-    print(
-        "framepack demo: the embedded demo model is not trained yet, so this runs the tiny preset "
-        "with RANDOM weights on the CPU (latents only, no video) to show the packed section loop."
-    )
-    stats = run_random_weights_demo(sections=args.sections, steps=args.steps, seed=args.seed)
-    print(f"\n| section | history latents | context tokens | seconds |\n|---|---|---|---|")
-    for s in stats:
-        print(f"| {s.index} | {s.history_latents} | {s.context_tokens} | {s.seconds:.2f} |")
-    print(f"\ncontext tokens stay at {max(s.context_tokens for s in stats)} however long the history grows.")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="framepack", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="run the CPU demo (random tiny weights until the demo model ships)")
-    demo.add_argument("--sections", type=_positive, default=6, help="number of sections to generate (default 6)")
-    demo.add_argument("--steps", type=_positive, default=4, help="sampling steps per section (default 4)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(run=_demo)
-    return parser
+# ---- argument types --------------------------------------------------------------------------------
 
 
 def _positive(text: str) -> int:
@@ -44,14 +29,216 @@ def _positive(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# ---- demo ------------------------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_random_weights_demo
+
+    print(
+        "framepack demo: the embedded demo model is not trained yet, so this runs the tiny preset "
+        "with RANDOM weights on the CPU (latents only, no video) to show the packed section loop."
+    )
+    stats = run_random_weights_demo(sections=args.sections, steps=args.steps, seed=args.seed)
+    print("\n| section | history latents | context tokens | seconds |\n|---|---|---|---|")
+    for s in stats:
+        print(f"| {s.index} | {s.history_latents} | {s.context_tokens} | {s.seconds:.2f} |")
+    print(f"\ncontext tokens stay at {max(s.context_tokens for s in stats)} however long the history grows.")
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------------------------
+
+# CLI option -> GenerationSettings field, for --from and overrides
+_SETTING_FLAGS = {
+    "image": "image", "end_image": "end_image", "prompt": "prompt", "section_prompt": "section_prompts",
+    "negative_prompt": "negative_prompt", "seconds": "seconds", "seed": "seed", "steps": "steps",
+    "sampler": "sampler", "distilled_guidance": "distilled_guidance", "cfg": "cfg",
+    "guidance_rescale": "guidance_rescale", "shift": "shift", "mode": "mode", "resolution": "resolution",
+    "window": "window", "crf": "crf", "model": "model",
+}
+
+
+def _settings_from_args(args: argparse.Namespace):
+    from .settings import GenerationSettings
+
+    base: dict = {}
+    if args.from_video:
+        from .video import read_metadata
+
+        meta = read_metadata(args.from_video)
+        if "framepack" not in meta:
+            raise ValueError(f"{args.from_video} carries no framepack settings")
+        base = dict(meta["framepack"])
+    for flag, field in _SETTING_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            base[field] = tuple(value) if field == "section_prompts" else value
+    for required in ("image", "prompt"):
+        if not base.get(required):
+            raise ValueError(f"--{required} is required (or --from a framepack video)")
+    base.setdefault("model", _default_model())
+    return GenerationSettings.from_dict(base)
+
+
+def _default_model() -> str:
+    import torch
+
+    # the embedded demo model wherever no CUDA GPU is present
+    return "framepack-i2v" if torch.cuda.is_available() else "tiny"
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return device, dtype
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .images import load_image
+    from .jobs import JobDir
+    from .pipeline import FramePackPipeline
+
+    if args.resume:
+        job = JobDir.open(Path(args.resume))
+        settings = job.settings
+    else:
+        settings = _settings_from_args(args)
+        load_image(settings.image)  # fail on a bad image before anything is loaded or written
+        if settings.end_image:
+            load_image(settings.end_image)
+    device, dtype = _device_and_dtype(args)
+    logging.getLogger("framepack").info("model %s on %s (%s)", settings.model, device, dtype)
+    print(f"framepack: model {settings.model} on {device}", file=sys.stderr)
+    pipeline = FramePackPipeline.from_model(settings.model, device=device, dtype=dtype, vae_tiling=args.vae_tiling)
+    if not args.resume:
+        out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{settings.seed}.mp4"
+        if out.suffix.lower() != ".mp4":
+            raise ValueError(f"--out must name an .mp4 file, got {out}")
+        job_dir = Path(args.job_dir) if args.job_dir else out.with_name(out.stem + ".job")
+        job = JobDir.create(job_dir, settings, out)
+        print(f"framepack: job directory {job.root} (resume with --resume {job.root})", file=sys.stderr)
+    _run_with_progress(pipeline, job)
+    print(job.out)
+    return 0
+
+
+def _run_with_progress(pipeline, job) -> None:
+    from tqdm import tqdm
+
+    from .pipeline import Done, SectionFinished, SectionStarted, StepProgress
+
+    plans = pipeline.plans(job.settings)
+    total = len(plans) * job.settings.steps
+    bar = tqdm(total=total, initial=job.finished * job.settings.steps, unit="step", file=sys.stderr,
+               dynamic_ncols=True, disable=None)
+    try:
+        for event in pipeline.events(job):
+            if isinstance(event, SectionStarted):
+                bar.set_description(f"section {event.step + 1}/{event.count}")
+            elif isinstance(event, StepProgress):
+                bar.update(1)
+                bar.set_postfix_str(f"step {event.i + 1}/{event.n}")
+            elif isinstance(event, SectionFinished):
+                logging.getLogger("framepack").info("section %d/%d took %.1f s", event.step + 1, event.count, event.seconds)
+            elif isinstance(event, Done):
+                bar.set_postfix_str(f"done in {event.seconds:.1f} s")
+    finally:
+        bar.close()
+
+
+# ---- parser ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="framepack", description="FramePack: long videos, section by section, on a constant budget.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="run the CPU demo (random tiny weights until the demo model ships)")
+    demo.add_argument("--sections", type=_positive, default=6, help="number of sections to generate (default 6)")
+    demo.add_argument("--steps", type=_positive, default=4, help="sampling steps per section (default 4)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(run=_demo)
+
+    gen = commands.add_parser(
+        "generate",
+        help="make a video from a start image and a prompt",
+        description="Generate a video section by section. Every run keeps a job directory; "
+        "if it stops, --resume JOB_DIR continues from the last finished section.",
+    )
+    src = gen.add_argument_group("what to make")
+    src.add_argument("--model", help="tiny (the embedded CPU demo model, default without a CUDA GPU), "
+                     "framepack-i2v, framepack-f1, or a directory with a framepack.json")
+    src.add_argument("--image", help="start image (png, jpg, webp, ...)")
+    src.add_argument("--end-image", dest="end_image", help="optional end image (inverted mode only)")
+    src.add_argument("--prompt", help="the prompt, or a timeline: '[0s-2s: a cat sits] [2s-5s: the cat jumps]'")
+    src.add_argument("--section-prompt", dest="section_prompt", action="append",
+                     help="one prompt per section in video order (repeat the option); overrides --prompt's timing")
+    src.add_argument("--negative-prompt", dest="negative_prompt", help="negative prompt (used only with --cfg != 1)")
+    src.add_argument("--seconds", type=_number, help="video length in seconds (default 5; at most 120)")
+    src.add_argument("--seed", type=int, help="random seed (default 31337); the same seed gives the same video")
+    samp = gen.add_argument_group("sampling")
+    samp.add_argument("--steps", type=int, help="denoising steps per section (default 25)")
+    samp.add_argument("--sampler", choices=["unipc", "euler"], help="unipc (default; order-3 UniPC) or euler")
+    samp.add_argument("--distilled-guidance", dest="distilled_guidance", type=_number,
+                      help="distilled guidance scale fed to the model (default 10)")
+    samp.add_argument("--cfg", type=_number, help="real classifier-free guidance scale; 1 = off (default)")
+    samp.add_argument("--guidance-rescale", dest="guidance_rescale", type=_number,
+                      help="guidance rescale in [0, 1] for real CFG (default 0)")
+    samp.add_argument("--shift", type=_number, help="sigma shift; default from the token count (7 at 640)")
+    samp.add_argument("--mode", choices=["inverted", "forward", "vanilla"],
+                      help="section order: inverted anti-drifting (I2V models), forward (F1) or vanilla; "
+                      "default: the model's own")
+    samp.add_argument("--window", type=int, help="latent frames per section (default 9 = 33 video frames)")
+    out = gen.add_argument_group("output")
+    out.add_argument("--resolution", type=int, help="target resolution bucket (default 640)")
+    out.add_argument("--crf", type=int, help="H.264 quality, 0 (lossless) .. 51; default 16")
+    out.add_argument("--out", help="output mp4 (default outputs/<time>-seed<seed>.mp4)")
+    out.add_argument("--job-dir", dest="job_dir", help="job directory (default <out>.job next to the video)")
+    run = gen.add_argument_group("running")
+    run.add_argument("--resume", metavar="JOB_DIR", help="continue an interrupted job from its last finished section")
+    run.add_argument("--from", dest="from_video", metavar="VIDEO.mp4",
+                     help="repeat the settings embedded in a framepack video (other options override them)")
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    run.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
+    run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        print("framepack: interrupted; finished sections are kept in the job directory (--resume it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, OSError) as exc:
         print(f"framepack: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -67,6 +67,22 @@ class SectionPlan:
         return [s for level in self.levels for s in level.sources]
 
 
+def decode_span(plan: SectionPlan) -> tuple[int, ...]:
+    """Video positions to decode for a section: its own latents plus the neighbouring window
+    the overlap blend needs (already made), in time order.
+
+    Inverted: the window right after it (made one step earlier), and the start latent in front
+    on the last section. Causal modes: the window before it (the start latent at first).
+    """
+    window = len(plan.positions)
+    first, last = plan.positions[0], plan.positions[-1]
+    if plan.mode == "inverted":
+        after = tuple(range(last + 1, last + 1 + window)) if plan.step > 0 else ()
+        return ((0,) if plan.is_last else ()) + plan.positions + after
+    before = tuple(range(max(0, first - window), first))
+    return before + plan.positions
+
+
 def section_count(seconds: float, window: int = DEFAULT_WINDOW, fps: int = FPS) -> int:
     """Sections for a video length, as the reference counts them (Python's round, at least 1)."""
     return max(round(seconds * fps / (window * TEMPORAL_RATIO)), 1)

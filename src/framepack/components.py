@@ -1,0 +1,255 @@
+"""The encoders and the VAE around the transformer, loaded through transformers and diffusers.
+
+Three Hugging Face layouts (hub ids or local directories in the same shape):
+
+- ``hunyuanvideo-community/HunyuanVideo``: ``text_encoder`` + ``tokenizer`` (LLaMA),
+  ``text_encoder_2`` + ``tokenizer_2`` (CLIP-L), ``vae`` (AutoencoderKLHunyuanVideo);
+- ``lllyasviel/flux_redux_bfl``: ``image_encoder`` + ``feature_extractor`` (SigLIP);
+- ``lllyasviel/FramePackI2V_HY`` / ``lllyasviel/FramePack_F1_I2V_HY_20250503``: the transformer.
+
+Nothing is loaded at import time; heavy libraries are imported when a component is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .model import FramePackTransformer
+from .model.io import CheckpointError, resolve_source
+from .planning import Mode
+
+log = logging.getLogger(__name__)
+
+# HunyuanVideo's LLaMA prompt template; the user prompt goes where "{}" is.
+PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video.2. The color, shape, size, texture, quantity, text, and "
+    "spatial relations of the objects.3. Actions, events, behaviors temporal relationships, physical movement "
+    "changes of the objects.4. background environment, light, style and atmosphere.5. camera angles, "
+    "movements, and transitions used in the video:<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+LLAMA_MAX_TOKENS = 256  # valid prompt tokens after the template
+LLAMA_LAYER = -3  # hidden_states[-3]: two layers before the last
+CLIP_MAX_TOKENS = 77
+VAE_SCALING = 0.476986
+
+
+@dataclass
+class TextEmbedding:
+    """One prompt, encoded. states: (1, L, text_dim); mask: (1, L) bool; pooled: (1, pooled_dim)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+class TextEncoder(Protocol):
+    def encode(self, prompt: str) -> TextEmbedding: ...
+
+
+class ImageEncoder(Protocol):
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, N, image_dim)."""
+        ...
+
+
+class VideoAutoencoder(Protocol):
+    """Latent geometry of HunyuanVideo: 16 channels, 8x spatial, 4x causal temporal."""
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> scaled latents (B, 16, (T-1)/4+1, H/8, W/8)."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents -> (B, 3, T, H, W) in [-1, 1]."""
+        ...
+
+
+def _crop_start(tokenizer, template: str) -> int:
+    """Tokens before the prompt: the template prefix tokenized the way the full text is."""
+    prefix = template.split("{}")[0]
+    return len(tokenizer(prefix)["input_ids"])
+
+
+class HunyuanTextEncoder:
+    """LLaMA states (template, crop, hidden_states[-3]) + CLIP-L pooled output."""
+
+    def __init__(self, llama, llama_tokenizer, clip, clip_tokenizer, template: str = PROMPT_TEMPLATE,
+                 crop_start: int | None = None) -> None:
+        self.llama, self.llama_tokenizer = llama.eval(), llama_tokenizer
+        self.clip, self.clip_tokenizer = clip.eval(), clip_tokenizer
+        self.template = template
+        self.crop_start = _crop_start(llama_tokenizer, template) if crop_start is None else crop_start
+
+    @classmethod
+    def from_pretrained(cls, root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        crop_start: int | None = None) -> "HunyuanTextEncoder":
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+        return cls(
+            LlamaModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device),
+            AutoTokenizer.from_pretrained(root / "tokenizer"),
+            CLIPTextModel.from_pretrained(root / "text_encoder_2", torch_dtype=dtype).to(device),
+            AutoTokenizer.from_pretrained(root / "tokenizer_2"),
+            crop_start=crop_start,
+        )
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> TextEmbedding:
+        device = self.llama.device
+        tokens = self.llama_tokenizer(
+            [self.template.format(prompt)],
+            max_length=self.crop_start + LLAMA_MAX_TOKENS,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(device)
+        hidden = self.llama(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        states = hidden.hidden_states[LLAMA_LAYER][:, self.crop_start :]
+        mask = mask[:, self.crop_start :].bool()
+        clip_tokens = self.clip_tokenizer(
+            [prompt], max_length=CLIP_MAX_TOKENS, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        pooled = self.clip(clip_tokens.input_ids.to(self.clip.device), output_hidden_states=False).pooler_output
+        return TextEmbedding(states.float().cpu(), mask.cpu(), pooled.float().cpu())
+
+
+class SiglipImageEncoder:
+    def __init__(self, model, processor) -> None:
+        self.model, self.processor = model.eval(), processor
+
+    @classmethod
+    def from_pretrained(cls, root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        return cls(
+            SiglipVisionModel.from_pretrained(root / "image_encoder", torch_dtype=dtype).to(device),
+            SiglipImageProcessor.from_pretrained(root / "feature_extractor"),
+        )
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        inputs = self.processor(images=image, return_tensors="pt").to(device=self.model.device, dtype=self.model.dtype)
+        return self.model(**inputs).last_hidden_state.float().cpu()
+
+
+class HunyuanVAE:
+    """diffusers' AutoencoderKLHunyuanVideo; the posterior mean is used so encoding is deterministic."""
+
+    def __init__(self, vae, tiling: bool = False) -> None:
+        self.vae = vae.eval()
+        if tiling:
+            vae.enable_tiling()
+        self.scaling = float(getattr(vae.config, "scaling_factor", VAE_SCALING))
+
+    @classmethod
+    def from_pretrained(cls, root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        tiling: bool = False) -> "HunyuanVAE":
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        return cls(AutoencoderKLHunyuanVideo.from_pretrained(root / "vae", torch_dtype=dtype).to(device), tiling)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        p = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
+        return (self.vae.encode(p).latent_dist.mode() * self.scaling).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = (latents / self.scaling).to(device=self.vae.device, dtype=self.vae.dtype)
+        return self.vae.decode(z).sample.float().clamp(-1, 1).cpu()
+
+
+# ---- model sources --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where each component comes from: hub ids or local directories in the layouts above."""
+
+    transformer: str
+    hunyuan: str
+    redux: str | None
+    mode: Mode
+    crop_start: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+HUNYUAN = "hunyuanvideo-community/HunyuanVideo"
+REDUX = "lllyasviel/flux_redux_bfl"
+NAMED_MODELS: dict[str, ModelSource] = {
+    "framepack-i2v": ModelSource("lllyasviel/FramePackI2V_HY", HUNYUAN, REDUX, "inverted"),
+    "framepack-f1": ModelSource("lllyasviel/FramePack_F1_I2V_HY_20250503", HUNYUAN, REDUX, "forward"),
+}
+MANIFEST = "framepack.json"
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """A named model, or a directory holding a ``framepack.json`` manifest with relative paths."""
+    if name_or_path in NAMED_MODELS:
+        return NAMED_MODELS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    manifest = path / MANIFEST if path.is_dir() else path
+    if not manifest.is_file():
+        known = ", ".join(sorted(NAMED_MODELS))
+        if path.exists():
+            raise ValueError(f"{path} has no {MANIFEST}: not a framepack model directory")
+        raise ValueError(f"unknown model {name_or_path!r}: not one of {known}, and no such directory")
+    try:
+        data = json.loads(manifest.read_text())
+        base = manifest.parent
+
+        def local(key: str) -> str | None:
+            # a path relative to the manifest if it exists there, else a hub id
+            value = data.get(key)
+            if value is None:
+                return None
+            return str((base / value).resolve()) if (base / value).exists() else str(value)
+
+        return ModelSource(
+            transformer=local("transformer"), hunyuan=local("hunyuan"), redux=local("redux"),
+            mode=data.get("mode", "inverted"), crop_start=data.get("crop_start"),
+            extra={k: v for k, v in data.items() if k not in {"transformer", "hunyuan", "redux", "mode", "crop_start"}},
+        )
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{manifest} is not a valid model manifest ({exc})") from None
+
+
+@dataclass
+class Components:
+    transformer: FramePackTransformer
+    text: TextEncoder
+    image: ImageEncoder | None
+    vae: VideoAutoencoder
+    source: ModelSource
+
+
+def load_components(
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    vae_tiling: bool = False,
+    local_files_only: bool = False,
+) -> Components:
+    """Fetch (cached, resumable) or open each component and build it."""
+    try:
+        hunyuan = resolve_source(source.hunyuan, local_files_only=local_files_only)
+        redux = resolve_source(source.redux, local_files_only=local_files_only) if source.redux else None
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
+    log.info("loading transformer from %s", source.transformer)
+    transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device,
+                                                       local_files_only=local_files_only)
+    log.info("loading text encoders and VAE from %s", hunyuan)
+    text = HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
+    image = SiglipImageEncoder.from_pretrained(redux, dtype, device) if redux else None
+    vae = HunyuanVAE.from_pretrained(hunyuan, dtype, device, tiling=vae_tiling)
+    return Components(transformer, text, image, vae, source)

@@ -1,0 +1,325 @@
+"""FramePackPipeline: settings in, a stream of events and a finished mp4 out.
+
+The loop per section: plan (pure) -> pack the context from saved latents -> sample -> save the
+section atomically -> decode the new frames with the overlap the blend needs -> append to the
+video. Memory and time per section are constant: latents live in the job directory (a few recent
+sections are cached), finished frames are encoded once and left on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .components import Components, TextEmbedding, load_components, resolve_model
+from .images import load_image, prepare_image, resize_and_crop
+from .jobs import JobDir
+from .model import HistoryInput
+from .planning import (
+    END,
+    START,
+    SectionPlan,
+    decode_span,
+    parse_timeline,
+    plan_sections,
+    prompts_for_sections,
+    section_count,
+)
+from .sampling import Step, get_sampler, guided_velocity, sigma_schedule, velocity_denoiser
+from .settings import GenerationSettings
+from .video import Assembler, concat_segments, fit_latent_to_rgb, overlap_frames, preview_frames, to_frames, to_uint8, write_segment
+
+log = logging.getLogger(__name__)
+TIMESTEP_SCALE = 1000.0  # the model's timestep and guidance units: sigma * 1000
+
+
+# ---- events -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SectionStarted:
+    step: int
+    count: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    step: int
+    count: int
+    i: int
+    n: int
+    preview: np.ndarray  # (T, h, w, 3) uint8: the current x0 prediction through a linear map
+
+
+@dataclass(frozen=True)
+class SectionFinished:
+    step: int
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VideoUpdated:
+    path: Path
+    final: bool
+
+
+@dataclass(frozen=True)
+class Done:
+    path: Path
+    seconds: float
+
+
+Event = SectionStarted | StepProgress | SectionFinished | VideoUpdated | Done
+
+
+class Cancelled(Exception):
+    """Raised out of :meth:`FramePackPipeline.run` when ``should_stop`` turned true; the job is resumable."""
+
+
+# ---- conditioning -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    start_latent: torch.Tensor  # (1, C, 1, h, w)
+    end_latent: torch.Tensor | None
+    image_embeds: torch.Tensor | None  # (1, N, E)
+    rgb_map: torch.Tensor  # latent -> RGB preview map
+    size: tuple[int, int]  # pixel (H, W)
+
+
+class LatentStore:
+    """Video latents by position, read from the job directory; a few recent sections cached."""
+
+    def __init__(self, job: JobDir, plans: list[SectionPlan], start: torch.Tensor, end: torch.Tensor | None,
+                 cache_sections: int = 4) -> None:
+        self.job, self.start, self.end = job, start, end
+        self.owner = {pos: plan.step for plan in plans for pos in plan.positions}
+        self.first = {plan.step: plan.positions[0] for plan in plans}
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cache_sections = cache_sections
+
+    def put(self, step: int, latents: torch.Tensor) -> None:
+        self.cache[step] = latents
+        self.cache.move_to_end(step)
+        while len(self.cache) > self.cache_sections:
+            self.cache.popitem(last=False)
+
+    def section(self, step: int) -> torch.Tensor:
+        if step not in self.cache:
+            self.put(step, self.job.load_latents(step))
+        return self.cache[step]
+
+    def get(self, source) -> torch.Tensor:
+        """(1, C, 1, h, w) latent for a plan source; zeros for None."""
+        if source is None:
+            return torch.zeros_like(self.start)
+        if source == START or source == 0:
+            return self.start
+        if source == END:
+            return self.end
+        step = self.owner[source]
+        k = source - self.first[step]
+        return self.section(step)[:, :, k : k + 1]
+
+    def gather(self, sources) -> torch.Tensor:
+        return torch.cat([self.get(s) for s in sources], dim=2)
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------
+
+
+class FramePackPipeline:
+    def __init__(self, components: Components, device: str | torch.device = "cpu") -> None:
+        self.c = components
+        self.device = torch.device(device)
+        self._text_cache: dict[str, TextEmbedding] = {}
+
+    @classmethod
+    def from_model(cls, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   vae_tiling: bool = False) -> "FramePackPipeline":
+        return cls(load_components(resolve_model(model), dtype=dtype, device=device, vae_tiling=vae_tiling), device)
+
+    # ---- encoding, once per distinct input -----------------------------------------------------------
+
+    def encode_text(self, prompt: str) -> TextEmbedding:
+        if prompt not in self._text_cache:
+            self._text_cache[prompt] = self.c.text.encode(prompt)
+        return self._text_cache[prompt]
+
+    def condition(self, settings: GenerationSettings) -> Conditioning:
+        start_rgb = prepare_image(load_image(settings.image), settings.resolution)
+        height, width = start_rgb.shape[:2]
+        start = self._encode_frame(start_rgb)
+        end = embeds = None
+        if settings.end_image is not None:
+            end_rgb = resize_and_crop(load_image(settings.end_image), height, width)
+            end = self._encode_frame(end_rgb)
+        if self.c.image is not None:
+            embeds = self.c.image.encode(start_rgb)
+            if settings.end_image is not None:
+                # the end frame shares the image conditioning equally with the start frame
+                embeds = (embeds + self.c.image.encode(end_rgb)) / 2
+        return Conditioning(start, end, embeds, fit_latent_to_rgb(start, start_rgb), (height, width))
+
+    def _encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(rgb).float().permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
+        return self.c.vae.encode(pixels)
+
+    # ---- the run ----------------------------------------------------------------------------------------
+
+    def plans(self, settings: GenerationSettings) -> list[SectionPlan]:
+        mode = settings.mode or self.c.source.mode
+        count = section_count(settings.seconds, settings.window)
+        return plan_sections(count, mode, self.c.transformer.config.schedule, settings.window,
+                             end_image=settings.end_image is not None)
+
+    def run(self, job: JobDir, on_event: Callable[[Event], None] = lambda e: None,
+            should_stop: Callable[[], bool] = lambda: False) -> Path:
+        """Generate (or continue) the job's video; returns the final mp4 path."""
+        settings = job.settings
+        began = time.perf_counter()
+        plans = self.plans(settings)
+        cond = self.condition(settings)
+        prompts = prompts_for_sections(
+            list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt), plans
+        )
+        negative = self.encode_text(settings.negative_prompt) if settings.cfg != 1.0 else None
+        store = LatentStore(job, plans, cond.start_latent, cond.end_latent)
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        if job.finished:
+            generator.set_state(job.rng_state(job.finished - 1))
+        mode_backwards = plans[0].mode == "inverted"
+        assembler = Assembler(backwards=mode_backwards, overlap=overlap_frames(settings.window), pending=job.load_pending())
+        sampler = get_sampler(settings.sampler)
+        h, w = cond.start_latent.shape[-2:]
+
+        for plan in plans[job.finished :]:
+            t0 = time.perf_counter()
+            on_event(SectionStarted(plan.step, plan.count, prompts[plan.step]))
+            # one CPU generator, one draw per section in generation order: a seed means what it
+            # means in the reference, whatever the device
+            noise = torch.randn((1, self.c.transformer.config.in_channels, settings.window, h, w),
+                                generator=generator, dtype=torch.float32)
+            denoise = self._denoiser(plan, store, cond, self.encode_text(prompts[plan.step]), negative, settings)
+            sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4, shift=settings.shift)
+
+            def progress(step: Step, plan: SectionPlan = plan) -> None:
+                on_event(StepProgress(plan.step, plan.count, step.i, step.n, preview_frames(step.x0.cpu(), cond.rgb_map)))
+                if should_stop():
+                    raise Cancelled(f"stopped during section {plan.step + 1}/{plan.count}; resume with the job directory")
+
+            latents = sampler(denoise, noise.to(self.device), sigmas.to(self.device), callback=progress).float().cpu()
+            job.save_latents(plan.step, latents, generator.get_state())
+            store.put(plan.step, latents)
+
+            clip = to_frames(self.c.vae.decode(store.gather(decode_span(plan))))
+            final = assembler.add(clip, last=plan.is_last)
+            if len(final):
+                write_segment(job.segment_path(plan.step), to_uint8(final), settings.crf)
+            job.save_pending(plan.step, assembler.pending)
+            job.commit(plan.step)
+            on_event(SectionFinished(plan.step, plan.count, time.perf_counter() - t0))
+            if not plan.is_last:
+                self._provisional(job, assembler, backwards=mode_backwards)
+                on_event(VideoUpdated(job.provisional_path, final=False))
+
+        segments = job.segments()
+        ordered = list(reversed(segments)) if mode_backwards else segments
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        concat_segments(ordered, job.out, metadata=self._metadata(settings))
+        job.provisional_path.unlink(missing_ok=True)
+        on_event(VideoUpdated(job.out, final=True))
+        on_event(Done(job.out, time.perf_counter() - began))
+        return job.out
+
+    def events(self, job: JobDir, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
+        """The same run as a stream: iterate events while it works in a background thread.
+
+        An exception in the run (including :class:`Cancelled`) is re-raised by the iterator.
+        """
+        q: queue.Queue = queue.Queue()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.run(job, on_event=q.put, should_stop=should_stop)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                failure.append(exc)
+            finally:
+                q.put(None)
+
+        thread = threading.Thread(target=work, name="framepack-run", daemon=True)
+        thread.start()
+        while (event := q.get()) is not None:
+            yield event
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    # ---- pieces ------------------------------------------------------------------------------------------
+
+    def _denoiser(self, plan: SectionPlan, store: LatentStore, cond: Conditioning, text: TextEmbedding,
+                  negative: TextEmbedding | None, settings: GenerationSettings):
+        model, device = self.c.transformer, self.device
+        history = [
+            HistoryInput(level.kernel, store.gather(level.sources).to(device), torch.tensor(level.indices, device=device))
+            for level in plan.levels
+        ]
+        window = torch.tensor(plan.window_indices, device=device)
+        embeds = None if cond.image_embeds is None else cond.image_embeds.to(device)
+        prompts = [text] if negative is None else [text, negative]
+        batch = len(prompts)
+        # conditional and unconditional branches share one batched forward (different text
+        # lengths are handled by the model's key mask)
+        length = max(p.states.shape[1] for p in prompts)
+        states = torch.cat([_pad(p.states, length) for p in prompts]).to(device)
+        mask = torch.cat([_pad(p.mask, length) for p in prompts]).to(device)
+        pooled = torch.cat([p.pooled for p in prompts]).to(device)
+        guidance = torch.full((batch,), settings.distilled_guidance * TIMESTEP_SCALE, device=device)
+        if model.dtype != torch.float32:
+            guidance = guidance.to(model.dtype).float()  # the reference feeds bf16 timesteps (10.0 -> 9984)
+        expand = [HistoryInput(h.kernel, h.latents.expand(batch, -1, -1, -1, -1), h.indices) for h in history]
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            t = (sigma * TIMESTEP_SCALE).expand(batch)
+            if model.dtype != torch.float32:
+                t = t.to(model.dtype).float()
+            with torch.no_grad():
+                v = model(x.expand(batch, -1, -1, -1, -1), t, states, mask, pooled,
+                          None if embeds is None else embeds.expand(batch, -1, -1), window, expand,
+                          guidance if model.config.guidance_embeds else None).float()
+            return guided_velocity(v[:1], v[1:] if batch > 1 else None, settings.cfg, settings.guidance_rescale)
+
+        return velocity_denoiser(velocity)
+
+    def _provisional(self, job: JobDir, assembler: Assembler, backwards: bool) -> None:
+        parts = job.segments()
+        parts = list(reversed(parts)) if backwards else parts
+        if assembler.pending is not None and len(assembler.pending):
+            pending = job.root / "video" / "pending-preview.mp4"
+            write_segment(pending, to_uint8(assembler.pending), job.settings.crf)
+            parts = [pending] + parts if backwards else parts + [pending]
+        concat_segments(parts, job.provisional_path)
+
+    @staticmethod
+    def _metadata(settings: GenerationSettings) -> dict:
+        return {"framepack": settings.to_dict()}
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - x.shape[1]
+    if pad == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.ndim == 3 else (0, pad))

@@ -1,0 +1,121 @@
+"""Generation settings: one frozen, validated record of everything that defines a video.
+
+The same record is written to the job directory, embedded in the mp4, and read back by
+``framepack generate --from VIDEO.mp4`` and ``--resume JOB_DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .planning import MODES, parse_timeline
+from .sampling import SAMPLERS
+
+MAX_SECONDS = 120.0  # the reference UI's limit; memory and time per section are flat, patience is not
+MAX_STEPS = 200
+DEFAULT_SEED = 31337
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    image: str  # start image path (copied into the job directory)
+    prompt: str  # a prompt, or a timeline "[0s-2s: ...] [2s-5s: ...]"
+    model: str = "tiny"
+    end_image: str | None = None
+    section_prompts: tuple[str, ...] | None = None  # one per section, in video order
+    negative_prompt: str = ""
+    seconds: float = 5.0
+    seed: int = DEFAULT_SEED
+    steps: int = 25
+    sampler: str = "unipc"
+    distilled_guidance: float = 10.0
+    cfg: float = 1.0  # real classifier-free guidance; 1 = off (one forward per step)
+    guidance_rescale: float = 0.0
+    shift: float | None = None  # None: from the noisy token count, as the reference
+    mode: str | None = None  # None: the model's own mode
+    resolution: int = 640
+    window: int = 9  # latent frames per section
+    crf: int = 16
+
+    def __post_init__(self) -> None:
+        problems = list(self._problems())
+        if problems:
+            raise ValueError(problems[0])
+
+    def _problems(self):
+        def bad_number(name: str, value: float) -> bool:
+            return isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+
+        for name in ("seconds", "distilled_guidance", "cfg", "guidance_rescale"):
+            if bad_number(name, getattr(self, name)):
+                yield f"{name} must be a number, got {getattr(self, name)!r}"
+        if not 0 < self.seconds <= MAX_SECONDS:
+            yield f"seconds must be > 0 and <= {MAX_SECONDS:g}, got {self.seconds:g}"
+        if not 1 <= self.steps <= MAX_STEPS:
+            yield f"steps must be between 1 and {MAX_STEPS}, got {self.steps}"
+        if not (math.isfinite(self.distilled_guidance) and self.distilled_guidance >= 0):
+            yield f"distilled guidance must be a finite number >= 0, got {self.distilled_guidance}"
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            yield f"cfg must be a finite number >= 0, got {self.cfg}"
+        if not (math.isfinite(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1):
+            yield f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}"
+        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
+            yield f"shift must be a finite number > 0, got {self.shift}"
+        if self.sampler not in SAMPLERS:
+            yield f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}"
+        if self.mode is not None and self.mode not in MODES:
+            yield f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}"
+        if not 64 <= self.resolution <= 1280:
+            yield f"resolution must be between 64 and 1280, got {self.resolution}"
+        if not 1 <= self.window <= 33:
+            yield f"window must be between 1 and 33 latent frames, got {self.window}"
+        if not 0 <= self.crf <= 51:
+            yield f"crf must be between 0 and 51, got {self.crf}"
+        if not -(2**63) <= self.seed < 2**63:
+            yield f"seed must fit in 64 bits, got {self.seed}"
+        if self.end_image is not None and self.mode not in (None, "inverted"):
+            yield f"an end image needs mode 'inverted', not {self.mode!r}"
+        try:
+            parse_timeline(self.prompt)
+        except ValueError as exc:
+            yield str(exc)
+
+    def replace(self, **changes: Any) -> "GenerationSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.section_prompts is not None:
+            data["section_prompts"] = list(self.section_prompts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(unknown)}")
+        data = dict(data)
+        if data.get("section_prompts") is not None:
+            data["section_prompts"] = tuple(data["section_prompts"])
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"incomplete settings: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "GenerationSettings":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc})") from None

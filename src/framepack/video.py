@@ -1,0 +1,182 @@
+"""From section latents to an mp4 that grows section by section, without holding the video in RAM.
+
+Each section is decoded together with the neighbouring section's latents (the overlap the blend
+needs), blended linearly over ``overlap`` frames with what came before, and every frame that no
+later section can change is encoded once into an H.264 segment on disk. The frames a later blend
+will still touch (the *pending* edge: the head in inverted mode, the tail in forward mode) stay in
+memory and in the job directory. Provisional and final videos are made by remuxing the segments
+(packet copy, no re-encoding), so each frame is encoded exactly once and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .planning import TEMPORAL_RATIO
+
+FPS = 30
+DEFAULT_CRF = 16
+METADATA_KEY = "comment"  # mp4 udta tag that carries the generation settings (JSON)
+
+
+def overlap_frames(window: int) -> int:
+    """Pixel frames of one window decoded on its own: ``(window - 1) * 4 + 1`` (33 for 9)."""
+    return (window - 1) * TEMPORAL_RATIO + 1
+
+
+def soft_join(earlier: np.ndarray, later: np.ndarray, overlap: int) -> np.ndarray:
+    """Join two (T, H, W, 3) float clips whose last/first ``overlap`` frames show the same moment.
+
+    Over the overlap the weight moves linearly from ``earlier`` (1) to ``later`` (0 -> 1).
+    """
+    if overlap == 0:
+        return np.concatenate([earlier, later])
+    if len(earlier) < overlap or len(later) < overlap:
+        raise ValueError(f"clips of {len(earlier)} and {len(later)} frames cannot overlap by {overlap}")
+    w = np.linspace(1.0, 0.0, overlap, dtype=np.float32)[:, None, None, None]
+    blended = w * earlier[len(earlier) - overlap :] + (1.0 - w) * later[:overlap]
+    return np.concatenate([earlier[: len(earlier) - overlap], blended, later[overlap:]])
+
+
+def to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) float32 in [0, 255]."""
+    return ((pixels[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).numpy()
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Assembler:
+    """Joins decoded sections in arrival order; returns the frames that became final.
+
+    ``backwards`` (inverted mode): sections arrive latest-first, each new clip comes *before* the
+    pending head. Otherwise each new clip comes after the pending tail.
+    """
+
+    backwards: bool
+    overlap: int
+    pending: np.ndarray | None = None  # (T, H, W, 3) float32
+
+    def add(self, clip: np.ndarray, last: bool) -> np.ndarray:
+        if self.pending is None:
+            joined = clip
+        elif self.backwards:
+            joined = soft_join(clip, self.pending, self.overlap)
+        else:
+            joined = soft_join(self.pending, clip, self.overlap)
+        if last:
+            self.pending = None
+            return joined
+        keep = min(self.overlap, len(joined))
+        if self.backwards:
+            self.pending, final = joined[:keep], joined[keep:]
+        else:
+            self.pending, final = joined[len(joined) - keep :], joined[: len(joined) - keep]
+        return final
+
+
+# ---- mp4 ----------------------------------------------------------------------------------------------
+
+
+def write_segment(path: Path, frames: np.ndarray, crf: int = DEFAULT_CRF, fps: int = FPS) -> None:
+    """Encode (T, H, W, 3) uint8 as H.264 yuv420p (plays everywhere) atomically."""
+    import av
+
+    tmp = path.with_name(path.name + ".tmp")
+    with av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+
+
+def concat_segments(segments: Iterable[Path], out: Path, metadata: dict | None = None) -> None:
+    """Remux H.264 segments (same size and settings) into one mp4, atomically; no re-encoding."""
+    import av
+
+    segments = list(segments)
+    if not segments:
+        raise ValueError("no video segments to join")
+    tmp = out.with_name(out.name + ".tmp")
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}) as dst:
+        if metadata is not None:
+            dst.metadata[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+        with av.open(str(segments[0])) as first:
+            out_stream = dst.add_stream_from_template(first.streams.video[0])
+        offset = 0
+        for segment in segments:
+            with av.open(str(segment)) as src:
+                end = offset
+                for packet in src.demux(src.streams.video[0]):
+                    if packet.dts is None:  # the demuxer's flush packet
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    end = max(end, packet.pts + packet.duration)
+                    packet.stream = out_stream
+                    dst.mux(packet)
+                offset = end
+    os.replace(tmp, out)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The settings embedded by :func:`concat_segments`; ValueError if none or unreadable."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            text = container.metadata.get(METADATA_KEY)
+    except (av.FFmpegError, OSError) as exc:
+        raise ValueError(f"cannot read video {path}: {exc}") from None
+    if not text:
+        raise ValueError(f"{path} carries no framepack settings")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} carries metadata that is not framepack settings") from None
+
+
+def read_frames(path: str | Path) -> np.ndarray:
+    """Decode a whole (small) video to (T, H, W, 3) uint8: for tests and evaluation."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+# ---- previews -------------------------------------------------------------------------------------------
+
+
+def fit_latent_to_rgb(latent: torch.Tensor, image: np.ndarray) -> torch.Tensor:
+    """Least-squares linear map (C + 1, 3) from latent channels (+ bias) to RGB in [-1, 1].
+
+    Fitted per job on the start frame and its own latent: free, and matched to whichever VAE is
+    in use. latent: (1, C, 1, h, w); image: (H, W, 3) uint8 with H = 8h.
+    """
+    c, h, w = latent.shape[1], latent.shape[3], latent.shape[4]
+    target = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 127.5 - 1
+    target = torch.nn.functional.adaptive_avg_pool2d(target, (h, w))[0].reshape(3, -1).T  # (hw, 3)
+    features = torch.cat([latent[0, :, 0].reshape(c, -1).T.float(), torch.ones(h * w, 1)], dim=1)
+    return torch.linalg.lstsq(features, target).solution
+
+
+def preview_frames(latents: torch.Tensor, rgb_map: torch.Tensor) -> np.ndarray:
+    """(1, C, T, h, w) latents -> (T, h, w, 3) uint8 through the fitted linear map."""
+    x = latents[0].float().permute(1, 2, 3, 0)  # (T, h, w, C)
+    rgb = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) @ rgb_map
+    return to_uint8(((rgb.clamp(-1, 1) + 1) * 127.5).numpy())
