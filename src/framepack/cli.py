@@ -115,6 +115,7 @@ def _device_and_dtype(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .components import resolve_model
     from .images import load_image
     from .jobs import JobDir
     from .pipeline import FramePackPipeline
@@ -128,9 +129,9 @@ def _generate(args: argparse.Namespace) -> int:
         if settings.end_image:
             load_image(settings.end_image)
     device, dtype = _device_and_dtype(args)
-    logging.getLogger("framepack").info("model %s on %s (%s)", settings.model, device, dtype)
-    print(f"framepack: model {settings.model} on {device}", file=sys.stderr)
+    resolve_model(settings.model)  # an unknown model fails here, before anything is loaded
     pipeline = FramePackPipeline.from_model(settings.model, device=device, dtype=dtype, vae_tiling=args.vae_tiling)
+    print(f"framepack: model {settings.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     if not args.resume:
         out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{settings.seed}.mp4"
         if out.suffix.lower() != ".mp4":

@@ -196,6 +196,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """A named model, or a directory holding a ``framepack.json`` manifest with relative paths."""
     if name_or_path in NAMED_MODELS:
         return NAMED_MODELS[name_or_path]
+    if name_or_path == "tiny":
+        raise ValueError("the embedded demo model 'tiny' is not shipped yet; name a model directory or a hub model")
     path = Path(name_or_path).expanduser()
     manifest = path / MANIFEST if path.is_dir() else path
     if not manifest.is_file():

@@ -1,0 +1,125 @@
+"""End to end on a tiny random model written in the real Hugging Face layouts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from framepack.jobs import JobDir
+from framepack.pipeline import Cancelled, FramePackPipeline, SectionFinished, StepProgress, VideoUpdated
+from framepack.planning import frame_count, latent_count, section_count
+from framepack.settings import GenerationSettings
+from framepack.video import read_frames, read_metadata
+from tiny_hub import write_all
+
+FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
+
+
+def write_image(path: Path, size=(64, 64), seed=0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), 90)], axis=-1).astype(np.uint8)
+    cy, cx = rng.integers(16, 48, size=2)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = (220, 30, 30)
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_model")
+    paths = write_all(root)
+    (root / "framepack.json").write_text(json.dumps({
+        "transformer": paths["framepack"].name, "hunyuan": paths["hunyuan"].name,
+        "redux": paths["redux"].name, "mode": "inverted",
+    }))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model) -> FramePackPipeline:
+    return FramePackPipeline.from_model(str(tiny_model))
+
+
+def settings_for(tiny_model, image, **changes) -> GenerationSettings:
+    base = dict(image=str(image), prompt="a red circle moves to the right", model=str(tiny_model),
+                seconds=2.4, steps=3, resolution=64, seed=7)
+    base.update(changes)
+    return GenerationSettings(**base)
+
+
+def run(pipeline, settings, root: Path, stop_after: int | None = None):
+    job = JobDir.create(root / "job", settings, root / "out.mp4")
+    events = []
+
+    def should_stop():
+        done = sum(isinstance(e, SectionFinished) for e in events)
+        return stop_after is not None and done >= stop_after
+
+    try:
+        pipeline.run(job, on_event=events.append, should_stop=should_stop)
+    except Cancelled:
+        pass
+    return job, events
+
+
+@pytest.mark.parametrize("mode", ["inverted", "forward", "vanilla"])
+def test_video_has_the_expected_frames_and_metadata(pipeline, tiny_model, tmp_path, mode):
+    image = write_image(tmp_path / "start.png")
+    settings = settings_for(tiny_model, image, mode=mode)
+    job, events = run(pipeline, settings, tmp_path)
+    n = section_count(settings.seconds)
+    frames = read_frames(job.out)
+    assert frames.shape == (frame_count(latent_count(n)), 64, 64, 3) == (36 * n + 1, 64, 64, 3)
+    assert read_metadata(job.out)["framepack"]["seed"] == 7
+    assert sum(isinstance(e, StepProgress) for e in events) == n * settings.steps
+    assert [e.final for e in events if isinstance(e, VideoUpdated)] == [False] * (n - 1) + [True]
+    assert not job.provisional_path.exists()
+
+
+def test_resume_is_bit_identical(pipeline, tiny_model, tmp_path):
+    image = write_image(tmp_path / "start.png")
+    settings = settings_for(tiny_model, image, seconds=4.8)  # 4 sections
+    full, _ = run(pipeline, settings, tmp_path / "full")
+    broken, _ = run(pipeline, settings, tmp_path / "broken", stop_after=2)
+    assert broken.finished == 2 and not broken.out.exists()
+    resumed = JobDir.open(broken.root)
+    pipeline.run(resumed)
+    for step in range(4):
+        assert torch.equal(full.load_latents(step), resumed.load_latents(step))
+    assert np.array_equal(read_frames(full.out), read_frames(resumed.out))
+
+
+def test_seed_decides_the_video(pipeline, tiny_model, tmp_path):
+    image = write_image(tmp_path / "start.png")
+    a, _ = run(pipeline, settings_for(tiny_model, image, seconds=1), tmp_path / "a")
+    b, _ = run(pipeline, settings_for(tiny_model, image, seconds=1), tmp_path / "b")
+    c, _ = run(pipeline, settings_for(tiny_model, image, seconds=1, seed=8), tmp_path / "c")
+    assert torch.equal(a.load_latents(0), b.load_latents(0))
+    assert not torch.equal(a.load_latents(0), c.load_latents(0))
+
+
+def test_cli_generate_resume_and_from(tiny_model, tmp_path):
+    image = write_image(tmp_path / "start.png")
+    out = tmp_path / "video.mp4"
+    args = [FRAMEPACK, "generate", "--model", str(tiny_model), "--image", str(image), "--prompt",
+            "[0s-1s: a red circle] [1s-3s: the circle moves right]", "--seconds", "2.4", "--steps", "2",
+            "--resolution", "64", "--seed", "3", "--out", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out.resolve())
+    assert read_frames(out).shape[0] == 73
+    again = tmp_path / "again.mp4"
+    result = subprocess.run([FRAMEPACK, "generate", "--from", str(out), "--out", str(again)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(read_frames(out), read_frames(again))
