@@ -216,7 +216,10 @@ def load_transformer(
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                state[name] = f.get_tensor(name).to(device=device, dtype=target)
+                # copy=True: a fresh, allocator-aligned tensor even when dtype and device already
+                # match. get_tensor's data sits at its (unaligned) file offset, and CPU kernels round
+                # differently on unaligned data, so a reloaded model would not reproduce its outputs.
+                state[name] = f.get_tensor(name).to(device=device, dtype=target, copy=True)
     model.load_state_dict(state, strict=True, assign=True)
     log.info("loaded %s (%d tensors, %s) from %s", cfg.context_schedule, len(state), target, path)
     return model.eval()
