@@ -123,3 +123,27 @@ def test_cli_generate_resume_and_from(tiny_model, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_frames(out), read_frames(again))
+
+
+def test_components_load_from_hub_ids(tiny_model, tmp_path, monkeypatch):
+    """The named-model path: hub ids resolved through huggingface_hub's cache (offline here)."""
+    import shutil
+
+    from framepack.components import ModelSource, load_components
+    from test_checkpoints import fake_hub_cache
+
+    monkeypatch.chdir(tmp_path)  # hub ids must not resolve as relative paths
+    cache = tmp_path / "hub"
+    manifest = json.loads((tiny_model / "framepack.json").read_text())
+    for repo, key in [("lllyasviel/FramePackI2V_HY", "transformer"), ("hunyuanvideo-community/HunyuanVideo", "hunyuan"),
+                      ("lllyasviel/flux_redux_bfl", "redux")]:
+        snapshot = fake_hub_cache(cache, repo)
+        shutil.copytree(tiny_model / manifest[key], snapshot, dirs_exist_ok=True)
+    source = ModelSource("lllyasviel/FramePackI2V_HY", "hunyuanvideo-community/HunyuanVideo", "lllyasviel/flux_redux_bfl",
+                         "inverted")
+    components = load_components(source, local_files_only=True, cache_dir=cache)
+    embedding = components.text.encode("a red circle")
+    assert embedding.states.shape[-1] == components.transformer.config.text_embed_dim
+    assert components.image.encode(np.zeros((64, 64, 3), np.uint8)).shape[-1] == components.transformer.config.image_proj_dim
+    with pytest.raises(ValueError, match="Hugging Face Hub"):
+        load_components(ModelSource("org/missing", "org/missing2", None, "inverted"), local_files_only=True, cache_dir=cache)

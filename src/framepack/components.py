@@ -234,22 +234,33 @@ class Components:
     source: ModelSource
 
 
+def _files_of(*subfolders: str) -> list[str]:
+    """Download patterns for the parts of a repository we use (never its other large files)."""
+    kinds = ("*.json", "*.safetensors", "*.txt", "*.model")
+    return ["model_index.json"] + [f"{sub}/{kind}" for sub in subfolders for kind in kinds]
+
+
+HUNYUAN_FILES = _files_of("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
+REDUX_FILES = _files_of("image_encoder", "feature_extractor")
+
+
 def load_components(
     source: ModelSource,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     vae_tiling: bool = False,
     local_files_only: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Components:
     """Fetch (cached, resumable) or open each component and build it."""
+    hub = dict(local_files_only=local_files_only, cache_dir=cache_dir)
     try:
-        hunyuan = resolve_source(source.hunyuan, local_files_only=local_files_only)
-        redux = resolve_source(source.redux, local_files_only=local_files_only) if source.redux else None
+        hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES, **hub)
+        redux = resolve_source(source.redux, allow_patterns=REDUX_FILES, **hub) if source.redux else None
     except CheckpointError as exc:
         raise ValueError(str(exc)) from None
     log.info("loading transformer from %s", source.transformer)
-    transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device,
-                                                       local_files_only=local_files_only)
+    transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device, **hub)
     log.info("loading text encoders and VAE from %s", hunyuan)
     text = HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
     image = SiglipImageEncoder.from_pretrained(redux, dtype, device) if redux else None

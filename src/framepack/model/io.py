@@ -57,8 +57,13 @@ def resolve_source(
     subfolder: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    allow_patterns: list[str] | None = None,
 ) -> Path:
-    """A local file or directory, or a hub id fetched (and cached) by huggingface_hub."""
+    """A local file or directory, or a hub id fetched (and cached) by huggingface_hub.
+
+    Only files matching ``allow_patterns`` are fetched (default: the JSON and safetensors files of
+    ``subfolder``), so a repository's other large files are never downloaded.
+    """
     path = Path(source).expanduser()
     if path.exists():
         path = path / subfolder if subfolder else path
@@ -67,21 +72,23 @@ def resolve_source(
         return path
     if not _HUB_ID.match(str(source)) or str(source).startswith((".", "/", "~")):
         raise CheckpointError(f"checkpoint not found: {source} (no such file or directory)")
-    return _download(str(source), revision, subfolder, cache_dir, local_files_only)
+    prefix = f"{subfolder}/" if subfolder else ""
+    patterns = allow_patterns or [f"{prefix}*.json", f"{prefix}*.safetensors"]
+    return _download(str(source), revision, subfolder, cache_dir, local_files_only, patterns)
 
 
-def _download(repo_id: str, revision, subfolder, cache_dir, local_files_only) -> Path:
+def _download(repo_id: str, revision, subfolder, cache_dir, local_files_only, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    prefix = f"{subfolder}/" if subfolder else ""
     try:
+        # cached, and resumed where a previous download stopped
         root = snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
-            allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors"],
+            allow_patterns=patterns,
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
