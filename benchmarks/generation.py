@@ -52,10 +52,12 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from framepack.jobs import JobDir
+    from framepack.memory import tune_allocator
     from framepack.pipeline import FramePackPipeline, SectionFinished
     from framepack.settings import GenerationSettings
 
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as `framepack generate` does
     work = Path(args.work)
     settings = GenerationSettings(image=str(work / "start.png"), prompt="a red circle moves to the right",
                                   model=str(work / "model"), seconds=args.seconds, steps=args.steps,

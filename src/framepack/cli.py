@@ -118,6 +118,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .components import resolve_model
     from .images import load_image
     from .jobs import JobDir
+    from .memory import tune_allocator
     from .pipeline import FramePackPipeline
 
     if args.resume:
@@ -129,6 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         if settings.end_image:
             load_image(settings.end_image)
     device, dtype = _device_and_dtype(args)
+    tune_allocator()  # flat peak memory over long videos (see framepack.memory)
     resolve_model(settings.model)  # an unknown model fails here, before anything is loaded
     pipeline = FramePackPipeline.from_model(settings.model, device=device, dtype=dtype, vae_tiling=args.vae_tiling)
     print(f"framepack: model {settings.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)

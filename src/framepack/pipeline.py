@@ -8,11 +8,11 @@ sections are cached), finished frames are encoded once and left on disk.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import torch
 from .components import Components, TextEmbedding, load_components, resolve_model
 from .images import load_image, prepare_image, resize_and_crop
 from .jobs import JobDir
+from .memory import release_freed_memory
 from .model import HistoryInput
 from .planning import (
     END,
@@ -98,6 +99,20 @@ class Conditioning:
     image_embeds: torch.Tensor | None  # (1, N, E)
     rgb_map: torch.Tensor  # latent -> RGB preview map
     size: tuple[int, int]  # pixel (H, W)
+
+
+@dataclass
+class _Run:
+    """What one run carries from section to section."""
+
+    plans: list[SectionPlan]
+    cond: Conditioning
+    prompts: list[str]
+    negative: TextEmbedding | None
+    store: "LatentStore"
+    generator: torch.Generator
+    backwards: bool
+    assembler: Assembler
 
 
 class LatentStore:
@@ -189,62 +204,83 @@ class FramePackPipeline:
     def run(self, job: JobDir, on_event: Callable[[Event], None] = lambda e: None,
             should_stop: Callable[[], bool] = lambda: False) -> Path:
         """Generate (or continue) the job's video; returns the final mp4 path."""
-        settings = job.settings
         began = time.perf_counter()
-        plans = self.plans(settings)
-        cond = self.condition(settings)
-        prompts = prompts_for_sections(
-            list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt), plans
-        )
-        negative = self.encode_text(settings.negative_prompt) if settings.cfg != 1.0 else None
-        store = LatentStore(job, plans, cond.start_latent, cond.end_latent)
-        generator = torch.Generator("cpu").manual_seed(settings.seed)
-        if job.finished:
-            generator.set_state(job.rng_state(job.finished - 1))
-        mode_backwards = plans[0].mode == "inverted"
-        assembler = Assembler(backwards=mode_backwards, overlap=overlap_frames(settings.window), pending=job.load_pending())
-        sampler = get_sampler(settings.sampler)
-        h, w = cond.start_latent.shape[-2:]
-
-        for plan in plans[job.finished :]:
-            t0 = time.perf_counter()
-            on_event(SectionStarted(plan.step, plan.count, prompts[plan.step]))
-            # one CPU generator, one draw per section in generation order: a seed means what it
-            # means in the reference, whatever the device
-            noise = torch.randn((1, self.c.transformer.config.in_channels, settings.window, h, w),
-                                generator=generator, dtype=torch.float32)
-            denoise = self._denoiser(plan, store, cond, self.encode_text(prompts[plan.step]), negative, settings)
-            sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4, shift=settings.shift)
-
-            def progress(step: Step, plan: SectionPlan = plan) -> None:
-                on_event(StepProgress(plan.step, plan.count, step.i, step.n, preview_frames(step.x0.cpu(), cond.rgb_map)))
-                if should_stop():
-                    raise Cancelled(f"stopped during section {plan.step + 1}/{plan.count}; resume with the job directory")
-
-            latents = sampler(denoise, noise.to(self.device), sigmas.to(self.device), callback=progress).float().cpu()
-            job.save_latents(plan.step, latents, generator.get_state())
-            store.put(plan.step, latents)
-
-            clip = to_frames(self.c.vae.decode(store.gather(decode_span(plan))))
-            final = assembler.add(clip, last=plan.is_last)
-            if len(final):
-                write_segment(job.segment_path(plan.step), to_uint8(final), settings.crf)
-            job.save_pending(plan.step, assembler.pending)
-            job.commit(plan.step)
-            release_freed_memory()
-            on_event(SectionFinished(plan.step, plan.count, time.perf_counter() - t0))
-            if not plan.is_last:
-                self._provisional(job, assembler, backwards=mode_backwards)
-                on_event(VideoUpdated(job.provisional_path, final=False))
+        run = self._prepare(job)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-video") as video_writer:
+            provisional: Future | None = None
+            for plan in run.plans[job.finished :]:
+                self._section(plan, job, run, on_event, should_stop)
+                if not plan.is_last:
+                    # remuxing all segments grows with the video: it runs beside the next section,
+                    # one at a time (.result() also surfaces its errors)
+                    if provisional is not None:
+                        provisional.result()
+                    provisional = video_writer.submit(
+                        self._provisional, job, job.segments(), run.assembler.pending, run.backwards, on_event
+                    )
+            if provisional is not None:
+                provisional.result()
 
         segments = job.segments()
-        ordered = list(reversed(segments)) if mode_backwards else segments
         job.out.parent.mkdir(parents=True, exist_ok=True)
-        concat_segments(ordered, job.out, metadata=self._metadata(settings))
+        concat_segments(list(reversed(segments)) if run.backwards else segments, job.out, self._metadata(job.settings))
         job.provisional_path.unlink(missing_ok=True)
         on_event(VideoUpdated(job.out, final=True))
         on_event(Done(job.out, time.perf_counter() - began))
         return job.out
+
+    def _prepare(self, job: JobDir) -> "_Run":
+        settings = job.settings
+        plans = self.plans(settings)
+        cond = self.condition(settings)
+        timeline = list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt)
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        if job.finished:
+            generator.set_state(job.rng_state(job.finished - 1))
+        backwards = plans[0].mode == "inverted"
+        return _Run(
+            plans=plans,
+            cond=cond,
+            prompts=prompts_for_sections(timeline, plans),
+            negative=self.encode_text(settings.negative_prompt) if settings.cfg != 1.0 else None,
+            store=LatentStore(job, plans, cond.start_latent, cond.end_latent),
+            generator=generator,
+            backwards=backwards,
+            assembler=Assembler(backwards, overlap_frames(settings.window), job.load_pending()),
+        )
+
+    def _section(self, plan: SectionPlan, job: JobDir, run: "_Run", on_event: Callable[[Event], None],
+                 should_stop: Callable[[], bool]) -> None:
+        settings, cond = job.settings, run.cond
+        t0 = time.perf_counter()
+        on_event(SectionStarted(plan.step, plan.count, run.prompts[plan.step]))
+        h, w = cond.start_latent.shape[-2:]
+        # one CPU generator, one draw per section in generation order: a seed means what it means
+        # in the reference, whatever the device
+        noise = torch.randn((1, self.c.transformer.config.in_channels, settings.window, h, w),
+                            generator=run.generator, dtype=torch.float32)
+        denoise = self._denoiser(plan, run.store, cond, self.encode_text(run.prompts[plan.step]), run.negative, settings)
+        sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4, shift=settings.shift)
+
+        def progress(step: Step) -> None:
+            on_event(StepProgress(plan.step, plan.count, step.i, step.n, preview_frames(step.x0.cpu(), cond.rgb_map)))
+            if should_stop():
+                raise Cancelled(f"stopped during section {plan.step + 1}/{plan.count}; resume with the job directory")
+
+        sampler = get_sampler(settings.sampler)
+        latents = sampler(denoise, noise.to(self.device), sigmas.to(self.device), callback=progress).float().cpu()
+        job.save_latents(plan.step, latents, run.generator.get_state())
+        run.store.put(plan.step, latents)
+
+        release_freed_memory()  # start the decode, the largest transient, from a trimmed heap
+        clip = to_frames(self.c.vae.decode(run.store.gather(decode_span(plan))))
+        final = run.assembler.add(clip, last=plan.is_last)
+        if len(final):
+            write_segment(job.segment_path(plan.step), to_uint8(final), settings.crf)
+        job.save_pending(plan.step, run.assembler.pending)
+        job.commit(plan.step)
+        release_freed_memory()
+        on_event(SectionFinished(plan.step, plan.count, time.perf_counter() - t0))
 
     def events(self, job: JobDir, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """The same run as a stream: iterate events while it works in a background thread.
@@ -306,31 +342,21 @@ class FramePackPipeline:
 
         return velocity_denoiser(velocity)
 
-    def _provisional(self, job: JobDir, assembler: Assembler, backwards: bool) -> None:
-        parts = job.segments()
-        parts = list(reversed(parts)) if backwards else parts
-        if assembler.pending is not None and len(assembler.pending):
-            pending = job.root / "video" / "pending-preview.mp4"
-            write_segment(pending, to_uint8(assembler.pending), job.settings.crf)
-            parts = [pending] + parts if backwards else parts + [pending]
+    @staticmethod
+    def _provisional(job: JobDir, segments: list[Path], pending: np.ndarray | None, backwards: bool,
+                     on_event: Callable[[Event], None]) -> None:
+        """The video so far: finished segments plus the frames a later blend will still touch."""
+        parts = list(reversed(segments)) if backwards else list(segments)
+        if pending is not None and len(pending):
+            preview = job.root / "video" / "pending-preview.mp4"
+            write_segment(preview, to_uint8(pending), job.settings.crf)
+            parts = [preview] + parts if backwards else parts + [preview]
         concat_segments(parts, job.provisional_path)
+        on_event(VideoUpdated(job.provisional_path, final=False))
 
     @staticmethod
     def _metadata(settings: GenerationSettings) -> dict:
         return {"framepack": settings.to_dict()}
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the section back to the OS (glibc only; elsewhere a no-op).
-
-    The VAE decode allocates and frees large blocks every section; glibc keeps the freed pages
-    around fragmented, and the resident size then creeps up by megabytes per section. Trimming
-    once per section keeps it flat however long the video is.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
