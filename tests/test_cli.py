@@ -16,7 +16,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([FRAMEPACK, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["generate", "--help"]])
 def test_help(args):
     result = run(*args)
     assert result.returncode == 0

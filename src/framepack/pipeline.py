@@ -42,6 +42,9 @@ from .video import Assembler, concat_segments, fit_latent_to_rgb, overlap_frames
 
 log = logging.getLogger(__name__)
 TIMESTEP_SCALE = 1000.0  # the model's timestep and guidance units: sigma * 1000
+# The provisional video shows the newest sections only (about 10 s at 30 fps): remuxing every
+# segment after every section would make the per-section cost grow with the video's length.
+PROVISIONAL_SECTIONS = 8
 
 
 # ---- events -------------------------------------------------------------------------------------------
@@ -215,8 +218,9 @@ class FramePackPipeline:
                     # one at a time (.result() also surfaces its errors)
                     if provisional is not None:
                         provisional.result()
+                    newest = job.segments()[-PROVISIONAL_SECTIONS:]
                     provisional = video_writer.submit(
-                        self._provisional, job, job.segments(), run.assembler.pending, run.backwards, on_event
+                        self._provisional, job, newest, run.assembler.pending, run.backwards, on_event
                     )
             if provisional is not None:
                 provisional.result()
@@ -345,7 +349,7 @@ class FramePackPipeline:
     @staticmethod
     def _provisional(job: JobDir, segments: list[Path], pending: np.ndarray | None, backwards: bool,
                      on_event: Callable[[Event], None]) -> None:
-        """The video so far: finished segments plus the frames a later blend will still touch."""
+        """The newest part of the video: recent segments plus the frames a later blend will still touch."""
         parts = list(reversed(segments)) if backwards else list(segments)
         if pending is not None and len(pending):
             preview = job.root / "video" / "pending-preview.mp4"
