@@ -1,0 +1,150 @@
+"""A small video autoencoder with HunyuanVideo's latent geometry, for the CPU demo model.
+
+16 latent channels, 8x spatial, 4x causal temporal: latent 0 holds frame 0 alone, latent k >= 1
+holds frames 4k-3 .. 4k. Each latent sees only its own frames (causal by construction), so the
+planner's and the blend's arithmetic is exactly that of the 13B model. As in the causal
+HunyuanVideo VAE, the first latent of any decoded span becomes a single frame: the start frame
+itself, or the last frame of its group when the span starts mid-video (the overlap blend relies
+on this).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASS_NAME = "SmallVideoAutoencoder"
+GROUP = 4  # frames per latent after the first
+
+
+@dataclass(frozen=True)
+class SmallVAEConfig:
+    latent_channels: int = 16
+    channels: tuple[int, int, int] = (32, 64, 96)  # widths after each 2x downsampling
+    blocks: int = 1  # residual blocks per resolution
+    scaling_factor: float = 1.0  # latents are multiplied by this after encoding (unit variance)
+
+    def to_json(self) -> dict:
+        return {"_class_name": CLASS_NAME, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SmallVAEConfig":
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if not k.startswith("_")}
+        return cls(**fields)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class Encoder(nn.Module):
+    """Frames of one latent, stacked on channels -> (latent_channels, H/8, W/8)."""
+
+    def __init__(self, cfg: SmallVAEConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = cfg.channels
+        self.first = nn.Conv2d(3, c1, 3, padding=1)  # the start frame alone
+        self.group = nn.Conv2d(3 * GROUP, c1, 3, padding=1)  # four frames
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((c1, c2), (c2, c3), (c3, c3)):
+            layers += [ResBlock(c_in) for _ in range(cfg.blocks)] + [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        self.trunk = nn.Sequential(*layers, ResBlock(c3), nn.SiLU(), nn.Conv2d(c3, cfg.latent_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        return self.trunk((self.first if first else self.group)(x))
+
+
+class Decoder(nn.Module):
+    """(latent_channels, h, w) -> one frame (first head) or four frames (group head)."""
+
+    def __init__(self, cfg: SmallVAEConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = cfg.channels
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, c3, 3, padding=1), ResBlock(c3)]
+        for c_in, c_out in ((c3, c3), (c3, c2), (c2, c1)):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
+            layers += [ResBlock(c_out) for _ in range(cfg.blocks)]
+        self.trunk = nn.Sequential(*layers, nn.SiLU())
+        self.first = nn.Conv2d(c1, 3, 3, padding=1)
+        self.group = nn.Conv2d(c1, 3 * GROUP, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, first: bool) -> torch.Tensor:
+        return (self.first if first else self.group)(self.trunk(z))
+
+
+class SmallVideoAutoencoder(nn.Module):
+    """encode: (B, 3, 1 + 4n, H, W) in [-1, 1] -> scaled latents (B, 16, 1 + n, H/8, W/8); decode back."""
+
+    def __init__(self, cfg: SmallVAEConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg or SmallVAEConfig()
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    # ---- raw (unscaled) maps, used in training -------------------------------------------------
+
+    def encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = pixels.shape
+        if (t - 1) % GROUP:
+            raise ValueError(f"pixels must have 1 + 4n frames, got {t}")
+        first = self.encoder(pixels[:, :, 0], first=True)[:, :, None]
+        if t == 1:
+            return first
+        n = (t - 1) // GROUP
+        groups = pixels[:, :, 1:].reshape(b, c, n, GROUP, h, w).permute(0, 2, 1, 3, 4, 5).reshape(b * n, c * GROUP, h, w)
+        rest = self.encoder(groups, first=False)
+        rest = rest.reshape(b, n, *rest.shape[1:]).permute(0, 2, 1, 3, 4)
+        return torch.cat([first, rest], dim=2)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, n, h, w = z.shape
+        first = self.decoder(z[:, :, 0], first=True)[:, :, None]
+        if n == 1:
+            return first
+        flat = z[:, :, 1:].permute(0, 2, 1, 3, 4).reshape(b * (n - 1), c, h, w)
+        rest = self.decoder(flat, first=False)  # (B*(n-1), 3*4, H, W)
+        H, W = rest.shape[-2:]
+        rest = rest.reshape(b, n - 1, 3, GROUP, H, W).permute(0, 2, 1, 3, 4, 5).reshape(b, 3, (n - 1) * GROUP, H, W)
+        return torch.cat([first, rest], dim=2)
+
+    # ---- the VideoAutoencoder interface (scaled latents, no grad) ----------------------------------
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode_raw(pixels.float()) * self.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode_raw(latents.float() / self.config.scaling_factor).clamp(-1, 1)
+
+    # ---- files ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "SmallVideoAutoencoder":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg = SmallVAEConfig.from_json(json.loads((directory / "config.json").read_text()))
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model.eval()
