@@ -170,6 +170,21 @@ def _run_with_progress(pipeline, job) -> None:
         bar.close()
 
 
+# ---- train ----------------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import trainer
+    from .train import vae_task  # noqa: F401  (registers the "vae" task)
+
+    config = trainer.TrainConfig.load(args.config)
+    if args.output_dir:
+        config = trainer.TrainConfig(**{**config.__dict__, "output_dir": args.output_dir})
+    out = trainer.train(config, max_steps_this_run=args.max_steps)
+    print(out)
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------------
 
 
@@ -228,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
     run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
     gen.set_defaults(run=_generate)
+
+    tr = commands.add_parser("train", help="train or fine-tune from a JSON config (resumes from the latest checkpoint)")
+    tr.add_argument("config", help="training config (JSON), e.g. configs/demo_vae.json")
+    tr.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
+    tr.add_argument("--max-steps", dest="max_steps", type=_positive,
+                    help="stop after this many steps in this run (a checkpoint is written); run again to continue")
+    tr.set_defaults(run=_train)
     return parser
 
 

@@ -56,10 +56,11 @@ class Encoder(nn.Module):
         c1, c2, c3 = cfg.channels
         self.first = nn.Conv2d(3, c1, 3, padding=1)  # the start frame alone
         self.group = nn.Conv2d(3 * GROUP, c1, 3, padding=1)  # four frames
+        # no residual blocks at full resolution: that is where CPU time would go
         layers: list[nn.Module] = []
         for c_in, c_out in ((c1, c2), (c2, c3), (c3, c3)):
-            layers += [ResBlock(c_in) for _ in range(cfg.blocks)] + [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
-        self.trunk = nn.Sequential(*layers, ResBlock(c3), nn.SiLU(), nn.Conv2d(c3, cfg.latent_channels, 3, padding=1))
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)] + [ResBlock(c_out) for _ in range(cfg.blocks)]
+        self.trunk = nn.Sequential(*layers, nn.SiLU(), nn.Conv2d(c3, cfg.latent_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         return self.trunk((self.first if first else self.group)(x))
@@ -72,9 +73,9 @@ class Decoder(nn.Module):
         super().__init__()
         c1, c2, c3 = cfg.channels
         layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, c3, 3, padding=1), ResBlock(c3)]
-        for c_in, c_out in ((c3, c3), (c3, c2), (c2, c1)):
+        for c_in, c_out, blocks in ((c3, c3, cfg.blocks), (c3, c2, cfg.blocks), (c2, c1, 0)):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
-            layers += [ResBlock(c_out) for _ in range(cfg.blocks)]
+            layers += [ResBlock(c_out) for _ in range(blocks)]
         self.trunk = nn.Sequential(*layers, nn.SiLU())
         self.first = nn.Conv2d(c1, 3, 3, padding=1)
         self.group = nn.Conv2d(c1, 3 * GROUP, 3, padding=1)

@@ -1,0 +1,97 @@
+"""Training task "vae": the small video autoencoder on the synthetic world.
+
+Batches are short clips (1 + 4n frames) of random world scenes at random times. The loss is the
+reconstruction MSE of every frame, plus the first-frame head decoding a *group* latent into the
+last frame of its group (what the decoder must do when a decoded span starts mid-video), plus a
+small L2 on the latents to keep their scale bounded; the scaling factor that brings latents to
+unit variance is measured at export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..small_vae import GROUP, SmallVAEConfig, SmallVideoAutoencoder
+from ..trainer import register
+from . import world
+
+LATENT_L2 = 1e-4
+
+
+def clip_batch(rng: np.random.Generator, params_stream: Iterator, batch: int, groups: int, size: int,
+               crop: int | None = None) -> torch.Tensor:
+    """(B, 3, 1 + 4 * groups, crop, crop) in [-1, 1] from random scenes, times and crops.
+
+    The autoencoder is convolutional, so training on crops of full-size renders teaches it the
+    full-size world at a fraction of the cost.
+    """
+    frames = 1 + GROUP * groups
+    crop = crop or size
+    clips = []
+    for _ in range(batch):
+        params = next(params_stream)
+        start = int(rng.integers(0, world.FPS * 20))
+        top, left = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
+        clips.append(world.render(params, frames, size=size, start=start)[:, top : top + crop, left : left + crop])
+    video = torch.from_numpy(np.stack(clips)).float() / 127.5 - 1  # (B, T, H, W, 3)
+    return video.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def reconstruction_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor) -> torch.Tensor:
+    z = model.encode_raw(pixels)
+    recon = model.decode_raw(z)
+    loss = F.mse_loss(recon, pixels)
+    # a span that starts mid-video: the first head must give the last frame of the group
+    mid = model.decoder(z[:, :, 1], first=True)
+    loss = loss + 0.25 * F.mse_loss(mid, pixels[:, :, GROUP])
+    return loss + LATENT_L2 * z.pow(2).mean()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1]."""
+    mse = F.mse_loss(a.clamp(-1, 1), b).item()
+    return 10 * np.log10(4.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def evaluate(model: SmallVideoAutoencoder, clips: int = 16, size: int = world.SIZE) -> dict[str, float]:
+    """Reconstruction PSNR on held-out scenes (1 + 4*8 frames each) and the latent std."""
+    model.eval()
+    rng = np.random.default_rng(0)
+    pixels = clip_batch(rng, iter(world.held_out(clips)), clips, groups=8, size=size)
+    z = model.encode_raw(pixels)
+    return {"psnr_db": psnr(model.decode_raw(z), pixels), "latent_std": float(z.std())}
+
+
+class VAETask:
+    def __init__(self, args: dict) -> None:
+        self.cfg = SmallVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.get("model", {}).items()})
+        self.groups = int(args.get("groups", 2))
+        self.size = int(args.get("size", world.SIZE))
+        self.crop = int(args.get("crop", self.size))
+        self.model = SmallVideoAutoencoder(self.cfg)
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        scenes = world.stream(seed)
+        while True:
+            yield clip_batch(rng, scenes, batch_size, self.groups, self.size, self.crop)
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return reconstruction_loss(model, batch)
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        stats = evaluate(model)
+        final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": 1.0 / stats["latent_std"]}))
+        final.load_state_dict(model.state_dict())
+        final.save_pretrained(directory)
+        (directory / "metrics.json").write_text(f'{{"psnr_db": {stats["psnr_db"]:.2f}, "latent_std": {stats["latent_std"]:.4f}}}\n')
+
+
+register("vae")(VAETask)

@@ -1,0 +1,63 @@
+"""The trainer and the small video autoencoder (issue 4 groundwork)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from framepack import trainer
+from framepack.small_vae import SmallVAEConfig, SmallVideoAutoencoder
+from framepack.train import vae_task  # noqa: F401  (registers the task)
+
+TINY = {"groups": 1, "size": 32, "crop": 32, "model": {"channels": [8, 16, 16], "blocks": 1}}
+
+
+def test_autoencoder_geometry_matches_hunyuan_video():
+    model = SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8)))
+    pixels = torch.rand(2, 3, 1 + 4 * 3, 32, 48) * 2 - 1
+    latents = model.encode(pixels)
+    assert latents.shape == (2, 16, 4, 4, 6)  # 16 channels, 8x spatial, latent 0 = frame 0 alone
+    assert model.decode(latents).shape == pixels.shape
+    # causal: changing the last group's frames leaves the earlier latents unchanged
+    changed = pixels.clone()
+    changed[:, :, -4:] = 0
+    assert torch.equal(model.encode(changed)[:, :, :3], latents[:, :, :3])
+    # a span that starts mid-video decodes its first latent as one frame
+    assert model.decode(latents[:, :, 1:]).shape[2] == 1 + 4 * 2
+    with pytest.raises(ValueError, match="1 \\+ 4n"):
+        model.encode(pixels[:, :, :3])
+
+
+def test_round_trip_through_files(tmp_path):
+    model = SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8), scaling_factor=0.5))
+    model.save_pretrained(tmp_path)
+    loaded = SmallVideoAutoencoder.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    x = torch.rand(1, 3, 5, 16, 16)
+    assert torch.equal(loaded.encode(x), model.encode(x))
+
+
+def test_training_lowers_the_loss_and_resumes(tmp_path):
+    config = trainer.TrainConfig(task="vae", output_dir=str(tmp_path / "run"), steps=40, batch_size=4, lr=2e-3,
+                                 warmup=5, checkpoint_every=20, task_args=TINY)
+    trainer.train(config, max_steps_this_run=20)
+    assert trainer.latest_checkpoint(tmp_path / "run").name == "checkpoint-20"
+    trainer.train(config)  # resumes at step 20 and finishes
+    log = [json.loads(line) for line in (tmp_path / "run" / "loss.log").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [20, 40]
+    assert log[-1]["loss"] < log[0]["loss"]
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "metrics.json").read_text())["psnr_db"] > 0
+    assert SmallVideoAutoencoder.from_pretrained(final).config.scaling_factor > 0
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        trainer.TrainConfig.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"task": "vae"}')
+    with pytest.raises(ValueError):
+        trainer.TrainConfig.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="unknown training task"):
+        trainer.train(trainer.TrainConfig(task="nope", output_dir=str(tmp_path / "x"), steps=1))
