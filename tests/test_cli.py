@@ -33,11 +33,12 @@ def test_bad_number_is_a_one_line_error():
 def test_demo_context_stays_constant():
     from framepack.demo import run_random_weights_demo
 
+    from framepack.packing import RELEASED_SCHEDULE, context_bound
+
     stats = run_random_weights_demo(sections=4, steps=1)
     assert [s.history_latents for s in stats] == [10, 19, 28, 37]
-    # once 19 history latents exist, the packed context no longer grows
-    assert stats[2].context_tokens == stats[3].context_tokens
-    assert stats[0].context_tokens < stats[2].context_tokens
+    # the packed context (zero-filled where no history exists yet) is the bound, every section
+    assert {s.context_tokens for s in stats} == {context_bound(RELEASED_SCHEDULE, 16, 16)}
 
 
 # ---- bad input: one line, exit 2, no traceback, no video -------------------------------------------
