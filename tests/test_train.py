@@ -61,3 +61,25 @@ def test_bad_configs(tmp_path):
         trainer.TrainConfig.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="unknown training task"):
         trainer.train(trainer.TrainConfig(task="nope", output_dir=str(tmp_path / "x"), steps=1))
+
+
+def test_demo_text_encoders_cover_the_world_vocabulary(tmp_path):
+    """Every word of every caption of the world is a known token of the demo LLaMA tokenizer."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from framepack.components import HunyuanTextEncoder
+    from framepack.train import world
+    from framepack.train.text_encoder import write_text_encoders
+
+    captions = {world.caption(world.sample_params(np.random.default_rng(i))) for i in range(300)}
+    words = sorted({w for c in captions for w in c.split()})
+    root = write_text_encoders(tmp_path, text_dim=32, pooled_dim=16, extra_words=words)
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    for caption in captions:
+        assert tokenizer.unk_token_id not in tokenizer(caption)["input_ids"], caption
+    encoder = HunyuanTextEncoder.from_pretrained(root)
+    embedding = encoder.encode(sorted(captions)[0])
+    assert embedding.states.shape[-1] == 32 and embedding.pooled.shape == (1, 16)
+    # after the template crop: the caption's tokens and <|eot_id|> (as many as caption + BOS alone)
+    assert int(embedding.mask.sum()) == len(tokenizer(sorted(captions)[0])["input_ids"])
