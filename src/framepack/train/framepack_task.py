@@ -1,0 +1,128 @@
+"""Training task "framepack": the packed transformer on the synthetic world, FramePack's objective.
+
+Each sample: a world clip of ``sections`` sections, encoded by the (frozen) small VAE; a mode and
+a section drawn at random; the section's packed context built from the clip's own latents in
+exactly the layout the planner gives at inference (zeros where the planner has nothing yet, the
+start latent as anchor); flow matching on the section's window: ``x = (1 - s) x0 + s noise``,
+target velocity ``noise - x0``, sigma drawn from the shifted schedule's distribution. All samples
+of a batch share a mode (so the context shapes match) but not their frame indices or captions:
+the transformer's per-sample indices and text masks make that one batched forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..components import HunyuanTextEncoder, TextEmbedding
+from ..config import resolve_config
+from ..model import FramePackTransformer, HistoryInput
+from ..planning import MODES, START, SectionPlan, frame_count, latent_count, plan_sections
+from ..sampling import shift_sigmas
+from ..small_vae import SmallVideoAutoencoder
+from ..trainer import register
+from . import world
+
+TIMESTEP_SCALE = 1000.0
+
+
+@dataclass
+class Batch:
+    target: torch.Tensor  # (B, C, window, h, w) clean latents of the section
+    window: torch.Tensor  # (B, window) RoPE indices
+    history: list[HistoryInput]  # per level: (B, C, T, h, w) latents and (B, T) indices
+    text: torch.Tensor  # (B, L, text_dim)
+    mask: torch.Tensor  # (B, L) bool
+    pooled: torch.Tensor  # (B, pooled_dim)
+
+
+def context_latents(plan: SectionPlan, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(latents, indices) per level for one clip's latents (1, C, L, h, w), as the planner lays it out."""
+
+    def get(source) -> torch.Tensor:
+        if source is None:
+            return torch.zeros_like(latents[:, :, :1])
+        position = 0 if source == START else source
+        return latents[:, :, position : position + 1]
+
+    return [(torch.cat([get(s) for s in level.sources], dim=2), torch.tensor(level.indices)) for level in plan.levels]
+
+
+def collate_text(embeddings: list[TextEmbedding]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = max(e.states.shape[1] for e in embeddings)
+    states = torch.cat([F.pad(e.states, (0, 0, 0, length - e.states.shape[1])) for e in embeddings])
+    mask = torch.cat([F.pad(e.mask, (0, length - e.mask.shape[1])) for e in embeddings])
+    return states, mask, torch.cat([e.pooled for e in embeddings])
+
+
+class FramePackTask:
+    def __init__(self, args: dict) -> None:
+        self.vae = SmallVideoAutoencoder.from_pretrained(args["vae"]).requires_grad_(False)
+        self.text = HunyuanTextEncoder.from_pretrained(Path(args["text"]))
+        self.sections = int(args.get("sections", 4))
+        self.window = int(args.get("window", 9))
+        self.size = int(args.get("size", world.SIZE))
+        self.modes = tuple(args.get("modes", MODES))
+        self.shift = float(args.get("shift", 3.0))
+        cfg = resolve_config(args.get("preset", "tiny")).replace(
+            has_image_proj=False,
+            guidance_embeds=False,
+            text_embed_dim=self.text.llama.config.hidden_size,
+            pooled_projection_dim=self.text.clip.config.hidden_size,
+            **args.get("config", {}),
+        )
+        self.model = FramePackTransformer(cfg)
+        self._captions: dict[str, TextEmbedding] = {}
+
+    def _embed(self, caption: str) -> TextEmbedding:
+        if caption not in self._captions:
+            self._captions[caption] = self.text.encode(caption)
+        return self._captions[caption]
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        rng = np.random.default_rng(seed)
+        scenes = world.stream(seed)
+        frames = frame_count(latent_count(self.sections, self.window))
+        while True:
+            mode = self.modes[int(rng.integers(len(self.modes)))]
+            plans = plan_sections(self.sections, mode, self.model.config.schedule, self.window)
+            targets, windows, levels, texts = [], [], [], []
+            for _ in range(batch_size):
+                params = next(scenes)
+                pixels = world.render(params, frames, size=self.size, start=int(rng.integers(0, world.FPS * 10)))
+                video = torch.from_numpy(pixels).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+                latents = self.vae.encode(video)  # (1, C, 9N + 1, h, w)
+                plan = plans[int(rng.integers(len(plans)))]
+                targets.append(latents[:, :, list(plan.positions)])
+                windows.append(torch.tensor(plan.window_indices))
+                levels.append(context_latents(plan, latents))
+                texts.append(self._embed(world.caption(params)))
+            history = [
+                HistoryInput(level.kernel, torch.cat([s[i][0] for s in levels]), torch.stack([s[i][1] for s in levels]))
+                for i, level in enumerate(plans[0].levels)
+            ]
+            text, mask, pooled = collate_text(texts)
+            yield Batch(torch.cat(targets), torch.stack(windows), history, text, mask, pooled)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        x0 = batch.target
+        b = x0.shape[0]
+        sigma = shift_sigmas(torch.rand(b), math.log(self.shift))
+        noise = torch.randn_like(x0)
+        s = sigma.view(b, 1, 1, 1, 1)
+        x = (1 - s) * x0 + s * noise
+        v = model(x, sigma * TIMESTEP_SCALE, batch.text, batch.mask, batch.pooled, None, batch.window, batch.history)
+        return F.mse_loss(v.float(), noise - x0)
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+
+register("framepack")(FramePackTask)
