@@ -62,10 +62,23 @@ def collate_text(embeddings: list[TextEmbedding]) -> tuple[torch.Tensor, torch.T
     return states, mask, torch.cat([e.pooled for e in embeddings])
 
 
+def world_vocabulary(samples: int = 5000) -> list[str]:
+    """Every word the world's captions use (deterministic)."""
+    rng = np.random.default_rng(0)
+    return sorted({w for _ in range(samples) for w in world.caption(world.sample_params(rng)).split()})
+
+
 class FramePackTask:
     def __init__(self, args: dict) -> None:
         self.vae = SmallVideoAutoencoder.from_pretrained(args["vae"]).requires_grad_(False)
-        self.text = HunyuanTextEncoder.from_pretrained(Path(args["text"]))
+        text_dir = Path(args["text"])
+        if not (text_dir / "text_encoder").exists():
+            # the demo's frozen text encoders are built once, over the world's vocabulary
+            from .text_encoder import write_text_encoders
+
+            write_text_encoders(text_dir, seed=0, text_dim=int(args.get("text_dim", 64)),
+                                pooled_dim=int(args.get("pooled_dim", 32)), extra_words=world_vocabulary())
+        self.text = HunyuanTextEncoder.from_pretrained(text_dir)
         self.sections = int(args.get("sections", 4))
         self.window = int(args.get("window", 9))
         self.size = int(args.get("size", world.SIZE))
