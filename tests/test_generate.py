@@ -147,3 +147,28 @@ def test_components_load_from_hub_ids(tiny_model, tmp_path, monkeypatch):
     assert components.image.encode(np.zeros((64, 64, 3), np.uint8)).shape[-1] == components.transformer.config.image_proj_dim
     with pytest.raises(ValueError, match="Hugging Face Hub"):
         load_components(ModelSource("org/missing", "org/missing2", None, "inverted"), local_files_only=True, cache_dir=cache)
+
+
+@pytest.mark.parametrize("mode", ["inverted", "vanilla"])
+def test_demo_layout_runs_through_the_same_pipeline(tmp_path, mode):
+    """The demo model's shape: no SigLIP, no guidance embedder, our small VAE, local text encoders."""
+    from framepack import FramePackTransformer, preset
+    from framepack.small_vae import SmallVAEConfig, SmallVideoAutoencoder
+    from framepack.train.text_encoder import write_text_encoders
+
+    root = tmp_path / "demo"
+    write_text_encoders(root / "text", text_dim=32, pooled_dim=16, extra_words=["circle", "right"])
+    SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8))).save_pretrained(root / "vae")
+    config = preset("tiny").replace(has_image_proj=False, guidance_embeds=False, text_embed_dim=32,
+                                    pooled_projection_dim=16)
+    FramePackTransformer(config).save_pretrained(root / "transformer")
+    (root / "framepack.json").write_text(json.dumps(
+        {"transformer": "transformer", "hunyuan": "text", "vae": "vae", "redux": None, "mode": mode}))
+    pipeline = FramePackPipeline.from_model(str(root))
+    assert pipeline.c.image is None
+    image = write_image(tmp_path / "start.png")
+    settings = GenerationSettings(image=str(image), prompt="a red circle moves to the right", model=str(root),
+                                  seconds=2.4, steps=2, resolution=64, seed=1)
+    job = JobDir.create(tmp_path / "job", settings, tmp_path / "out.mp4")
+    pipeline.run(job)
+    assert read_frames(job.out).shape == (73, 64, 64, 3)

@@ -151,11 +151,12 @@ class HunyuanVAE:
         self.scaling = float(getattr(vae.config, "scaling_factor", VAE_SCALING))
 
     @classmethod
-    def from_pretrained(cls, root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    def from_pretrained(cls, directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         tiling: bool = False) -> "HunyuanVAE":
+        """From the ``vae`` folder itself."""
         from diffusers import AutoencoderKLHunyuanVideo
 
-        return cls(AutoencoderKLHunyuanVideo.from_pretrained(root / "vae", torch_dtype=dtype).to(device), tiling)
+        return cls(AutoencoderKLHunyuanVideo.from_pretrained(directory, torch_dtype=dtype).to(device), tiling)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -176,10 +177,11 @@ class ModelSource:
     """Where each component comes from: hub ids or local directories in the layouts above."""
 
     transformer: str
-    hunyuan: str
-    redux: str | None
+    hunyuan: str  # text encoders (and the VAE unless ``vae`` names another)
+    redux: str | None  # SigLIP; None for models without image conditioning
     mode: Mode
     crop_start: int | None = None
+    vae: str | None = None  # a VAE directory of its own (e.g. the demo model's small autoencoder)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -216,10 +218,11 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 return None
             return str((base / value).resolve()) if (base / value).exists() else str(value)
 
+        known = {"transformer", "hunyuan", "redux", "vae", "mode", "crop_start"}
         return ModelSource(
             transformer=local("transformer"), hunyuan=local("hunyuan"), redux=local("redux"),
-            mode=data.get("mode", "inverted"), crop_start=data.get("crop_start"),
-            extra={k: v for k, v in data.items() if k not in {"transformer", "hunyuan", "redux", "mode", "crop_start"}},
+            mode=data.get("mode", "inverted"), crop_start=data.get("crop_start"), vae=local("vae"),
+            extra={k: v for k, v in data.items() if k not in known},
         )
     except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise ValueError(f"{manifest} is not a valid model manifest ({exc})") from None
@@ -264,5 +267,18 @@ def load_components(
     log.info("loading text encoders and VAE from %s", hunyuan)
     text = HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
     image = SiglipImageEncoder.from_pretrained(redux, dtype, device) if redux else None
-    vae = HunyuanVAE.from_pretrained(hunyuan, dtype, device, tiling=vae_tiling)
+    vae = load_vae(Path(source.vae) if source.vae else hunyuan / "vae", dtype, device, vae_tiling)
     return Components(transformer, text, image, vae, source)
+
+
+def load_vae(directory: Path, dtype: torch.dtype, device: str | torch.device, tiling: bool) -> VideoAutoencoder:
+    """The VAE named by the directory's config.json: HunyuanVideo's, or our small one."""
+    try:
+        class_name = json.loads((directory / "config.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"no readable VAE config in {directory} ({exc})") from None
+    if class_name == "SmallVideoAutoencoder":
+        from .small_vae import SmallVideoAutoencoder
+
+        return SmallVideoAutoencoder.from_pretrained(directory).to(device=device)  # small: always fp32
+    return HunyuanVAE.from_pretrained(directory, dtype, device, tiling=tiling)
