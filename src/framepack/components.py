@@ -50,6 +50,14 @@ class TextEmbedding:
     pooled: torch.Tensor
 
 
+def stack_embeddings(embeddings: list[TextEmbedding]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch prompts of different lengths: states and masks padded at the end, pooled stacked."""
+    length = max(e.states.shape[1] for e in embeddings)
+    states = torch.cat([torch.nn.functional.pad(e.states, (0, 0, 0, length - e.states.shape[1])) for e in embeddings])
+    mask = torch.cat([torch.nn.functional.pad(e.mask, (0, length - e.mask.shape[1])) for e in embeddings])
+    return states, mask, torch.cat([e.pooled for e in embeddings])
+
+
 class TextEncoder(Protocol):
     def encode(self, prompt: str) -> TextEmbedding: ...
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .components import Components, TextEmbedding, load_components, resolve_model
+from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
 from .images import load_image, prepare_image, resize_and_crop
 from .jobs import JobDir
 from .memory import release_freed_memory
@@ -36,12 +36,11 @@ from .planning import (
     prompts_for_sections,
     section_count,
 )
-from .sampling import Step, get_sampler, guided_velocity, sigma_schedule, velocity_denoiser
+from .sampling import TIMESTEP_SCALE, Step, get_sampler, guided_velocity, sigma_schedule, velocity_denoiser
 from .settings import GenerationSettings
 from .video import Assembler, concat_segments, fit_latent_to_rgb, overlap_frames, preview_frames, to_frames, to_uint8, write_segment
 
 log = logging.getLogger(__name__)
-TIMESTEP_SCALE = 1000.0  # the model's timestep and guidance units: sigma * 1000
 # The provisional video shows the newest sections only (about 10 s at 30 fps): remuxing every
 # segment after every section would make the per-section cost grow with the video's length.
 PROVISIONAL_SECTIONS = 8
@@ -325,10 +324,7 @@ class FramePackPipeline:
         batch = len(prompts)
         # conditional and unconditional branches share one batched forward (different text
         # lengths are handled by the model's key mask)
-        length = max(p.states.shape[1] for p in prompts)
-        states = torch.cat([_pad(p.states, length) for p in prompts]).to(device)
-        mask = torch.cat([_pad(p.mask, length) for p in prompts]).to(device)
-        pooled = torch.cat([p.pooled for p in prompts]).to(device)
+        states, mask, pooled = (t.to(device) for t in stack_embeddings(prompts))
         guidance = torch.full((batch,), settings.distilled_guidance * TIMESTEP_SCALE, device=device)
         if model.dtype != torch.float32:
             guidance = guidance.to(model.dtype).float()  # the reference feeds bf16 timesteps (10.0 -> 9984)
@@ -361,10 +357,3 @@ class FramePackPipeline:
     @staticmethod
     def _metadata(settings: GenerationSettings) -> dict:
         return {"framepack": settings.to_dict()}
-
-
-def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    pad = length - x.shape[1]
-    if pad == 0:
-        return x
-    return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.ndim == 3 else (0, pad))

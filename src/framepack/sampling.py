@@ -30,6 +30,8 @@ class Step:
 
 StepCallback = Callable[[Step], None]
 
+TIMESTEP_SCALE = 1000.0  # the model's timestep and guidance units: sigma * 1000
+
 # Sequence-length-dependent shift (as used by Flux-style flow models and the FramePack reference):
 # mu grows linearly from 0.5 at 256 tokens to 1.15 at 4096 tokens, capped at ln(7).
 _MU_AT = ((256, 0.5), (4096, 1.15))

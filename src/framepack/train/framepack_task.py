@@ -21,17 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..components import HunyuanTextEncoder, TextEmbedding
+from ..components import HunyuanTextEncoder, TextEmbedding, stack_embeddings
 from ..config import resolve_config
 from ..model import FramePackTransformer, HistoryInput
 from ..planning import MODES, START, SectionPlan, frame_count, latent_count, plan_sections
-from ..sampling import shift_sigmas
+from ..sampling import TIMESTEP_SCALE, shift_sigmas
 from ..small_vae import SmallVideoAutoencoder
 from ..trainer import register
 from . import world
-
-TIMESTEP_SCALE = 1000.0
-
 
 @dataclass
 class Batch:
@@ -53,13 +50,6 @@ def context_latents(plan: SectionPlan, latents: torch.Tensor) -> list[tuple[torc
         return latents[:, :, position : position + 1]
 
     return [(torch.cat([get(s) for s in level.sources], dim=2), torch.tensor(level.indices)) for level in plan.levels]
-
-
-def collate_text(embeddings: list[TextEmbedding]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(e.states.shape[1] for e in embeddings)
-    states = torch.cat([F.pad(e.states, (0, 0, 0, length - e.states.shape[1])) for e in embeddings])
-    mask = torch.cat([F.pad(e.mask, (0, length - e.mask.shape[1])) for e in embeddings])
-    return states, mask, torch.cat([e.pooled for e in embeddings])
 
 
 def world_vocabulary(samples: int = 5000) -> list[str]:
@@ -121,7 +111,7 @@ class FramePackTask:
                 HistoryInput(level.kernel, torch.cat([s[i][0] for s in levels]), torch.stack([s[i][1] for s in levels]))
                 for i, level in enumerate(plans[0].levels)
             ]
-            text, mask, pooled = collate_text(texts)
+            text, mask, pooled = stack_embeddings(texts)
             yield Batch(torch.cat(targets), torch.stack(windows), history, text, mask, pooled)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
