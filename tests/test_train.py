@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,27 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     final = tmp_path / "run" / "final"
     assert json.loads((final / "metrics.json").read_text())["psnr_db"] > 0
     assert SmallVideoAutoencoder.from_pretrained(final).config.scaling_factor > 0
+
+
+def test_decoder_stage_keeps_the_latent_space(tmp_path):
+    """A decoder-only stage from exported weights: the encoder (and so every latent) is unchanged."""
+    first = trainer.TrainConfig(task="vae", output_dir=str(tmp_path / "a"), steps=4, batch_size=2, lr=2e-3,
+                                warmup=1, checkpoint_every=4, task_args=TINY)
+    trainer.train(first)
+    second = trainer.TrainConfig(task="vae", output_dir=str(tmp_path / "b"), steps=6, batch_size=2, lr=2e-3,
+                                 warmup=1, checkpoint_every=6, seed=1,
+                                 task_args={**TINY, "init": str(tmp_path / "a" / "final"), "train_only": "decoder"})
+    trainer.train(second)
+    a = SmallVideoAutoencoder.from_pretrained(tmp_path / "a" / "final")
+    b = SmallVideoAutoencoder.from_pretrained(tmp_path / "b" / "final")
+    for (name, pa), pb in zip(a.encoder.state_dict().items(), b.encoder.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pb) for pa, pb in zip(a.decoder.parameters(), b.decoder.parameters()))
+    assert a.config.scaling_factor == pytest.approx(b.config.scaling_factor, rel=1e-6)
+    pixels = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    assert torch.equal(a.encode(pixels), b.encode(pixels))
+    with pytest.raises(ValueError, match="train_only"):
+        trainer.TASKS["vae"]({**TINY, "train_only": "encoder"})
 
 
 def test_bad_configs(tmp_path):
@@ -109,3 +131,20 @@ def test_framepack_task_trains_in_planner_layouts(tmp_path):
     from framepack import FramePackTransformer
 
     assert FramePackTransformer.from_pretrained(tmp_path / "run" / "final").config.has_image_proj is False
+
+    # the latent cache holds exactly what encoding the same clips afresh gives (fp16 storage)
+    cached = trainer.TASKS["framepack"]({**args, "clips": 3, "cache": str(tmp_path / "clips.safetensors")})
+    latents, captions = cached._load_or_build_cache()
+    assert latents.shape == (3, 16, 19, 4, 4) and len(captions) == 3
+    from framepack.train import world
+
+    rng, scenes = np.random.default_rng(0), world.stream(0)
+    for i in range(3):
+        params = next(scenes)
+        fresh = cached._encode_clip(params, int(rng.integers(0, world.FPS * 10)))
+        assert captions[i] == world.caption(params)
+        torch.testing.assert_close(latents[i : i + 1].float(), fresh, atol=2e-3, rtol=2e-3)
+    again, _ = trainer.TASKS["framepack"]({**args, "clips": 3, "cache": str(tmp_path / "clips.safetensors")})._load_or_build_cache()
+    assert torch.equal(again, latents)  # loaded, not rebuilt
+    batch = next(cached.batches(2, seed=0))
+    assert batch.target.shape == (2, 16, 9, 4, 4)

@@ -122,7 +122,7 @@ def train(config: TrainConfig, max_steps_this_run: int | None = None) -> Path:
     set_seed(config.seed)
     task = TASKS[config.task](config.task_args)
     model = task.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.warmup, config.steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 

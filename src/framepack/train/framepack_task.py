@@ -7,10 +7,16 @@ start latent as anchor); flow matching on the section's window: ``x = (1 - s) x0
 target velocity ``noise - x0``, sigma drawn from the shifted schedule's distribution. All samples
 of a batch share a mode (so the context shapes match) but not their frame indices or captions:
 the transformer's per-sample indices and text masks make that one batched forward.
+
+With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``) and
+batches draw from it: on a CPU, encoding a clip costs as much as a training step, and each clip
+serves every (mode, section, noise) combination.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +35,8 @@ from ..sampling import TIMESTEP_SCALE, shift_sigmas
 from ..small_vae import SmallVideoAutoencoder
 from ..trainer import register
 from . import world
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
@@ -74,6 +82,8 @@ class FramePackTask:
         self.size = int(args.get("size", world.SIZE))
         self.modes = tuple(args.get("modes", MODES))
         self.shift = float(args.get("shift", 3.0))
+        self.cache_clips = int(args.get("clips", 0))
+        self.cache_path = args.get("cache", "runs/demo-framepack-clips.safetensors")
         cfg = resolve_config(args.get("preset", "tiny")).replace(
             has_image_proj=False,
             guidance_embeds=False,
@@ -89,24 +99,65 @@ class FramePackTask:
             self._captions[caption] = self.text.encode(caption)
         return self._captions[caption]
 
+    def _encode_clip(self, params: world.WorldParams, start: int) -> torch.Tensor:
+        frames = frame_count(latent_count(self.sections, self.window))
+        pixels = world.render(params, frames, size=self.size, start=start)
+        video = torch.from_numpy(pixels).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+        return self.vae.encode(video)  # (1, C, 9N + 1, h, w)
+
+    def _clips(self, rng: np.random.Generator, seed: int) -> Iterator[tuple[torch.Tensor, str]]:
+        """(latents, caption) forever: fresh renders, or random draws from the latent cache."""
+        if self.cache_clips:
+            latents, captions = self._load_or_build_cache()
+            while True:
+                i = int(rng.integers(len(captions)))
+                yield latents[i : i + 1].float(), captions[i]
+        scenes = world.stream(seed)
+        while True:
+            params = next(scenes)
+            yield self._encode_clip(params, int(rng.integers(0, world.FPS * 10))), world.caption(params)
+
+    def _load_or_build_cache(self) -> tuple[torch.Tensor, list[str]]:
+        from safetensors.torch import load_file, save_file
+        from tqdm import tqdm
+
+        path = Path(self.cache_path)
+        if path.exists():
+            data = load_file(str(path))
+            captions = json.loads(path.with_suffix(".json").read_text())
+            if len(captions) == self.cache_clips and data["latents"].shape[-1] == self.size // 8:
+                return data["latents"], captions
+            log.info("latent cache %s does not match this config; rebuilding", path)
+        # the cache's own stream (seed 0) so that it is the same for every training seed
+        rng = np.random.default_rng(0)
+        scenes = world.stream(0)
+        latents, captions = [], []
+        for _ in tqdm(range(self.cache_clips), desc="encoding training clips", dynamic_ncols=True):
+            params = next(scenes)
+            latents.append(self._encode_clip(params, int(rng.integers(0, world.FPS * 10))).half())
+            captions.append(world.caption(params))
+        stacked = torch.cat(latents)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"latents": stacked}, str(tmp))
+        path.with_suffix(".json").write_text(json.dumps(captions))
+        tmp.replace(path)  # the latents file is the commit point
+        return stacked, captions
+
     def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         rng = np.random.default_rng(seed)
-        scenes = world.stream(seed)
-        frames = frame_count(latent_count(self.sections, self.window))
+        clips = self._clips(rng, seed)
         while True:
             mode = self.modes[int(rng.integers(len(self.modes)))]
             plans = plan_sections(self.sections, mode, self.model.config.schedule, self.window)
             targets, windows, levels, texts = [], [], [], []
             for _ in range(batch_size):
-                params = next(scenes)
-                pixels = world.render(params, frames, size=self.size, start=int(rng.integers(0, world.FPS * 10)))
-                video = torch.from_numpy(pixels).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
-                latents = self.vae.encode(video)  # (1, C, 9N + 1, h, w)
+                latents, caption = next(clips)
                 plan = plans[int(rng.integers(len(plans)))]
                 targets.append(latents[:, :, list(plan.positions)])
                 windows.append(torch.tensor(plan.window_indices))
                 levels.append(context_latents(plan, latents))
-                texts.append(self._embed(world.caption(params)))
+                texts.append(self._embed(caption))
             history = [
                 HistoryInput(level.kernel, torch.cat([s[i][0] for s in levels]), torch.stack([s[i][1] for s in levels]))
                 for i, level in enumerate(plans[0].levels)

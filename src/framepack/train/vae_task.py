@@ -53,6 +53,14 @@ def reconstruction_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor) -> t
     return loss + LATENT_L2 * z.pow(2).mean()
 
 
+def decoder_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor) -> torch.Tensor:
+    """The reconstruction loss with the encoder frozen (no latent penalty: the latents are fixed)."""
+    with torch.no_grad():
+        z = model.encode_raw(pixels)
+    loss = F.mse_loss(model.decode_raw(z), pixels)
+    return loss + 0.25 * F.mse_loss(model.decoder(z[:, :, 1], first=True), pixels[:, :, GROUP])
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1]."""
     mse = F.mse_loss(a.clamp(-1, 1), b).item()
@@ -76,6 +84,17 @@ class VAETask:
         self.size = int(args.get("size", world.SIZE))
         self.crop = int(args.get("crop", self.size))
         self.model = SmallVideoAutoencoder(self.cfg)
+        if args.get("init"):
+            # a second stage: start from exported weights (the config comes with them)
+            self.model = SmallVideoAutoencoder.from_pretrained(args["init"]).train()
+            self.cfg = self.model.config
+        self.train_only = args.get("train_only")
+        if self.train_only not in (None, "decoder"):
+            raise ValueError(f"train_only must be 'decoder' or absent, got {self.train_only!r}")
+        if self.train_only == "decoder":
+            # The latent space is the encoder's: freezing it lets the transformer train on these
+            # latents while the decoder keeps improving.
+            self.model.encoder.requires_grad_(False)
 
     def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng(seed)
@@ -84,10 +103,13 @@ class VAETask:
             yield clip_batch(rng, scenes, batch_size, self.groups, self.size, self.crop)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if self.train_only == "decoder":
+            return decoder_loss(model, batch)
         return reconstruction_loss(model, batch)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         stats = evaluate(model)
+        # The scale is measured on raw latents, so a decoder-only stage keeps the same factor.
         final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": 1.0 / stats["latent_std"]}))
         final.load_state_dict(model.state_dict())
         final.save_pretrained(directory)
