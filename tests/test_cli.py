@@ -24,21 +24,33 @@ def test_help(args):
 
 
 def test_bad_number_is_a_one_line_error():
-    result = run("demo", "--sections", "0")
+    result = run("demo", "--steps", "0")
     assert result.returncode == 2
     assert "must be >= 1" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_demo_context_stays_constant():
-    from framepack.demo import run_random_weights_demo
+@pytest.mark.parametrize("mode", ["inverted", "forward", "vanilla"])
+def test_demo_context_tokens_are_constant_and_match_the_model(mode):
+    """The demo's per-section token count: the same in every section, and what the embedders produce."""
+    import torch
 
+    from framepack import FramePackTransformer
+    from framepack.demo import context_tokens
     from framepack.packing import RELEASED_SCHEDULE, context_bound
+    from framepack.planning import plan_sections
 
-    stats = run_random_weights_demo(sections=4, steps=1)
-    assert [s.history_latents for s in stats] == [10, 19, 28, 37]
-    # the packed context (zero-filled where no history exists yet) is the bound, every section
-    assert {s.context_tokens for s in stats} == {context_bound(RELEASED_SCHEDULE, 16, 16)}
+    plans = plan_sections(7, mode, RELEASED_SCHEDULE, 9)
+    anchor = 0 if mode == "vanilla" else 8 * 8  # vanilla packs no start-frame anchor (one 1x frame)
+    bound = context_bound(RELEASED_SCHEDULE, 16, 16) - (8 * 8 - anchor)
+    assert {context_tokens(p, 16, 16) for p in plans} == {bound}
+    model = FramePackTransformer("tiny")
+    plan = plans[-1]
+    embedded = model.x_embedder(torch.zeros(1, 16, 9, 16, 16)).shape[1] + sum(
+        model.clean_x_embedder(torch.zeros(1, 16, len(level.indices), 16, 16), level.kernel).shape[1]
+        for level in plan.levels
+    )
+    assert context_tokens(plan, 16, 16) == embedded
 
 
 # ---- bad input: one line, exit 2, no traceback, no video -------------------------------------------

@@ -48,17 +48,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_random_weights_demo
+    from .demo import SectionStat, context_tokens, demo_settings, format_report
+    from .images import load_image, prepare_image
+    from .video import read_frames
 
-    print(
-        "framepack demo: the embedded demo model is not trained yet, so this runs the tiny preset "
-        "with RANDOM weights on the CPU (latents only, no video) to show the packed section loop."
-    )
-    stats = run_random_weights_demo(sections=args.sections, steps=args.steps, seed=args.seed)
-    print("\n| section | history latents | context tokens | seconds |\n|---|---|---|---|")
-    for s in stats:
-        print(f"| {s.index} | {s.history_latents} | {s.context_tokens} | {s.seconds:.2f} |")
-    print(f"\ncontext tokens stay at {max(s.context_tokens for s in stats)} however long the history grows.")
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model)
+    pipeline = _open_pipeline(settings.model, args)
+    out = Path(args.out) if args.out else Path("outputs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
+    job = _new_job(settings, out, None)
+    plans = pipeline.plans(settings)
+    finished, total = _run_with_progress(pipeline, job)
+    height, width = prepare_image(load_image(settings.image), pipeline.c.source.resolution(settings.resolution)).shape[:2]
+    h, w = height // 8, width // 8  # latent size (8x spatial compression)
+    stats = [SectionStat(e.step + 1, e.count, context_tokens(plans[e.step], h, w), e.seconds) for e in finished]
+    print(format_report(stats, total, len(read_frames(job.out)), job.out))
     return 0
 
 
@@ -115,11 +118,8 @@ def _device_and_dtype(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .components import resolve_model
     from .images import load_image
     from .jobs import JobDir
-    from .memory import tune_allocator
-    from .pipeline import FramePackPipeline
 
     if args.resume:
         job = JobDir.open(Path(args.resume))
@@ -129,31 +129,48 @@ def _generate(args: argparse.Namespace) -> int:
         load_image(settings.image)  # fail on a bad image before anything is loaded or written
         if settings.end_image:
             load_image(settings.end_image)
-    device, dtype = _device_and_dtype(args)
-    tune_allocator()  # flat peak memory over long videos (see framepack.memory)
-    resolve_model(settings.model)  # an unknown model fails here, before anything is loaded
-    pipeline = FramePackPipeline.from_model(settings.model, device=device, dtype=dtype, vae_tiling=args.vae_tiling)
-    print(f"framepack: model {settings.model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    pipeline = _open_pipeline(settings.model, args)
     if not args.resume:
         out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{settings.seed}.mp4"
-        if out.suffix.lower() != ".mp4":
-            raise ValueError(f"--out must name an .mp4 file, got {out}")
-        job_dir = Path(args.job_dir) if args.job_dir else out.with_name(out.stem + ".job")
-        job = JobDir.create(job_dir, settings, out)
-        print(f"framepack: job directory {job.root} (resume with --resume {job.root})", file=sys.stderr)
+        job = _new_job(settings, out, Path(args.job_dir) if args.job_dir else None)
     _run_with_progress(pipeline, job)
     print(job.out)
     return 0
 
 
-def _run_with_progress(pipeline, job) -> None:
+def _open_pipeline(model: str, args: argparse.Namespace):
+    from .components import resolve_model
+    from .memory import tune_allocator
+    from .pipeline import FramePackPipeline
+
+    device, dtype = _device_and_dtype(args)
+    tune_allocator()  # flat peak memory over long videos (see framepack.memory)
+    resolve_model(model)  # an unknown model fails here, before anything is loaded
+    pipeline = FramePackPipeline.from_model(model, device=device, dtype=dtype, vae_tiling=getattr(args, "vae_tiling", False))
+    print(f"framepack: model {model} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    return pipeline
+
+
+def _new_job(settings, out: Path, job_dir: Path | None):
+    from .jobs import JobDir
+
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must name an .mp4 file, got {out}")
+    job = JobDir.create(job_dir or out.with_name(out.stem + ".job"), settings, out)
+    print(f"framepack: job directory {job.root} (resume with: framepack generate --resume {job.root})", file=sys.stderr)
+    return job
+
+
+def _run_with_progress(pipeline, job) -> tuple[list, float]:
+    """Run the job with a progress bar; returns (SectionFinished events, total seconds)."""
     from tqdm import tqdm
 
     from .pipeline import Done, SectionFinished, SectionStarted, StepProgress
 
     plans = pipeline.plans(job.settings)
-    total = len(plans) * job.settings.steps
-    bar = tqdm(total=total, initial=job.finished * job.settings.steps, unit="step", file=sys.stderr,
+    finished: list = []
+    total = 0.0
+    bar = tqdm(total=len(plans) * job.settings.steps, initial=job.finished * job.settings.steps, unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=None)
     try:
         for event in pipeline.events(job):
@@ -163,11 +180,42 @@ def _run_with_progress(pipeline, job) -> None:
                 bar.update(1)
                 bar.set_postfix_str(f"step {event.i + 1}/{event.n}")
             elif isinstance(event, SectionFinished):
+                finished.append(event)
                 logging.getLogger("framepack").info("section %d/%d took %.1f s", event.step + 1, event.count, event.seconds)
             elif isinstance(event, Done):
+                total = event.seconds
                 bar.set_postfix_str(f"done in {event.seconds:.1f} s")
     finally:
         bar.close()
+    return finished, total
+
+
+# ---- eval ----------------------------------------------------------------------------------------------
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .train.evaluate import EvalConfig, format_table, run_eval, save
+
+    config = EvalConfig(model=args.model, prompts=args.prompts, seconds=args.seconds, long_videos=args.long_videos,
+                        long_seconds=args.long_seconds, steps=args.steps, seed=args.seed, workdir=args.workdir)
+    pipeline = _open_pipeline(args.model, args)
+    bar = tqdm(total=config.prompts + 2 * config.long_videos, unit="video", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def progress(message: str) -> None:
+        bar.update(1)
+        logging.getLogger("framepack").info(message)
+
+    try:
+        result = run_eval(config, pipeline, progress)
+    finally:
+        bar.close()
+    table = format_table(result)
+    if args.json:
+        save(result, Path(args.json))
+    print(table)
+    return 0
 
 
 # ---- train ----------------------------------------------------------------------------------------------
@@ -175,7 +223,7 @@ def _run_with_progress(pipeline, job) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from . import trainer
-    from .train import vae_task  # noqa: F401  (registers the "vae" task)
+    from .train import framepack_task, vae_task  # noqa: F401  (register the "framepack" and "vae" tasks)
 
     config = trainer.TrainConfig.load(args.config)
     if args.output_dir:
@@ -193,10 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    demo = commands.add_parser("demo", help="run the CPU demo (random tiny weights until the demo model ships)")
-    demo.add_argument("--sections", type=_positive, default=6, help="number of sections to generate (default 6)")
-    demo.add_argument("--steps", type=_positive, default=4, help="sampling steps per section (default 4)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo = commands.add_parser("demo", help="make a video with the embedded demo model from the bundled start image "
+                                            "and prompt (runs on a CPU in about a minute)")
+    demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5)")
+    demo.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
+    demo.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    demo.add_argument("--model", default="tiny", help="model (default tiny, the embedded demo model)")
+    demo.add_argument("--out", help="output .mp4 (default outputs/demo-TIMESTAMP.mp4)")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    demo.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                      help="weights dtype (default fp32: the demo model is small)")
     demo.set_defaults(run=_demo)
 
     gen = commands.add_parser(
@@ -224,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--cfg", type=_number, help="real classifier-free guidance scale; 1 = off (default)")
     samp.add_argument("--guidance-rescale", dest="guidance_rescale", type=_number,
                       help="guidance rescale in [0, 1] for real CFG (default 0)")
-    samp.add_argument("--shift", type=_number, help="sigma shift; default from the token count (7 at 640)")
+    samp.add_argument("--shift", type=_number, help="sigma shift; default: the model's own (3 for tiny), else from the token count (7 at 640)")
     samp.add_argument("--mode", choices=["inverted", "forward", "vanilla"],
                       help="section order: inverted anti-drifting (I2V models), forward (F1) or vanilla; "
                       "default: the model's own")
     samp.add_argument("--window", type=int, help="latent frames per section (default 9 = 33 video frames)")
     out = gen.add_argument_group("output")
-    out.add_argument("--resolution", type=int, help="target resolution bucket (default 640)")
+    out.add_argument("--resolution", type=int, help="target resolution bucket (default: the model's own, 640 for the 13B models, 128 for tiny)")
     out.add_argument("--crf", type=int, help="H.264 quality, 0 (lossless) .. 51; default 16")
     out.add_argument("--out", help="output mp4 (default outputs/<time>-seed<seed>.mp4)")
     out.add_argument("--job-dir", dest="job_dir", help="job directory (default <out>.job next to the video)")
@@ -243,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
     run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
     gen.set_defaults(run=_generate)
+
+    ev = commands.add_parser("eval", help="evaluate a model on held-out scenes of the synthetic world "
+                                          "(motion direction, persistence, drift)")
+    ev.add_argument("--model", default="tiny", help="model (default tiny, the embedded demo model)")
+    ev.add_argument("--prompts", type=_positive, default=50, help="held-out prompts for motion direction (default 50)")
+    ev.add_argument("--seconds", type=_number, default=2.0, help="length of each direction video (default 2)")
+    ev.add_argument("--long-videos", type=int, default=6, help="long videos for persistence and drift (default 6)")
+    ev.add_argument("--long-seconds", type=_number, default=30.0, help="length of each long video (default 30)")
+    ev.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
+    ev.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    ev.add_argument("--workdir", help="keep every generated video in this directory (default: a temporary one)")
+    ev.add_argument("--json", help="also write the per-video results to this JSON file")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    ev.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    ev.set_defaults(run=_eval)
 
     tr = commands.add_parser("train", help="train or fine-tune from a JSON config (resumes from the latest checkpoint)")
     tr.add_argument("config", help="training config (JSON), e.g. configs/demo_vae.json")

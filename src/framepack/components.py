@@ -190,7 +190,15 @@ class ModelSource:
     mode: Mode
     crop_start: int | None = None
     vae: str | None = None  # a VAE directory of its own (e.g. the demo model's small autoencoder)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. "resolution", "shift": the model's defaults
+
+    def resolution(self, requested: int | None) -> int:
+        """The resolution bucket to use: the request, else the model's own, else the 13B's 640."""
+        return requested if requested is not None else int(self.extra.get("resolution", 640))
+
+    def shift(self, requested: float | None) -> float | None:
+        """The sigma shift: the request, else the one the model was trained with (None: from tokens)."""
+        return requested if requested is not None else self.extra.get("shift")
 
 
 HUNYUAN = "hunyuanvideo-community/HunyuanVideo"
@@ -207,8 +215,13 @@ def resolve_model(name_or_path: str) -> ModelSource:
     if name_or_path in NAMED_MODELS:
         return NAMED_MODELS[name_or_path]
     if name_or_path == "tiny":
-        raise ValueError("the embedded demo model 'tiny' is not shipped yet; name a model directory or a hub model")
-    path = Path(name_or_path).expanduser()
+        from .demo import asset
+
+        path = asset("tiny")  # the embedded demo model (see its MODEL_CARD.md)
+        if not (path / MANIFEST).is_file():
+            raise ValueError(f"the embedded demo model is missing from this installation ({path})")
+    else:
+        path = Path(name_or_path).expanduser()
     manifest = path / MANIFEST if path.is_dir() else path
     if not manifest.is_file():
         known = ", ".join(sorted(NAMED_MODELS))

@@ -177,7 +177,7 @@ class FramePackPipeline:
         return self._text_cache[prompt]
 
     def condition(self, settings: GenerationSettings) -> Conditioning:
-        start_rgb = prepare_image(load_image(settings.image), settings.resolution)
+        start_rgb = prepare_image(load_image(settings.image), self.c.source.resolution(settings.resolution))
         height, width = start_rgb.shape[:2]
         start = self._encode_frame(start_rgb)
         end = embeds = None
@@ -263,7 +263,8 @@ class FramePackPipeline:
         noise = torch.randn((1, self.c.transformer.config.in_channels, settings.window, h, w),
                             generator=run.generator, dtype=torch.float32)
         denoise = self._denoiser(plan, run.store, cond, self.encode_text(run.prompts[plan.step]), run.negative, settings)
-        sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4, shift=settings.shift)
+        sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4,
+                                shift=self.c.source.shift(settings.shift))
 
         def progress(step: Step) -> None:
             on_event(StepProgress(plan.step, plan.count, step.i, step.n, preview_frames(step.x0.cpu(), cond.rgb_map)))

@@ -36,9 +36,9 @@ class GenerationSettings:
     distilled_guidance: float = 10.0
     cfg: float = 1.0  # real classifier-free guidance; 1 = off (one forward per step)
     guidance_rescale: float = 0.0
-    shift: float | None = None  # None: from the noisy token count, as the reference
+    shift: float | None = None  # None: the model's own (its manifest), else from the noisy token count
     mode: str | None = None  # None: the model's own mode
-    resolution: int = 640
+    resolution: int | None = None  # None: the model's own (640 for the 13B models)
     window: int = 9  # latent frames per section
     crf: int = 16
 
@@ -70,7 +70,7 @@ class GenerationSettings:
             yield f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}"
         if self.mode is not None and self.mode not in MODES:
             yield f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}"
-        if not 64 <= self.resolution <= 1280:
+        if self.resolution is not None and not 64 <= self.resolution <= 1280:
             yield f"resolution must be between 64 and 1280, got {self.resolution}"
         if not 1 <= self.window <= 33:
             yield f"window must be between 1 and 33 latent frames, got {self.window}"

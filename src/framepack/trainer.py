@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,7 @@ def train(config: TrainConfig, max_steps_this_run: int | None = None) -> Path:
     stop_at = config.steps if max_steps_this_run is None else min(config.steps, step + max_steps_this_run)
     bar = tqdm(total=config.steps, initial=step, desc=config.task, dynamic_ncols=True, disable=not accelerator.is_main_process)
     losses: list[float] = []
+    clock = _WallClock(_logged_seconds(out / "loss.log") if resume is not None else 0.0)
     model.train()
     while step < stop_at:
         with accelerator.accumulate(model):
@@ -152,14 +154,32 @@ def train(config: TrainConfig, max_steps_this_run: int | None = None) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % config.checkpoint_every == 0 or step == stop_at:
-            _checkpoint(accelerator, out, step, config.keep_checkpoints, losses)
+            _checkpoint(accelerator, out, step, config.keep_checkpoints, losses, clock.seconds())
     bar.close()
     if step >= config.steps and accelerator.is_main_process:
         task.export(accelerator.unwrap_model(model), out / "final")
     return out
 
 
-def _checkpoint(accelerator, out: Path, step: int, keep: int, losses: list[float]) -> None:
+class _WallClock:
+    """Training wall time, carried across resumed runs (the model card reports it)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset, self.began = offset, time.monotonic()
+
+    def seconds(self) -> float:
+        return self.offset + time.monotonic() - self.began
+
+
+def _logged_seconds(log_path: Path) -> float:
+    """Wall seconds recorded by the last checkpoint of earlier runs (0 if none)."""
+    try:
+        return float(json.loads(log_path.read_text().splitlines()[-1]).get("wall_seconds", 0.0))
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _checkpoint(accelerator, out: Path, step: int, keep: int, losses: list[float], wall_seconds: float) -> None:
     """Write checkpoint-STEP atomically (a DONE marker last) and prune old ones."""
     path = out / f"checkpoint-{step}"
     if path.exists():
@@ -167,7 +187,8 @@ def _checkpoint(accelerator, out: Path, step: int, keep: int, losses: list[float
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         with (out / "loss.log").open("a") as f:
-            f.write(json.dumps({"step": step, "loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}) + "\n")
+            loss = sum(losses[-50:]) / max(1, len(losses[-50:]))
+            f.write(json.dumps({"step": step, "loss": loss, "wall_seconds": round(wall_seconds, 1)}) + "\n")
         (path / "DONE").write_text("")
         finished = sorted((p for p in out.glob("checkpoint-*") if (p / "DONE").exists()),
                           key=lambda p: int(p.name.split("-")[1]))

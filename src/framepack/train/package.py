@@ -1,0 +1,137 @@
+"""Assemble the embedded demo model (``framepack/assets/tiny``) from finished training runs.
+
+``python -m framepack.train.package`` (``make demo-model`` runs the whole chain) copies the exported
+transformer, the small VAE and the frozen text encoders into one directory with a ``framepack.json``
+manifest, the model's own defaults (resolution, shift, mode) and a model card written from the
+runs' configs, loss logs and metrics, and from ``framepack eval`` results when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ..components import MANIFEST
+
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    if not src.is_dir():
+        raise ValueError(f"missing training output: {src}")
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and any(path.match(p) for p in MODEL_FILES):
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
+def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: int = 128, shift: float = 3.0,
+             mode: str = "inverted") -> Path:
+    """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _copy_tree(transformer, tmp / "transformer")
+    _copy_tree(vae, tmp / "vae")
+    for part in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
+        _copy_tree(text / part, tmp / "text" / part)
+    manifest = {"transformer": "transformer", "hunyuan": "text", "vae": "vae", "redux": None, "mode": mode,
+                "modes": ["inverted", "forward", "vanilla"], "resolution": resolution, "shift": shift}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def _run_summary(run: Path) -> dict:
+    """Steps, final loss and wall time of a training run, from its config and loss log."""
+    config = json.loads((run / "train_config.json").read_text())
+    entries = [json.loads(line) for line in (run / "loss.log").read_text().splitlines() if line.strip()]
+    last = entries[-1] if entries else {}
+    return {"config": config, "steps": last.get("step", 0), "loss": last.get("loss"),
+            "first_loss": entries[0]["loss"] if entries else None, "hours": last.get("wall_seconds", 0.0) / 3600}
+
+
+def _size_mb(root: Path) -> float:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
+
+
+def model_card(model: Path, runs: dict[str, Path], eval_table: str | None, notes: str = "") -> str:
+    """The MODEL_CARD.md text: data, training stages, steps, wall time, metrics."""
+    rows = []
+    for name, run in runs.items():
+        s = _run_summary(run)
+        c = s["config"]
+        rows.append(f"| {name} | `{c['task']}` | {s['steps']} | {c['batch_size']} | {c['lr']:g} | "
+                    f"{s['first_loss']:.4f} -> {s['loss']:.4f} | {s['hours']:.2f} |")
+    vae_metrics = json.loads((model / "vae" / "metrics.json").read_text()) if (model / "vae" / "metrics.json").exists() else {}
+    transformer = json.loads((model / "transformer" / "config.json").read_text())
+    lines = [
+        "# FramePack demo model (`--model tiny`)",
+        "",
+        "A small FramePack trained from scratch by `framepack train` on the procedural world of",
+        "`framepack.train.world` (one coloured shape moving on a plain, gradient or striped background,",
+        "30 fps, 128x128). It runs through exactly the code of the 13B model (same transformer class,",
+        "planner, sampler, job directory and video writer); only the components are small. It knows",
+        "nothing but that world: give it a 128x128 start frame of a similar scene and a caption in the",
+        "world's words (see `framepack.train.world.caption`).",
+        "",
+        "| component | what | size |",
+        "|---|---|---|",
+        f"| transformer | `FramePackTransformer`, tiny preset: {transformer.get('num_layers')} double + "
+        f"{transformer.get('num_single_layers')} single blocks, {transformer.get('num_attention_heads')} heads x "
+        f"{transformer.get('attention_head_dim')}, context schedule `{transformer.get('context_schedule', 'f1k1f2k2f16k4')}` | "
+        f"{_size_mb(model / 'transformer'):.1f} MB |",
+        f"| VAE | `SmallVideoAutoencoder`: 16 channels, 8x spatial, 4x causal temporal (HunyuanVideo's geometry); "
+        f"held-out reconstruction {vae_metrics.get('psnr_db', float('nan')):.2f} dB PSNR | {_size_mb(model / 'vae'):.1f} MB |",
+        f"| text | LLaMA-architecture + CLIP-text encoders with local tokenizers over the world's vocabulary, "
+        f"random and frozen (the transformer learns to read them) | {_size_mb(model / 'text'):.1f} MB |",
+        "",
+        "Sampling modes: trained on all three layouts the planner produces (inverted anti-drifting, forward",
+        "as F1, vanilla); its default is inverted. No image encoder, no distilled-guidance embedder (the",
+        "`--distilled-guidance` value is ignored), no CFG training (keep `--cfg 1`). Defaults from its",
+        "manifest: 128 px, sigma shift 3 (the training shift), 25 UniPC steps.",
+        "",
+        "## Training (CPU only: 2 cores)",
+        "",
+        "Reproduce with `make demo-model` (the configs are in `configs/`; each stage resumes from its",
+        "latest checkpoint).",
+        "",
+        "| stage | task | steps | batch | peak lr | loss (first -> last checkpoint) | wall hours |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Data: the endless training stream of the world (held-out scenes, a hash bucket of their parameters,",
+        "never appear in it). The VAE trains on 64 px crops of 128 px renders; the transformer on a cache of",
+        "encoded 4-section clips (145 frames each, random start time), each step drawing a mode, a section",
+        "and a noise level (flow matching, shifted sigmas).",
+    ]
+    if eval_table:
+        lines += ["", "## Evaluation (`framepack eval`, held-out scenes)", "", eval_table]
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m framepack.train.package", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="src/framepack/assets/tiny")
+    parser.add_argument("--transformer", default="runs/demo-framepack")
+    parser.add_argument("--vae", default="runs/demo-vae-decoder", help="the VAE run to ship (its final/ is used)")
+    parser.add_argument("--vae-runs", nargs="*", default=["runs/demo-vae", "runs/demo-vae-decoder"])
+    parser.add_argument("--text", default="runs/demo-text")
+    parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
+    args = parser.parse_args(argv)
+    out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text))
+    runs = {Path(r).name: Path(r) for r in args.vae_runs if Path(r).is_dir()}
+    runs[Path(args.transformer).name] = Path(args.transformer)
+    table = Path(args.eval_table).read_text() if args.eval_table else None
+    (out / "MODEL_CARD.md").write_text(model_card(out, runs, table))
+    print(f"{out}: {_size_mb(out):.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
