@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean demo-model
 
 # One stamp per set of extras, rebuilt when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml
@@ -28,6 +28,15 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/transformer_forward.py
+
+# Retrain the embedded demo model from scratch (hours on a CPU; every stage resumes from its latest
+# checkpoint, so it can be interrupted and started again), evaluate it and package it.
+demo-model: $(VENV)/.installed-train
+	$(VENV)/bin/framepack train configs/demo_vae.json
+	$(VENV)/bin/framepack train configs/demo_framepack.json
+	$(PY) -m framepack.train.package
+	$(VENV)/bin/framepack eval --json runs/eval.json > runs/eval.md
+	$(PY) -m framepack.train.package --eval-table runs/eval.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,110 @@
+"""``framepack ui``: the web app (Gradio), its persistent job queue and its worker.
+
+Importing this package is cheap: Gradio and torch are imported only when the app starts.
+Wiring into the CLI is one call, ``add_ui_command(commands)``, with the subparsers of
+``framepack.cli.build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
+DEFAULT_PORT = 7860
+LARGE_MODELS = ("framepack-i2v", "framepack-f1")
+
+# (flags, argparse keyword arguments): the options of `framepack ui`
+UI_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--host",), dict(default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")),
+    (("--port",), dict(type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")),
+    (("--auth",), dict(metavar="USER:PASSWORD", help="require this login (default: none)")),
+    (("--share",), dict(action="store_true", help="also open a public gradio.live link (off by default)")),
+    (("--outputs",), dict(default="outputs", help="videos, job directories and the job store jobs.sqlite (default outputs)")),
+    (("--model",), dict(help="default model: tiny (the CPU demo model; default without a CUDA GPU), "
+                             "framepack-i2v (default with one), framepack-f1, or a model directory")),
+    (("--poll-seconds",), dict(dest="poll_seconds", type=float, default=1.0,
+                               help="how often pages refresh the progress (default 1)")),
+    (("--device",), dict(default="auto", help="auto (default), cpu, cuda, cuda:1, ...")),
+    (("--dtype",), dict(default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")),
+)
+
+
+def add_ui_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ui`` to the ``framepack`` subcommands."""
+    parser = commands.add_parser("ui", help="start the web app (Gradio) with a job queue that survives restarts",
+                                 description="Serve the FramePack web app. Jobs wait in outputs/jobs.sqlite and "
+                                             "continue after a restart from their last finished section.")
+    for flags, kwargs in UI_OPTIONS:
+        parser.add_argument(*flags, **kwargs)
+    parser.set_defaults(run=main_ui)
+    return parser
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must look like USER:PASSWORD")
+    return user, password
+
+
+def available_models(default: str, cuda: bool) -> tuple[str, ...]:
+    """The default model first; the demo model when installed; the 13B models when a CUDA GPU is present."""
+    from ..components import resolve_model
+
+    models = [default]
+    candidates = ["tiny"] + (list(LARGE_MODELS) if cuda else [])
+    for name in candidates:
+        if name in models:
+            continue
+        try:
+            resolve_model(name)
+        except ValueError:
+            continue
+        models.append(name)
+    return tuple(models)
+
+
+def main_ui(args: argparse.Namespace) -> int:
+    """Run ``framepack ui`` from parsed arguments (blocks until interrupted)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the web app needs gradio: pip install 'framepack[ui]'") from None
+    import torch
+
+    from ..components import resolve_model
+    from ..memory import tune_allocator
+    from ..pipeline import FramePackPipeline
+    from .app import launch
+    from .service import JobService
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
+    auth = parse_auth(args.auth)
+    if not 0.1 <= args.poll_seconds <= 60:
+        raise ValueError(f"--poll-seconds must be between 0.1 and 60, got {args.poll_seconds:g}")
+    cuda = torch.cuda.is_available()
+    device = args.device if args.device != "auto" else ("cuda" if cuda else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    default = args.model or ("framepack-i2v" if cuda else "tiny")
+    resolve_model(default)  # an unknown model fails now, with one line
+    models = available_models(default, device.startswith("cuda"))
+    tune_allocator()
+
+    def load(model: str) -> FramePackPipeline:
+        log.info("loading %s on %s", model, device)
+        return FramePackPipeline.from_model(model, device=device, dtype=dtype)
+
+    service = JobService(Path(args.outputs), load)
+    launch(service, models, host=args.host, port=args.port, auth=auth, share=args.share, poll_s=args.poll_seconds)
+    return 0

@@ -1,0 +1,124 @@
+"""The app's back end without a web page: submit, watch, cancel, resume and list jobs.
+
+``JobService`` ties the SQLite store, the job directories under ``outputs/jobs/`` and the worker
+thread together. The Gradio app and its API endpoints are thin calls into it, and the tests drive
+it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..images import load_image
+from ..jobs import JobDir
+from ..settings import GenerationSettings
+from .store import FINISHED, STORE_NAME, JobRecord, JobStore
+from .worker import PipelineLoader, Progress, Worker
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = "jobs"
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One job as a page (or an API client) sees it: its record, plus live progress while it runs."""
+
+    record: JobRecord
+    progress: Progress | None  # None unless this job is the one running
+    queue_place: int | None  # 1 = next, while queued
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON for the API: no arrays, paths as strings."""
+        r, p = self.record, self.progress
+        data: dict[str, Any] = {
+            "job": r.id, "status": r.status, "seed": r.seed, "error": r.error, "queue_place": self.queue_place,
+            "video": str(r.out) if r.status == "done" else None, "job_dir": str(r.job_dir),
+            "created": r.created, "settings": r.settings,
+        }
+        if p is not None:
+            data.update(phase=p.phase, section=p.section, sections=p.sections, step=p.step, steps=p.steps,
+                        done_steps=p.done, total_steps=p.total, eta_s=p.eta_s,
+                        provisional_video=None if p.video is None else str(p.video))
+        return data
+
+
+def _check_image(label: str, path: str) -> None:
+    """Decode the upload once; the reason names the file, never the server's upload folder."""
+    try:
+        load_image(path)
+    except ValueError as exc:
+        raise ValueError(f"{label}: " + str(exc).replace(str(path), Path(path).name)) from None
+
+
+class JobService:
+    def __init__(self, outputs: Path, load_pipeline: PipelineLoader) -> None:
+        self.outputs = Path(outputs).resolve()
+        self.store = JobStore(self.outputs / STORE_NAME)
+        interrupted = self.store.requeue_interrupted()
+        if interrupted:
+            log.info("continuing interrupted job(s) %s from their last finished section", interrupted)
+        self.worker = Worker(self.store, load_pipeline)
+
+    def start(self) -> "JobService":
+        self.worker.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.worker.stop(timeout)
+
+    # ---- actions ------------------------------------------------------------------------------------------
+
+    def submit(self, settings: GenerationSettings) -> JobRecord:
+        """Check the images, copy them into a new job directory and queue the job."""
+        for label, path in (("start image", settings.image), ("end image", settings.end_image)):
+            if path is not None:
+                _check_image(label, path)
+        key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        out = self.outputs / f"{key}-seed{settings.seed}.mp4"
+        job = JobDir.create(self.outputs / JOBS_DIR / key, settings, out)
+        record = self.store.add(job.settings.to_dict(), job.root, job.out, settings.seed)
+        self.worker.wake()
+        return record
+
+    def cancel(self, job_id: int) -> str:
+        record = self._record(job_id)
+        if self.worker.cancel(job_id):
+            return f"job {job_id}: cancelling" if record.status == "running" else f"job {job_id}: cancelled"
+        return f"job {job_id} is {record.status}: nothing to cancel"
+
+    def resume(self, job_id: int) -> str:
+        record = self._record(job_id)
+        if self.store.resume(job_id):
+            self.worker.wake()
+            return f"job {job_id}: queued again; it continues from its last finished section"
+        return f"job {job_id} is {record.status}: only cancelled or failed jobs can be resumed"
+
+    # ---- views ----------------------------------------------------------------------------------------------
+
+    def _record(self, job_id: int) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise ValueError(f"no job {job_id}")
+        return record
+
+    def view(self, job_id: int) -> JobView:
+        record = self._record(job_id)
+        progress = self.worker.status.get()
+        live = progress if progress.job_id == job_id and record.status == "running" else None
+        return JobView(record, live, self.store.queue_place(job_id) if record.status == "queued" else None)
+
+    def running(self) -> int | None:
+        return self.worker.current
+
+    def queue(self) -> list[JobRecord]:
+        """Running first, then queued in order."""
+        return self.store.jobs(("running",)) + self.store.jobs(("queued",))
+
+    def history(self, limit: int = 100) -> list[JobRecord]:
+        return self.store.jobs(FINISHED, newest_first=True, limit=limit)

@@ -1,0 +1,211 @@
+"""One background thread that runs the store's queued jobs in order and reports on the one running.
+
+The worker owns no settings of its own: it opens each job's directory (so a job that was
+interrupted continues from its last finished section), asks the pipeline to run it, and turns the
+pipeline's events into a :class:`Progress` snapshot that any number of UI sessions can read.
+Cancelling sets a flag the pipeline checks after every sampling step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..jobs import JobDir
+from ..pipeline import Cancelled, Done, Event, FramePackPipeline, SectionStarted, StepProgress, VideoUpdated
+from .store import JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+
+IDLE_RECHECK_S = 5.0  # an idle worker looks at the store this often even without a wake-up
+PREVIEW_HEIGHT = 96  # latent previews are tiny (h = H/8): enlarged to about this height
+PREVIEW_FRAMES = 9  # at most this many frames side by side
+
+PipelineLoader = Callable[[str], FramePackPipeline]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the worker is doing now. Versions change whenever the preview / video does."""
+
+    job_id: int | None = None
+    phase: str = "idle"  # idle | loading | sampling
+    section: int = 0  # 1-based, in generation order
+    sections: int = 0
+    step: int = 0  # steps done in the current section
+    steps: int = 0
+    done: int = 0  # steps done over the whole job (finished sections count in full)
+    total: int = 0
+    eta_s: float | None = None
+    preview: np.ndarray | None = None  # (h, T*w, 3) uint8
+    preview_version: int = 0
+    video: Path | None = None  # provisional (or final) video of the running job
+    video_version: int = 0
+
+
+class LiveStatus:
+    """A :class:`Progress` shared between the worker (writer) and the UI sessions (readers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._progress = Progress()
+
+    def get(self) -> Progress:
+        with self._lock:
+            return self._progress
+
+    def update(self, **changes: Any) -> None:
+        with self._lock:
+            self._progress = replace(self._progress, **changes)
+
+    def reset(self, **changes: Any) -> None:
+        with self._lock:
+            # versions keep counting so a reader never mistakes a new picture for one it has shown
+            self._progress = replace(Progress(), preview_version=self._progress.preview_version + 1,
+                                     video_version=self._progress.video_version + 1, **changes)
+
+
+def preview_strip(frames: np.ndarray, height: int = PREVIEW_HEIGHT, max_frames: int = PREVIEW_FRAMES) -> np.ndarray:
+    """(T, h, w, 3) uint8 latent-size frames -> one (h*k, n*w*k, 3) strip, enlarged k times (nearest)."""
+    pick = np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int)
+    strip = np.concatenate(list(frames[pick]), axis=1)
+    k = max(1, math.ceil(height / frames.shape[1]))
+    return strip.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+class Worker:
+    """Runs queued jobs one at a time in a daemon thread; ``stop`` leaves the running job resumable."""
+
+    def __init__(self, store: JobStore, load_pipeline: PipelineLoader, keep_pipelines: int = 1) -> None:
+        self.store = store
+        self.status = LiveStatus()
+        self._load_pipeline = load_pipeline
+        self._keep = keep_pipelines
+        self._pipelines: OrderedDict[str, FramePackPipeline] = OrderedDict()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()  # claim + current job change together (cancel reads both)
+        self._current: int | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- control ------------------------------------------------------------------------------------------
+
+    def start(self) -> "Worker":
+        if self._thread is not None:
+            raise RuntimeError("the worker is already started")
+        self._thread = threading.Thread(target=self._loop, name="framepack-ui-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the current sampling step; the running job goes back to the queue."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Something was queued: look at the store now."""
+        self._wake.set()
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a queued job, or stop the running one within a step; False if it is neither."""
+        with self._lock:
+            if self.store.cancel_queued(job_id):
+                return True
+            if self._current == job_id:
+                self._cancel.set()
+                return True
+        return False
+
+    @property
+    def current(self) -> int | None:
+        return self._current
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()  # before looking, so a submit during the look is not lost
+            with self._lock:
+                record = self.store.claim_next()
+                self._current = None if record is None else record.id
+                self._cancel.clear()
+            if record is None:
+                self._wake.wait(IDLE_RECHECK_S)
+                continue
+            try:
+                self._run(record)
+            finally:
+                with self._lock:
+                    self._current = None
+                self.status.reset()
+
+    def _run(self, record: JobRecord) -> None:
+        self.status.reset(job_id=record.id, phase="loading")
+        try:
+            job = JobDir.open(record.job_dir)
+            pipeline = self._pipeline(job.settings.model)
+            self._sample(pipeline, job, record.id)
+        except Cancelled:
+            if self._cancel.is_set():
+                self.store.mark_cancelled(record.id)
+                log.info("job %d cancelled; resumable from %s", record.id, record.job_dir)
+            else:  # the server is stopping: the job continues at the next start
+                self.store.requeue(record.id)
+                log.info("job %d interrupted by shutdown; queued again", record.id)
+        except Exception as exc:  # any failure belongs to this job only; the worker goes on
+            log.exception("job %d failed", record.id)
+            self.store.fail(record.id, one_line(exc))
+        else:
+            self.store.finish(record.id)
+            log.info("job %d done: %s", record.id, record.out)
+
+    def _pipeline(self, model: str) -> FramePackPipeline:
+        if model not in self._pipelines:
+            while len(self._pipelines) >= self._keep:  # free the old model before loading a new one
+                self._pipelines.popitem(last=False)
+            self._pipelines[model] = self._load_pipeline(model)
+        self._pipelines.move_to_end(model)
+        return self._pipelines[model]
+
+    def _sample(self, pipeline: FramePackPipeline, job: JobDir, job_id: int) -> None:
+        sections = len(pipeline.plans(job.settings))
+        steps = job.settings.steps
+        resumed_at = job.finished * steps
+        began = time.perf_counter()
+        self.status.update(phase="sampling", sections=sections, section=job.finished + 1, steps=steps,
+                           done=resumed_at, total=sections * steps)
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, SectionStarted):
+                self.status.update(section=event.step + 1, sections=event.count, step=0)
+            elif isinstance(event, StepProgress):
+                done = event.step * event.n + event.i + 1
+                total = event.count * event.n
+                rate = (time.perf_counter() - began) / max(1, done - resumed_at)  # seconds per step, this run
+                current = self.status.get()
+                self.status.update(step=event.i + 1, steps=event.n, done=done, total=total,
+                                   eta_s=rate * (total - done), preview=preview_strip(event.preview),
+                                   preview_version=current.preview_version + 1)
+            elif isinstance(event, VideoUpdated):
+                self.status.update(video=event.path, video_version=self.status.get().video_version + 1)
+            elif isinstance(event, Done):
+                self.status.update(eta_s=0.0)
+
+        pipeline.run(job, on_event=on_event, should_stop=lambda: self._cancel.is_set() or self._stopping.is_set())

@@ -1,0 +1,355 @@
+"""The web app in a real browser: Debian's chromium, headless, driven by Playwright.
+
+The server runs as a subprocess (``python -m framepack.ui``) on a free port with a tiny random
+model at 64 px, so a 1-second video takes a few seconds on a CPU. Screenshots for the README are
+written to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from ui_tiny_model import write_image, write_tiny_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+START_TIMEOUT_S = 120  # importing torch and gradio on a busy 2-core machine
+JOB_TIMEOUT_S = 90
+POLL_S = 0.25
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                               "(apt-get install chromium)")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+pytest.importorskip("gradio", reason="needs gradio (pip install 'framepack[ui]')")
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, outputs: Path, model: Path, log: Path) -> None:
+        self.outputs, self.model, self.log = outputs, model, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        command = [sys.executable, "-m", "framepack.ui", "-v", "--outputs", str(self.outputs), "--model",
+                   str(self.model), "--port", str(self.port), "--poll-seconds", str(POLL_S), "--device", "cpu"]
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            return self._wait_until_serving()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_until_serving(self) -> "Server":
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the server did not start in {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+
+    def restart(self) -> "Server":
+        """A new server process on the same outputs (and a new port)."""
+        self.stop()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        return self.start()
+
+    def kill(self) -> None:
+        """As a crash would: no shutdown code runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def jobs(self) -> dict[int, dict]:
+        """The job store, read directly (the test's view of what the server recorded)."""
+        with closing(sqlite3.connect(self.outputs / "jobs.sqlite")) as db:
+            db.row_factory = sqlite3.Row
+            return {r["id"]: dict(r) for r in db.execute("SELECT * FROM jobs")}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("browser_model"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("browser_images")
+    huge = root / "huge.png"
+    Image.new("RGB", (7000, 6000), (10, 20, 30)).save(huge)  # 42 MP: over the 40 MP limit, small file
+    fake = root / "notes.png"
+    fake.write_text("this is not an image")
+    return {"start": write_image(root / "start.png", size=(96, 128)), "huge": huge, "fake": fake}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("browser_server")
+    running = Server(root / "outputs", model, root / "server.log").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@contextmanager
+def open_page(browser, url: str):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.wait_for_selector("#fp-generate")
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+# ---- page actions ------------------------------------------------------------------------------------------------
+
+
+def fill_form(page, image: Path | None, prompt: str, seconds: float, steps: int, seed: int | None = None) -> None:
+    if image is not None:
+        page.locator("#fp-start input[type=file]").set_input_files(str(image))
+        page.wait_for_selector("#fp-start img")
+    page.locator("#fp-prompt textarea").fill(prompt)
+    number = page.locator("#fp-seconds input[type=number]")
+    number.fill(str(seconds))
+    number.press("Enter")
+    if seed is not None:
+        page.locator("#fp-seed input").fill(str(seed))
+    if not page.locator("#fp-steps").is_visible():
+        page.click("#fp-advanced")
+    page.locator("#fp-steps input").fill(str(steps))
+    page.locator("#fp-steps input").press("Tab")
+
+
+def submit(page) -> int:
+    """Press Generate; returns the job number from the inline message."""
+    page.click("#fp-generate")
+    message = page.locator("#fp-message")
+    playwright_api.expect(message).to_contain_text("submitted", timeout=30_000)
+    return int(message.inner_text().split()[1])
+
+
+def expect_message(page, text: str) -> None:
+    """Press Generate and wait for an inline message containing ``text``."""
+    page.click("#fp-generate")
+    playwright_api.expect(page.locator("#fp-message")).to_contain_text(text, timeout=30_000)
+
+
+def wait_status(page, job: int, status: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    playwright_api.expect(page.locator("#fp-job")).to_contain_text(f"Job {job} · {status}", timeout=timeout_s * 1000)
+
+
+def progress(page) -> tuple[float, str]:
+    bar = page.locator("#fp-progress progress")
+    return float(bar.get_attribute("value") or 0), page.locator("#fp-progress").inner_text()
+
+
+def video_duration(page, selector: str = "#fp-video video") -> float:
+    """Wait until the browser has loaded the video's metadata; its duration in seconds."""
+    page.wait_for_function(f"() => {{ const v = document.querySelector('{selector}');"
+                           " return v && v.readyState >= 1 && v.duration > 0; }", timeout=30_000)
+    return page.evaluate(f"() => document.querySelector('{selector}').duration")
+
+
+# ---- tests -------------------------------------------------------------------------------------------------------
+
+
+def test_generate_a_one_second_video(server, browser, images):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with open_page(browser, server.url) as page:
+        fill_form(page, images["start"], "a red circle moves to the right", seconds=1, steps=12)
+        job = submit(page)
+        seen: list[tuple[float, str]] = []
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        shot = False
+        while "done" not in page.locator("#fp-job").inner_text():
+            assert time.monotonic() < deadline, "the job did not finish"
+            value, label = progress(page)
+            seen.append((value, label))
+            if not shot and "step" in label and value >= 4:
+                page.screenshot(path=str(SCREENSHOTS / "ui-generating.png"), full_page=True)
+                shot = True
+            time.sleep(0.1)
+        values = sorted({v for v, label in seen if "section 1/1 · step" in label})
+        assert len(values) >= 2, f"progress did not move: {seen[-10:]}"
+        assert any("ETA" in label for _, label in seen)
+        assert shot, "no screenshot while the section was denoised"
+        assert page.locator("#fp-preview img").count() == 1  # the preview of the section being denoised
+        assert video_duration(page) > 0
+        assert f"Job {job} · done" in page.locator("#fp-job").inner_text()
+        page.screenshot(path=str(SCREENSHOTS / "ui-done.png"), full_page=True)
+    assert server.jobs()[job]["status"] == "done"
+
+
+def test_cancel_then_resume(server, browser, images):
+    with open_page(browser, server.url) as page:
+        fill_form(page, images["start"], "a red circle moves to the right", seconds=3, steps=10, seed=11)
+        job = submit(page)
+        playwright_api.expect(page.locator("#fp-progress")).to_contain_text("step", timeout=JOB_TIMEOUT_S * 1000)
+        page.click("#fp-cancel")
+        wait_status(page, job, "cancelled", timeout_s=15)
+        assert "Resume" in page.locator("#fp-job").inner_text()
+        assert server.jobs()[job]["status"] == "cancelled"
+        page.click("#fp-resume")
+        playwright_api.expect(page.locator("#fp-message")).to_contain_text("queued again")
+        wait_status(page, job, "done")
+        assert video_duration(page) > 0
+
+
+def test_two_users_submit_and_both_finish_in_order(server, browser, images):
+    with open_page(browser, server.url) as first, open_page(browser, server.url) as second:
+        fill_form(first, images["start"], "a red circle moves to the right", seconds=1, steps=3, seed=1)
+        fill_form(second, images["start"], "[0s-0.5s: a red circle] [0.5s-1s: it moves right]", seconds=1, steps=3,
+                  seed=2)
+        a = submit(first)
+        b = submit(second)
+        assert b > a
+        wait_status(first, a, "done")
+        wait_status(second, b, "done")
+        assert video_duration(first) > 0 and video_duration(second) > 0
+    jobs = server.jobs()
+    assert jobs[a]["status"] == jobs[b]["status"] == "done"
+    assert jobs[a]["updated"] <= jobs[b]["updated"]  # a finished first: the queue ran in order
+
+
+def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser, images):
+    with open_page(browser, server.url) as page:
+        fill_form(page, None, "a red circle", seconds=1, steps=2)
+        expect_message(page, "upload a start image first")
+        page.locator("#fp-start input[type=file]").set_input_files(str(images["fake"]))
+        expect_message(page, "not a readable image: notes.png")
+        assert "/tmp" not in page.locator("#fp-message").inner_text()  # no server paths in messages
+        page.click("#fp-start button[aria-label='Remove Image']")
+        page.locator("#fp-start input[type=file]").set_input_files(str(images["huge"]))
+        page.wait_for_selector("#fp-start img")
+        expect_message(page, "the limit is 40 MP")
+        page.click("#fp-start button[aria-label='Remove Image']")
+        fill_form(page, images["start"], "[0s-1s: a red circle] and then", seconds=1, steps=2)
+        expect_message(page, "malformed prompt timeline")
+        fill_form(page, None, "a red circle", seconds=1, steps=100000)
+        expect_message(page, "steps must be between 1 and 200")
+        page.locator("#fp-cfg input").fill("-5")
+        page.locator("#fp-steps input").fill("2")
+        page.locator("#fp-steps input").press("Tab")
+        expect_message(page, "cfg must be a finite number >= 0")
+        page.screenshot(path=str(SCREENSHOTS / "ui-bad-input.png"), full_page=True)
+        page.locator("#fp-cfg input").fill("1")
+        page.locator("#fp-cfg input").press("Tab")
+        job = submit(page)  # still serving, and this page's session still works
+        wait_status(page, job, "done")
+
+
+def test_history_use_these_settings(server, browser, images):
+    done = [job for job, row in server.jobs().items() if row["status"] == "done"]
+    assert done, "earlier tests left no finished job"
+    with open_page(browser, server.url) as page:
+        page.click("button[role=tab]:has-text('History')")
+        playwright_api.expect(page.locator("#fp-history")).to_contain_text("done")
+        page.locator("#fp-history-job input").fill(str(done[0]))
+        page.click("#fp-history-show")
+        assert video_duration(page, "#fp-history-video video") > 0
+        page.click("#fp-use-settings")
+        playwright_api.expect(page.locator("#fp-history-message")).to_contain_text(f"job {done[0]}")
+        page.screenshot(path=str(SCREENSHOTS / "ui-history.png"), full_page=True)
+        page.click("button[role=tab]:has-text('Generate')")
+        row = server.jobs()[done[0]]
+        playwright_api.expect(page.locator("#fp-seed input")).to_have_value(str(row["seed"]))
+        page.click("button[role=tab]:has-text('History')")
+        page.locator("#fp-mp4 input[type=file]").set_input_files(row["out"])  # as if downloaded and uploaded
+        page.click("#fp-use-mp4")
+        playwright_api.expect(page.locator("#fp-history-message")).to_contain_text(Path(row["out"]).name)
+        page.reload()
+        page.click("button[role=tab]:has-text('History')")
+        page.locator("#fp-mp4 input[type=file]").set_input_files(str(images["fake"]))  # not a video
+        page.click("#fp-use-mp4")
+        message = page.locator("#fp-history-message")
+        playwright_api.expect(message).to_contain_text("⚠")
+        assert "notes.png" in message.inner_text() and "/tmp" not in message.inner_text()
+
+
+def test_api_from_gradio_client(server, images, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    with pytest.raises(Exception, match="malformed prompt timeline"):
+        client.predict(image=handle_file(str(images["start"])), prompt="[0s-1s: x] y", api_name="/submit")
+    job = client.predict(image=handle_file(str(images["start"])), prompt="a red circle", seconds=1, steps=2,
+                         random_seed=True, api_name="/submit")
+    assert job["status"] in ("queued", "running") and 0 <= job["seed"] < 2**32
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.predict(job=job["job"], api_name="/status"))["status"] != "done":
+        assert status["status"] in ("queued", "running") and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    video = Path(client.predict(job=job["job"], api_name="/video"))
+    assert video.is_file() and video.suffix == ".mp4"
+    assert job["job"] in [j["job"] for j in client.predict(api_name="/history")]
+
+
+def test_killed_server_finishes_the_job_after_a_restart(server, browser, images):
+    """Last in this file: it kills the shared server and leaves a restarted one behind."""
+    with open_page(browser, server.url) as page:
+        fill_form(page, images["start"], "a red circle moves to the right", seconds=3, steps=20, seed=5)
+        job = submit(page)
+        # section 2 of 2 has begun: section 1 is on disk
+        playwright_api.expect(page.locator("#fp-progress")).to_contain_text("section 2/2",
+                                                                           timeout=JOB_TIMEOUT_S * 1000)
+        server.kill()
+    assert server.jobs()[job]["status"] == "running"  # as the crash left it
+
+    server.restart()
+    with open_page(browser, server.url) as page:  # a fresh page follows the running job
+        wait_status(page, job, "done")
+        assert video_duration(page) > 0
+    assert server.jobs()[job]["status"] == "done"
+    assert f"continuing interrupted job(s) [{job}]" in server.log.read_text()
