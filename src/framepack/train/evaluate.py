@@ -5,7 +5,8 @@ Three measurements, each on frames decoded from the generated mp4 (what a user g
 * **motion direction**: for held-out scenes with a single direction (moves left/right/up/down,
   camera pans, or "still" for stay/grow/shrink/rotate; bounce has none), the start frame and the
   caption go in; the object is tracked by its colour and the net displacement's direction
-  (:func:`world.motion_direction`) must be the one the caption implies (:func:`world.expected_direction`).
+  (:func:`world.motion_direction`) must be the one the caption implies (:func:`world.expected_direction`);
+  an object missing from more than half of the frames counts as "lost" (wrong).
 * **object persistence**: over long videos, the share of frames in which the object's colour still
   covers at least a quarter of the area it had in the start frame.
 * **drift** as FramePack's paper defines it: ``|M(first 15% of frames) - M(last 15%)|`` for a
@@ -155,7 +156,9 @@ def run_eval(config: EvalConfig, pipeline, progress: Callable[[str], None] = lam
         for i, params in enumerate(direction_cases(config.prompts)):
             frames = _generate(pipeline, config.model, params, config.seconds, None, config.steps, config.seed + i,
                                base / f"direction-{i:03d}")
-            got = world.motion_direction(world.track_colour(frames, world.PALETTE[params.color]))
+            rgb = world.PALETTE[params.color]
+            # an object that is gone cannot be "still": count it as lost (wrong for every prompt)
+            got = world.motion_direction(world.track_colour(frames, rgb)) if persistence(frames, rgb) >= 0.5 else "lost"
             result.direction.append({"caption": world.caption(params), "expected": world.expected_direction(params), "got": got})
             progress(f"direction {i + 1}/{config.prompts}: {got} for '{world.caption(params)}'")
         for i, params in enumerate(long_cases(config.long_videos)):
