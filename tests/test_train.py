@@ -51,7 +51,24 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]
     final = tmp_path / "run" / "final"
     assert json.loads((final / "metrics.json").read_text())["psnr_db"] > 0
-    assert SmallVideoAutoencoder.from_pretrained(final).config.scaling_factor > 0
+    exported = SmallVideoAutoencoder.from_pretrained(final)
+    assert exported.config.scaling_factor > 0
+    assert exported.preview_map.shape == (17, 3)  # 16 channels + bias -> RGB, fitted at export
+
+
+def test_preview_map_is_the_least_squares_fit():
+    """Latents that are an exact linear image of the (8x8-pooled) frames give back that map."""
+    from framepack.video import fit_latent_to_rgb, preview_frames
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(17, 3, generator=g) * 0.04
+    latents = torch.randn(1, 16, 5, 4, 4, generator=g)
+    rgb = torch.cat([latents[0].permute(1, 2, 3, 0), torch.ones(5, 4, 4, 1)], -1) @ truth
+    assert rgb.abs().max() < 1  # inside the RGB range: the relation is exactly linear
+    frames = ((rgb + 1) * 127.5).round().to(torch.uint8).repeat_interleave(8, 1).repeat_interleave(8, 2).numpy()
+    fitted = fit_latent_to_rgb(latents, frames)
+    pooled = preview_frames(latents, fitted).astype(int)
+    assert abs(pooled - frames[:, ::8, ::8].astype(int)).max() <= 2  # uint8 rounding only
 
 
 def test_decoder_stage_keeps_the_latent_space(tmp_path):

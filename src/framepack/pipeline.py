@@ -189,7 +189,10 @@ class FramePackPipeline:
             if settings.end_image is not None:
                 # the end frame shares the image conditioning equally with the start frame
                 embeds = (embeds + self.c.image.encode(end_rgb)) / 2
-        return Conditioning(start, end, embeds, fit_latent_to_rgb(start, start_rgb), (height, width))
+        # a VAE may carry a map fitted on many frames; otherwise fit one on this start frame
+        rgb_map = getattr(self.c.vae, "preview_map", None)
+        rgb_map = rgb_map if rgb_map is not None else fit_latent_to_rgb(start, start_rgb)
+        return Conditioning(start, end, embeds, rgb_map, (height, width))
 
     def _encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(rgb).float().permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)

@@ -28,14 +28,18 @@ class SmallVAEConfig:
     channels: tuple[int, int, int] = (32, 64, 96)  # widths after each 2x downsampling
     blocks: int = 1  # residual blocks per resolution
     scaling_factor: float = 1.0  # latents are multiplied by this after encoding (unit variance)
+    # least-squares (latent_channels + 1, 3) map from scaled latents (+ bias) to RGB, for previews
+    preview_map: tuple[tuple[float, float, float], ...] | None = None
 
     def to_json(self) -> dict:
-        return {"_class_name": CLASS_NAME, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
+        return {"_class_name": CLASS_NAME, **json.loads(json.dumps(asdict(self)))}  # tuples -> lists
 
     @classmethod
     def from_json(cls, data: dict) -> "SmallVAEConfig":
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if not k.startswith("_")}
-        return cls(**fields)
+        def frozen(v):
+            return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
+        return cls(**{k: frozen(v) for k, v in data.items() if not k.startswith("_")})
 
 
 class ResBlock(nn.Module):
@@ -120,6 +124,12 @@ class SmallVideoAutoencoder(nn.Module):
         return torch.cat([first, rest], dim=2)
 
     # ---- the VideoAutoencoder interface (scaled latents, no grad) ----------------------------------
+
+    @property
+    def preview_map(self) -> torch.Tensor | None:
+        """(C + 1, 3) latent-to-RGB map fitted at export, or None."""
+        m = self.config.preview_map
+        return None if m is None else torch.tensor(m, dtype=torch.float32)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -165,13 +165,16 @@ def read_frames(path: str | Path) -> np.ndarray:
 def fit_latent_to_rgb(latent: torch.Tensor, image: np.ndarray) -> torch.Tensor:
     """Least-squares linear map (C + 1, 3) from latent channels (+ bias) to RGB in [-1, 1].
 
-    Fitted per job on the start frame and its own latent: free, and matched to whichever VAE is
-    in use. latent: (1, C, 1, h, w); image: (H, W, 3) uint8 with H = 8h.
+    The pipeline fits it per job on the start frame and its own latent (free, and matched to
+    whichever VAE is in use) unless the VAE carries its own. latent: (1, C, T, h, w); image:
+    (H, W, 3) or (T, H, W, 3) uint8 with H = 8h, the frames each latent should preview.
     """
-    c, h, w = latent.shape[1], latent.shape[3], latent.shape[4]
-    target = torch.from_numpy(image).float().permute(2, 0, 1)[None] / 127.5 - 1
-    target = torch.nn.functional.adaptive_avg_pool2d(target, (h, w))[0].reshape(3, -1).T  # (hw, 3)
-    features = torch.cat([latent[0, :, 0].reshape(c, -1).T.float(), torch.ones(h * w, 1)], dim=1)
+    images = image[None] if image.ndim == 3 else image
+    c, t, h, w = latent.shape[1:]
+    target = torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2) / 127.5 - 1
+    target = torch.nn.functional.adaptive_avg_pool2d(target, (h, w)).permute(0, 2, 3, 1).reshape(-1, 3)
+    features = latent[0].float().permute(1, 2, 3, 0).reshape(-1, c)  # (T h w, C), same order
+    features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
     return torch.linalg.lstsq(features, target).solution
 
 

@@ -68,6 +68,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def fit_preview_map(model: SmallVideoAutoencoder, scaling_factor: float, clips: int = 16,
+                    size: int = world.SIZE) -> torch.Tensor:
+    """Least-squares latent -> RGB map over held-out clips: latent 0 previews frame 0, latent k the
+    mean of its four frames."""
+    from ..video import fit_latent_to_rgb
+
+    rng = np.random.default_rng(1)
+    pixels = clip_batch(rng, iter(world.held_out(clips)), clips, groups=8, size=size)  # (B, 3, 33, H, W)
+    maps_in, maps_out = [], []
+    for clip in pixels:
+        z = model.encode_raw(clip[None]) * scaling_factor  # (1, C, 9, h, w)
+        frames = torch.cat([clip[:, :1], clip[:, 1:].unflatten(1, (-1, GROUP)).mean(2)], dim=1)  # (3, 9, H, W)
+        maps_in.append(z)
+        maps_out.append(((frames.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+    return fit_latent_to_rgb(torch.cat(maps_in, dim=2), np.concatenate(maps_out))
+
+
+@torch.no_grad()
 def evaluate(model: SmallVideoAutoencoder, clips: int = 16, size: int = world.SIZE) -> dict[str, float]:
     """Reconstruction PSNR on held-out scenes (1 + 4*8 frames each) and the latent std."""
     model.eval()
@@ -110,7 +128,9 @@ class VAETask:
     def export(self, model: nn.Module, directory: Path) -> None:
         stats = evaluate(model)
         # The scale is measured on raw latents, so a decoder-only stage keeps the same factor.
-        final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": 1.0 / stats["latent_std"]}))
+        scale = 1.0 / stats["latent_std"]
+        preview = tuple(tuple(row) for row in fit_preview_map(model, scale).tolist())
+        final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": scale, "preview_map": preview}))
         final.load_state_dict(model.state_dict())
         final.save_pretrained(directory)
         (directory / "metrics.json").write_text(f'{{"psnr_db": {stats["psnr_db"]:.2f}, "latent_std": {stats["latent_std"]:.4f}}}\n')
