@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", dest="max_steps", type=_positive,
                     help="stop after this many steps in this run (a checkpoint is written); run again to continue")
     tr.set_defaults(run=_train)
+    from .ui import add_ui_command  # light: gradio is imported only when the app starts
+
+    add_ui_command(commands)
     return parser
 
 

@@ -50,8 +50,9 @@ def _run_summary(run: Path) -> dict:
     config = json.loads((run / "train_config.json").read_text())
     entries = [json.loads(line) for line in (run / "loss.log").read_text().splitlines() if line.strip()]
     last = entries[-1] if entries else {}
+    seconds = last.get("wall_seconds")  # absent in logs written before the trainer recorded it
     return {"config": config, "steps": last.get("step", 0), "loss": last.get("loss"),
-            "first_loss": entries[0]["loss"] if entries else None, "hours": last.get("wall_seconds", 0.0) / 3600}
+            "first_loss": entries[0]["loss"] if entries else None, "hours": None if seconds is None else seconds / 3600}
 
 
 def _size_mb(root: Path) -> float:
@@ -64,8 +65,9 @@ def model_card(model: Path, runs: dict[str, Path], eval_table: str | None, notes
     for name, run in runs.items():
         s = _run_summary(run)
         c = s["config"]
+        hours = "not logged" if s["hours"] is None else f"{s['hours']:.2f}"
         rows.append(f"| {name} | `{c['task']}` | {s['steps']} | {c['batch_size']} | {c['lr']:g} | "
-                    f"{s['first_loss']:.4f} -> {s['loss']:.4f} | {s['hours']:.2f} |")
+                    f"{s['first_loss']:.4f} -> {s['loss']:.4f} | {hours} |")
     vae_metrics = json.loads((model / "vae" / "metrics.json").read_text()) if (model / "vae" / "metrics.json").exists() else {}
     transformer = json.loads((model / "transformer" / "config.json").read_text())
     lines = [
@@ -123,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-runs", nargs="*", default=["runs/demo-vae"], help="VAE stages, for the card")
     parser.add_argument("--text", default="runs/demo-text")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
+    parser.add_argument("--notes", help="a file of notes to append to the card")
     args = parser.parse_args(argv)
     out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text))
     runs = {Path(r).name: Path(r) for r in args.vae_runs if Path(r).is_dir()}
     runs[Path(args.transformer).name] = Path(args.transformer)
     table = Path(args.eval_table).read_text() if args.eval_table else None
-    (out / "MODEL_CARD.md").write_text(model_card(out, runs, table))
+    notes = Path(args.notes).read_text() if args.notes else ""
+    (out / "MODEL_CARD.md").write_text(model_card(out, runs, table, notes))
     print(f"{out}: {_size_mb(out):.1f} MB")
     return 0
 

@@ -24,7 +24,8 @@ UI_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--port",), dict(type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")),
     (("--auth",), dict(metavar="USER:PASSWORD", help="require this login (default: none)")),
     (("--share",), dict(action="store_true", help="also open a public gradio.live link (off by default)")),
-    (("--outputs",), dict(default="outputs", help="videos, job directories and the job store jobs.sqlite (default outputs)")),
+    (("--outputs",), dict(default="outputs",
+                          help="videos, job directories and the job store jobs.sqlite (default outputs)")),
     (("--model",), dict(help="default model: tiny (the CPU demo model; default without a CUDA GPU), "
                              "framepack-i2v (default with one), framepack-f1, or a model directory")),
     (("--poll-seconds",), dict(dest="poll_seconds", type=float, default=1.0,

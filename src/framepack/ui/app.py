@@ -9,6 +9,7 @@ is exposed as named API endpoints (``/submit``, ``/status``, ``/cancel``, ``/res
 from __future__ import annotations
 
 import html
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -88,7 +89,8 @@ def queue_rows(service: JobService) -> list[list[Any]]:
     rows = []
     for r in service.queue():
         place = service.store.queue_place(r.id) if r.status == "queued" else ""
-        rows.append([r.id, r.status, place, _short(str(r.settings.get("prompt", ""))), r.settings.get("seconds"), r.seed])
+        prompt = _short(str(r.settings.get("prompt", "")))
+        rows.append([r.id, r.status, place, prompt, r.settings.get("seconds"), r.seed])
     return rows
 
 
@@ -139,7 +141,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         end = gr.Image(label="End image (optional)", type="filepath", sources=["upload", "clipboard"],
                                        height=240, elem_id="fp-end")
                     prompt = gr.Textbox(label="Prompt", lines=3, value=defaults.prompt, elem_id="fp-prompt",
-                                        placeholder="a prompt, or a timeline: [0s-2s: a cat sits] [2s-5s: the cat jumps]")
+                                        placeholder="a prompt, or a timeline: "
+                                                    "[0s-2s: a cat sits] [2s-5s: the cat jumps]")
                     seconds = gr.Slider(1, MAX_SECONDS, value=defaults.seconds, step=0.1, label="Length (seconds)",
                                         elem_id="fp-seconds")
                     with gr.Row():
@@ -165,8 +168,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                             resolution = gr.Dropdown([("model's own", AUTO)] + [(str(r), str(r)) for r in RESOLUTIONS],
                                                      value=defaults.resolution, label="Resolution",
                                                      elem_id="fp-resolution")
-                        crf = gr.Slider(0, 51, value=defaults.crf, step=1, label="MP4 quality (CRF: 0 lossless, lower is better)",
-                                        elem_id="fp-crf")
+                        crf = gr.Slider(0, 51, value=defaults.crf, step=1, elem_id="fp-crf",
+                                        label="MP4 quality (CRF: 0 lossless, lower is better)")
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="fp-generate")
                         cancel = gr.Button("Cancel", variant="stop", elem_id="fp-cancel")
@@ -285,7 +288,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             except ValueError as exc:
                 return None, None, _error(str(exc))
             clip = str(record.out) if record.status == "done" and record.out.is_file() else None
-            return clip, record.settings, f"Job {record.id}: {record.status}" + (f" ({record.error})" if record.error else "")
+            note = f"Job {record.id}: {record.status}" + (f" ({record.error})" if record.error else "")
+            return clip, record.settings, note
 
         def fill_form(settings: dict[str, Any], source: str) -> tuple[Any, ...]:
             values = form_from_settings(settings)
@@ -417,9 +421,15 @@ def launch(service: JobService, models: Sequence[str], host: str = "127.0.0.1", 
     """Serve until interrupted; the running job is then put back in the queue (it resumes next start)."""
     app = build_app(service, models, poll_s=poll_s)
     app.queue(default_concurrency_limit=4)
+    extra: dict[str, Any] = {}
+    if "_frontend" in inspect.signature(app.launch).parameters:
+        # Gradio's start-up self-check gives up after one 3 s request for the page; on a busy CPU
+        # the first render takes longer and the app would refuse to start
+        extra["_frontend"] = False
     try:
         app.launch(server_name=host, server_port=port, auth=auth, share=share, allowed_paths=[str(service.outputs)],
-                   max_file_size=max_file_size, theme=theme(), css=CSS, prevent_thread_lock=True, quiet=True)
+                   max_file_size=max_file_size, theme=theme(), css=CSS, prevent_thread_lock=True, quiet=True,
+                   **extra)
         log.warning("framepack ui: serving on %s (outputs in %s)", app.local_url, service.outputs)
         # the worker starts once the server is up: a job left over from the last run then loads
         # its model (and imports its libraries) without racing Gradio's own start-up imports

@@ -130,7 +130,8 @@ class JobStore:
         with self._transaction() as db:
             position_sql = ", position = (SELECT MAX(position) + 1 FROM jobs)" if to_back else ""
             cursor = db.execute(
-                f"UPDATE jobs SET status = ?, updated = ?, error = ?{position_sql} WHERE id = ? AND status IN ({marks})",
+                f"UPDATE jobs SET status = ?, updated = ?, error = ?{position_sql} "
+                f"WHERE id = ? AND status IN ({marks})",
                 (target, time.time(), error, job_id, *sources),
             )
             return cursor.rowcount == 1
