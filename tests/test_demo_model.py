@@ -52,7 +52,7 @@ def test_demo_command_makes_a_video_of_the_prompt(tmp_path):
     assert "context stays at 736 tokens in every section" in result.stdout
     frames = read_frames(out)
     assert frames.shape == (37, 128, 128, 3)
-    assert read_metadata(out)["prompt"] == asset("demo", "prompt.txt").read_text().strip()
+    assert read_metadata(out)["framepack"]["prompt"] == asset("demo", "prompt.txt").read_text().strip()
     # a trained model keeps the orange triangle of the start frame in every frame (random weights do not)
     assert persistence(frames, world.PALETTE["orange"]) == 1.0
     shutil.rmtree(tmp_path / "demo.job", ignore_errors=True)
