@@ -149,6 +149,14 @@ def test_framepack_task_trains_in_planner_layouts(tmp_path):
 
     assert FramePackTransformer.from_pretrained(tmp_path / "run" / "final").config.has_image_proj is False
 
+    # fine-tuning starts from the exported weights
+    tuned = trainer.TASKS["framepack"]({**args, "init": str(tmp_path / "run" / "final")})
+    final = FramePackTransformer.from_pretrained(tmp_path / "run" / "final")
+    assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), final.state_dict().values()))
+    with pytest.raises(ValueError, match="do not match"):
+        trainer.TASKS["framepack"]({**args, "config": {"num_layers": 2, "num_single_layers": 1},
+                                    "init": str(tmp_path / "run" / "final")})
+
     # the latent cache holds exactly what encoding the same clips afresh gives (fp16 storage)
     cached = trainer.TASKS["framepack"]({**args, "clips": 3, "cache": str(tmp_path / "clips.safetensors")})
     latents, captions = cached._load_or_build_cache()

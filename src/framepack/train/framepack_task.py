@@ -92,6 +92,11 @@ class FramePackTask:
             **args.get("config", {}),
         )
         self.model = FramePackTransformer(cfg)
+        if args.get("init"):
+            # fine-tuning (e.g. more steps on the shipped demo model): start from exported weights
+            self.model = FramePackTransformer.from_pretrained(args["init"])
+            if self.model.config != cfg:
+                raise ValueError(f"init weights {args['init']} do not match this task's transformer config")
         self._captions: dict[str, TextEmbedding] = {}
 
     def _embed(self, caption: str) -> TextEmbedding:
