@@ -49,7 +49,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import SectionStat, context_tokens, demo_settings, format_report
-    from .images import load_image, prepare_image
     from .video import read_frames
 
     settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model)
@@ -58,8 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
     job = _new_job(settings, out, None)
     plans = pipeline.plans(settings)
     finished, total = _run_with_progress(pipeline, job)
-    height, width = prepare_image(load_image(settings.image), pipeline.c.source.resolution(settings.resolution)).shape[:2]
-    h, w = height // 8, width // 8  # latent size (8x spatial compression)
+    h, w = job.load_latents(0).shape[-2:]  # the latent size the run used
     stats = [SectionStat(e.step + 1, e.count, context_tokens(plans[e.step], h, w), e.seconds) for e in finished]
     print(format_report(stats, total, len(read_frames(job.out)), job.out))
     return 0

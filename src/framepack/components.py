@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -210,13 +211,16 @@ NAMED_MODELS: dict[str, ModelSource] = {
 MANIFEST = "framepack.json"
 
 
+def asset(*parts: str) -> Path:
+    """A file shipped inside the package (``framepack/assets/...``), e.g. the demo model."""
+    return Path(str(resources.files("framepack").joinpath("assets", *parts)))
+
+
 def resolve_model(name_or_path: str) -> ModelSource:
     """A named model, or a directory holding a ``framepack.json`` manifest with relative paths."""
     if name_or_path in NAMED_MODELS:
         return NAMED_MODELS[name_or_path]
     if name_or_path == "tiny":
-        from .demo import asset
-
         path = asset("tiny")  # the embedded demo model (see its MODEL_CARD.md)
         if not (path / MANIFEST).is_file():
             raise ValueError(f"the embedded demo model is missing from this installation ({path})")

@@ -9,19 +9,14 @@ the time taken: the point of FramePack is that both stay constant however long t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from .components import asset
 from .packing import tokens_for
 from .planning import SectionPlan
 from .settings import GenerationSettings
 
 DEMO_SEED = 42
-
-
-def asset(*parts: str) -> Path:
-    """A file shipped inside the package (``framepack/assets/...``)."""
-    return Path(str(resources.files("framepack").joinpath("assets", *parts)))
 
 
 def demo_settings(seconds: float = 5.0, steps: int = 25, seed: int = DEMO_SEED, model: str = "tiny") -> GenerationSettings:
