@@ -163,13 +163,35 @@ def test_framepack_task_trains_in_planner_layouts(tmp_path):
     assert latents.shape == (3, 16, 19, 4, 4) and len(captions) == 3
     from framepack.train import world
 
-    rng, scenes = np.random.default_rng(0), world.stream(0)
+    scenes = world.stream(0)
+    assert cached.start_frames == 1  # by default every clip starts at t = 0, as inference does
     for i in range(3):
         params = next(scenes)
-        fresh = cached._encode_clip(params, int(rng.integers(0, world.FPS * 10)))
+        fresh = cached._encode_clip(params, 0)
         assert captions[i] == world.caption(params)
         torch.testing.assert_close(latents[i : i + 1].float(), fresh, atol=2e-3, rtol=2e-3)
     again, _ = trainer.TASKS["framepack"]({**args, "clips": 3, "cache": str(tmp_path / "clips.safetensors")})._load_or_build_cache()
     assert torch.equal(again, latents)  # loaded, not rebuilt
     batch = next(cached.batches(2, seed=0))
     assert batch.target.shape == (2, 16, 9, 4, 4)
+    late = trainer.TASKS["framepack"]({**args, "clips": 3, "cache": str(tmp_path / "clips.safetensors"),
+                                       "start_seconds": 10})
+    assert not torch.equal(late._load_or_build_cache()[0], latents)  # other start times: rebuilt
+
+
+def test_demo_text_states_tell_captions_apart(tmp_path):
+    """The demo LLaMA's states are unit-scale, and one changed word changes its token's state as
+    much as the state's own size (at transformers' default std 0.02 both were ~50x smaller)."""
+    from framepack.components import HunyuanTextEncoder
+    from framepack.train.text_encoder import write_text_encoders
+
+    words = "a red circle moves to the left right on blue plain background".split()
+    encoder = HunyuanTextEncoder.from_pretrained(write_text_encoders(tmp_path, text_dim=32, pooled_dim=16,
+                                                                     extra_words=words))
+    left = encoder.encode("a red circle moves to the left on a blue plain background")
+    right = encoder.encode("a red circle moves to the right on a blue plain background")
+    states = left.states[left.mask]
+    rms = states.pow(2).mean(dim=-1).sqrt()
+    assert rms.min() > 0.5
+    change = (left.states - right.states)[left.mask].norm(dim=-1) / states.norm(dim=-1)
+    assert change.max() > 0.5  # the direction word's position

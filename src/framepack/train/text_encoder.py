@@ -233,10 +233,18 @@ def _set_json(path: Path, **changes: object) -> None:
 
 
 def write_text_encoders(root: Path, seed: int = 0, text_dim: int = 64, pooled_dim: int = 32,
-                        extra_words: Sequence[str] = ()) -> Path:
+                        extra_words: Sequence[str] = (), embedding_std: float | None = 1.0) -> Path:
     """Write ``tokenizer`` + ``text_encoder`` (LlamaModel, hidden ``text_dim``, 3 layers) and
     ``tokenizer_2`` + ``text_encoder_2`` (CLIPTextModel, hidden ``pooled_dim``) under ``root``.
-    Deterministic given ``seed``."""
+    Deterministic given ``seed``.
+
+    ``embedding_std`` redraws the LLaMA token embeddings at that scale (None keeps transformers'
+    initialisation, std 0.02). The states the transformer reads are ``hidden_states[-3]``, which in
+    a random 3-layer model are mostly the embeddings: at std 0.02 a caption's states are ~50x
+    smaller than a real LLaMA's and two captions that differ in one word ("left" / "right") differ
+    by almost nothing, so the demo transformer trained on them learned to ignore the text
+    (measured: swapping the direction word did not change its loss). At std 1 each word is a
+    distinct unit-scale vector."""
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     root = Path(root)
@@ -259,7 +267,10 @@ def write_text_encoders(root: Path, seed: int = 0, text_dim: int = 64, pooled_di
         tie_word_embeddings=False,
     )
     with _seeded(seed):
-        LlamaModel(llama_config).eval().save_pretrained(root / "text_encoder")
+        llama = LlamaModel(llama_config).eval()
+        if embedding_std is not None:
+            torch.nn.init.normal_(llama.embed_tokens.weight, std=embedding_std)
+        llama.save_pretrained(root / "text_encoder")
 
     tokenizer_2 = build_clip_tokenizer(extra_words)
     tokenizer_2.save_pretrained(root / "tokenizer_2")
