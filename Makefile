@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test install bench clean demo-model
+.PHONY: demo test install bench clean demo-model screenshots
 
 # One stamp per set of extras, rebuilt when pyproject.toml changes.
 $(VENV)/.installed-%: pyproject.toml
@@ -23,8 +23,21 @@ install: $(VENV)/.installed-models
 demo: $(VENV)/.installed-models
 	$(VENV)/bin/framepack demo
 
-test: $(VENV)/.installed-dev
+# Debian's chromium for the browser tests (tests/test_ui_browser.py). Playwright drives this one,
+# so nothing is downloaded when the tests run. Without root or apt-get those tests are skipped.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "warning: cannot install Debian's chromium here (needs root and apt-get); browser tests will skip" >&2; fi
+
+test: $(VENV)/.installed-dev $(CHROMIUM)
 	$(PY) -m pytest -q
+
+# Retake the README's screenshots of the web app: the browser tests' generation, with the demo model.
+screenshots: $(VENV)/.installed-dev $(CHROMIUM)
+	FRAMEPACK_UI_TEST_MODEL=tiny FRAMEPACK_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q tests/test_ui_browser.py \
+	  -k "one_second or bad_input or history"
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/transformer_forward.py

@@ -1,8 +1,9 @@
 """The web app in a real browser: Debian's chromium, headless, driven by Playwright.
 
 The server runs as a subprocess (``python -m framepack.ui``) on a free port with a tiny random
-model at 64 px, so a 1-second video takes a few seconds on a CPU. Screenshots for the README are
-written to docs/screenshots/.
+model at 64 px, so a 1-second video takes a few seconds on a CPU. Screenshots go to a temporary
+directory; ``make screenshots`` sets FRAMEPACK_SCREENSHOTS=docs/screenshots and
+FRAMEPACK_UI_TEST_MODEL=tiny (the demo model) to retake the README's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ui_tiny_model import write_image, write_tiny_model
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+DEMO = Path(__file__).resolve().parents[1] / "src" / "framepack" / "assets" / "demo"
 START_TIMEOUT_S = 240  # importing torch and gradio on a busy machine
 JOB_TIMEOUT_S = 180
 POLL_S = 0.25
@@ -47,15 +48,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, outputs: Path, model: Path, log: Path) -> None:
-        self.outputs, self.model, self.log = outputs, model, log
+    def __init__(self, outputs: Path, model: Path | str, log: Path, extra: tuple[str, ...] = ()) -> None:
+        self.outputs, self.model, self.log, self.extra = outputs, model, log, extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         command = [sys.executable, "-m", "framepack.ui", "-v", "--outputs", str(self.outputs), "--model",
-                   str(self.model), "--port", str(self.port), "--poll-seconds", str(POLL_S), "--device", "cpu"]
+                   str(self.model), "--port", str(self.port), "--poll-seconds", str(POLL_S), "--device", "cpu", *self.extra]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -108,8 +109,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("browser_model"))
+def model(tmp_path_factory) -> Path | str:
+    return os.environ.get("FRAMEPACK_UI_TEST_MODEL") or write_tiny_model(tmp_path_factory.mktemp("browser_model"))
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = os.environ.get("FRAMEPACK_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +130,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
     Image.new("RGB", (7000, 6000), (10, 20, 30)).save(huge)  # 42 MP: over the 40 MP limit, small file
     fake = root / "notes.png"
     fake.write_text("this is not an image")
-    return {"start": write_image(root / "start.png", size=(96, 128)), "huge": huge, "fake": fake}
+    return {"start": write_image(root / "start.png", size=(96, 128)), "demo": DEMO / "start.png", "huge": huge,
+            "fake": fake}
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +215,10 @@ def video_duration(page, selector: str = "#fp-video video") -> float:
 # ---- tests -------------------------------------------------------------------------------------------------------
 
 
-def test_generate_a_one_second_video(server, browser, images):
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+def test_generate_a_one_second_video(server, browser, images, screenshots):
     with open_page(browser, server.url) as page:
-        fill_form(page, images["start"], "a red circle moves to the right", seconds=1, steps=12)
+        # the demo's own start image and caption (what the screenshots show with the demo model)
+        fill_form(page, images["demo"], (DEMO / "prompt.txt").read_text().strip(), seconds=1, steps=12)
         job = submit(page)
         seen: list[tuple[float, str]] = []
         deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -218,7 +228,7 @@ def test_generate_a_one_second_video(server, browser, images):
             value, label = progress(page)
             seen.append((value, label))
             if not shot and "step" in label and value >= 4:
-                page.screenshot(path=str(SCREENSHOTS / "ui-generating.png"), full_page=True)
+                page.screenshot(path=str(screenshots / "ui-generating.png"), full_page=True)
                 shot = True
             time.sleep(0.1)
         values = sorted({v for v, label in seen if "section 1/1 · step" in label})
@@ -228,7 +238,7 @@ def test_generate_a_one_second_video(server, browser, images):
         assert page.locator("#fp-preview img").count() == 1  # the preview of the section being denoised
         assert video_duration(page) > 0
         assert f"Job {job} · done" in page.locator("#fp-job").inner_text()
-        page.screenshot(path=str(SCREENSHOTS / "ui-done.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "ui-done.png"), full_page=True)
     assert server.jobs()[job]["status"] == "done"
 
 
@@ -263,7 +273,7 @@ def test_two_users_submit_and_both_finish_in_order(server, browser, images):
     assert jobs[a]["updated"] <= jobs[b]["updated"]  # a finished first: the queue ran in order
 
 
-def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser, images):
+def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser, images, screenshots):
     with open_page(browser, server.url) as page:
         fill_form(page, None, "a red circle", seconds=1, steps=2)
         expect_message(page, "upload a start image first")
@@ -283,14 +293,14 @@ def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser
         page.locator("#fp-steps input").fill("2")
         page.locator("#fp-steps input").press("Tab")
         expect_message(page, "cfg must be a finite number >= 0")
-        page.screenshot(path=str(SCREENSHOTS / "ui-bad-input.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "ui-bad-input.png"), full_page=True)
         page.locator("#fp-cfg input").fill("1")
         page.locator("#fp-cfg input").press("Tab")
         job = submit(page)  # still serving, and this page's session still works
         wait_status(page, job, "done")
 
 
-def test_history_use_these_settings(server, browser, images):
+def test_history_use_these_settings(server, browser, images, screenshots):
     done = [job for job, row in server.jobs().items() if row["status"] == "done"]
     assert done, "earlier tests left no finished job"
     with open_page(browser, server.url) as page:
@@ -301,7 +311,7 @@ def test_history_use_these_settings(server, browser, images):
         assert video_duration(page, "#fp-history-video video") > 0
         page.click("#fp-use-settings")
         playwright_api.expect(page.locator("#fp-history-message")).to_contain_text(f"job {done[0]}")
-        page.screenshot(path=str(SCREENSHOTS / "ui-history.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "ui-history.png"), full_page=True)
         page.click("button[role=tab]:has-text('Generate')")
         row = server.jobs()[done[0]]
         playwright_api.expect(page.locator("#fp-seed input")).to_have_value(str(row["seed"]))
@@ -334,6 +344,34 @@ def test_api_from_gradio_client(server, images, tmp_path):
     video = Path(client.predict(job=job["job"], api_name="/video"))
     assert video.is_file() and video.suffix == ".mp4"
     assert job["job"] in [j["job"] for j in client.predict(api_name="/history")]
+
+
+def test_auth_login_is_required(tmp_path, model, browser, images):
+    """--auth: the page asks for the login, a wrong password is refused, the API needs it too."""
+    from gradio_client import Client
+
+    server = Server(tmp_path / "outputs", model, tmp_path / "server.log", extra=("--auth", "me:secret")).start()
+    try:
+        with pytest.raises(Exception):
+            Client(server.url, verbose=False)  # no login, no API
+        client = Client(server.url, auth=("me", "secret"), verbose=False)
+        assert client.predict(api_name="/history") == []
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server.url)
+        for password in ("wrong", "secret"):
+            page.locator("input[type=password]").wait_for()
+            page.locator("input[type=text]").first.fill("me")
+            page.locator("input[type=password]").fill(password)
+            page.locator("input[type=password]").press("Enter")
+            if password == "wrong":
+                playwright_api.expect(page.locator("body")).to_contain_text("Incorrect", timeout=30_000)
+                assert page.locator("#fp-generate").count() == 0
+        page.wait_for_selector("#fp-generate")
+        context.close()
+    finally:
+        server.stop()
 
 
 def test_killed_server_finishes_the_job_after_a_restart(server, browser, images):
