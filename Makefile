@@ -47,6 +47,7 @@ bench: $(VENV)/.installed-dev
 demo-model: $(VENV)/.installed-train
 	$(VENV)/bin/framepack train configs/demo_vae.json
 	$(VENV)/bin/framepack train configs/demo_framepack.json
+	$(VENV)/bin/framepack train configs/demo_framepack_finetune.json
 	$(PY) -m framepack.train.package
 	$(VENV)/bin/framepack eval --json runs/eval.json > runs/eval.md
 	$(PY) -m framepack.train.package --eval-table runs/eval.md

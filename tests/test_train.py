@@ -195,3 +195,22 @@ def test_demo_text_states_tell_captions_apart(tmp_path):
     assert rms.min() > 0.5
     change = (left.states - right.states)[left.mask].norm(dim=-1) / states.norm(dim=-1)
     assert change.max() > 0.5  # the direction word's position
+
+
+def test_model_card_keeps_the_rows_of_stages_whose_runs_are_gone(tmp_path):
+    """runs/ does not survive between sessions: a stage without its loss log keeps its old row."""
+    from framepack.train.package import card_rows, stage_rows
+
+    run = tmp_path / "stage-b"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"task": "framepack", "batch_size": 4, "lr": 5e-4}))
+    (run / "loss.log").write_text("".join(json.dumps({"step": s, "loss": 1 / s, "wall_seconds": 36 * s}) + "\n"
+                                          for s in (10, 20)))
+    old = "| stage-a | `vae` | 1200 | 8 | 0.0005 | 0.0570 -> 0.0096 | not logged |"
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text(f"# card\n\n| stage | task | steps |\n|---|---|---|\n{old}\n\n| other | table |\n")
+    assert card_rows(card) == {"stage-a": old}
+    rows = stage_rows([tmp_path / "stage-a", run], card_rows(card))
+    assert rows == [old, "| stage-b | `framepack` | 20 | 4 | 0.0005 | 0.1000 -> 0.0500 | 0.20 |"]
+    with pytest.raises(ValueError, match="no loss log"):
+        stage_rows([tmp_path / "stage-c"], card_rows(card))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from ..components import MANIFEST
 
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+
+log = logging.getLogger(__name__)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -59,15 +62,40 @@ def _size_mb(root: Path) -> float:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1e6
 
 
-def model_card(model: Path, runs: dict[str, Path], eval_table: str | None, notes: str = "") -> str:
-    """The MODEL_CARD.md text: data, training stages, steps, wall time, metrics."""
+def stage_row(run: Path) -> str:
+    """One row of the card's training table, from a run directory's config and loss log."""
+    s = _run_summary(run)
+    c = s["config"]
+    hours = "not logged" if s["hours"] is None else f"{s['hours']:.2f}"
+    return (f"| {run.name} | `{c['task']}` | {s['steps']} | {c['batch_size']} | {c['lr']:g} | "
+            f"{s['first_loss']:.4f} -> {s['loss']:.4f} | {hours} |")
+
+
+def card_rows(card: Path) -> dict[str, str]:
+    """The training table's rows of an existing card, by stage name (empty if there is none)."""
+    if not card.exists():
+        return {}
+    rows = [line for line in card.read_text().splitlines() if line.startswith("| ") and "`" in line.split("|")[2]]
+    return {row.split("|")[1].strip(): row for row in rows}
+
+
+def stage_rows(runs: list[Path], previous: dict[str, str]) -> list[str]:
+    """A row per stage: from its run directory, or, where that is gone (runs/ is not kept), the
+    row the card being replaced had for it."""
     rows = []
-    for name, run in runs.items():
-        s = _run_summary(run)
-        c = s["config"]
-        hours = "not logged" if s["hours"] is None else f"{s['hours']:.2f}"
-        rows.append(f"| {name} | `{c['task']}` | {s['steps']} | {c['batch_size']} | {c['lr']:g} | "
-                    f"{s['first_loss']:.4f} -> {s['loss']:.4f} | {hours} |")
+    for run in runs:
+        if (run / "loss.log").exists():
+            rows.append(stage_row(run))
+        elif run.name in previous:
+            log.warning("%s: no loss log here; its row is kept from the previous card", run)
+            rows.append(previous[run.name])
+        else:
+            raise ValueError(f"{run}: no loss log and no row for it in the previous card")
+    return rows
+
+
+def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str = "") -> str:
+    """The MODEL_CARD.md text: data, training stages (``rows``: see :func:`stage_rows`), metrics."""
     vae_metrics = json.loads((model / "vae" / "metrics.json").read_text()) if (model / "vae" / "metrics.json").exists() else {}
     transformer = json.loads((model / "transformer" / "config.json").read_text())
     lines = [
@@ -89,7 +117,8 @@ def model_card(model: Path, runs: dict[str, Path], eval_table: str | None, notes
         f"| VAE | `SmallVideoAutoencoder`: 16 channels, 8x spatial, 4x causal temporal (HunyuanVideo's geometry); "
         f"held-out reconstruction {vae_metrics.get('psnr_db', float('nan')):.2f} dB PSNR | {_size_mb(model / 'vae'):.1f} MB |",
         f"| text | LLaMA-architecture + CLIP-text encoders with local tokenizers over the world's vocabulary, "
-        f"random and frozen (the transformer learns to read them) | {_size_mb(model / 'text'):.1f} MB |",
+        f"random and frozen (the transformer learns to read them; the LLaMA's token embeddings at unit scale) | "
+        f"{_size_mb(model / 'text'):.1f} MB |",
         "",
         "Sampling modes: trained on all three layouts the planner produces (inverted anti-drifting, forward",
         "as F1, vanilla); its default is inverted. No image encoder, no distilled-guidance embedder (the",
@@ -107,8 +136,11 @@ def model_card(model: Path, runs: dict[str, Path], eval_table: str | None, notes
         "",
         "Data: the endless training stream of the world (held-out scenes, a hash bucket of their parameters,",
         "never appear in it). The VAE trains on 64 px crops of 128 px renders; the transformer on a cache of",
-        "encoded 4-section clips (145 frames each, random start time), each step drawing a mode, a section",
-        "and a noise level (flow matching, shifted sigmas).",
+        "encoded 4-section clips (145 frames each), each step drawing a mode, a section and a noise level",
+        "(flow matching, shifted sigmas). Stages: `demo-framepack` from scratch (400 clips starting at a",
+        "random time in 0-10 s, transformers' default text embeddings); `demo-framepack-ft` fine-tunes it",
+        "(1200 clips all starting at t = 0 as inference does, the text encoder's LLaMA embeddings redrawn",
+        "at unit scale: see the notes).",
     ]
     if eval_table:
         lines += ["", "## Evaluation (`framepack eval`, held-out scenes)", "", eval_table]
@@ -120,19 +152,20 @@ def model_card(model: Path, runs: dict[str, Path], eval_table: str | None, notes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m framepack.train.package", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="src/framepack/assets/tiny")
-    parser.add_argument("--transformer", default="runs/demo-framepack")
+    parser.add_argument("--transformer", default="runs/demo-framepack-ft", help="the transformer run to ship")
+    parser.add_argument("--transformer-runs", nargs="*", default=["runs/demo-framepack", "runs/demo-framepack-ft"],
+                        help="transformer stages, for the card")
     parser.add_argument("--vae", default="runs/demo-vae", help="the VAE run to ship (its final/ is used)")
     parser.add_argument("--vae-runs", nargs="*", default=["runs/demo-vae"], help="VAE stages, for the card")
     parser.add_argument("--text", default="runs/demo-text")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
     parser.add_argument("--notes", help="a file of notes to append to the card")
     args = parser.parse_args(argv)
+    rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(Path(args.out) / "MODEL_CARD.md"))
     out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text))
-    runs = {Path(r).name: Path(r) for r in args.vae_runs if Path(r).is_dir()}
-    runs[Path(args.transformer).name] = Path(args.transformer)
     table = Path(args.eval_table).read_text() if args.eval_table else None
     notes = Path(args.notes).read_text() if args.notes else ""
-    (out / "MODEL_CARD.md").write_text(model_card(out, runs, table, notes))
+    (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes))
     print(f"{out}: {_size_mb(out):.1f} MB")
     return 0
 
