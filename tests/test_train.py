@@ -214,3 +214,39 @@ def test_model_card_keeps_the_rows_of_stages_whose_runs_are_gone(tmp_path):
     assert rows == [old, "| stage-b | `framepack` | 20 | 4 | 0.0005 | 0.1000 -> 0.0500 | 0.20 |"]
     with pytest.raises(ValueError, match="no loss log"):
         stage_rows([tmp_path / "stage-c"], card_rows(card))
+
+
+def _first_steps_without_history(task, batches: int) -> tuple[int, set[int]]:
+    """Over ``batches`` batches of 4: how many samples have their window right after the start
+    latent (RoPE index 1) with nothing in the nearest context but the start latent, and which
+    window start indices occur."""
+    stream = task.batches(4, seed=0)
+    empty, starts = 0, set()
+    for _ in range(batches):
+        batch = next(stream)
+        nearest = batch.history[0].latents  # (B, C, 1 + 1, h, w): the start latent, then the nearest frame
+        for i in range(batch.window.shape[0]):
+            starts.add(int(batch.window[i, 0]))
+            empty += int(batch.window[i, 0]) == 1 and not nearest[i, :, 1:].any()
+    return empty, starts
+
+
+def test_vary_sections_trains_the_layouts_of_shorter_videos(tmp_path):
+    """A 1-section inverted video's only step (window at index 1, no future made yet) is not a step
+    of any 2-section plan: with vary_sections the task trains it, without it never does; every
+    window starts where some plan of 1 or 2 sections puts it."""
+    from framepack.planning import plan_sections
+    from framepack.train import framepack_task  # noqa: F401  (registers the task)
+    from framepack.train.text_encoder import write_text_encoders
+
+    vae_dir = tmp_path / "vae"
+    SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8))).save_pretrained(vae_dir)
+    text_dir = write_text_encoders(tmp_path / "text", text_dim=32, pooled_dim=16,
+                                   extra_words="striped gradient plain teal cyan camera pans stays".split())
+    args = {"vae": str(vae_dir), "text": str(text_dir), "sections": 2, "size": 32, "modes": ["inverted"],
+            "config": {"num_layers": 1, "num_single_layers": 1}}
+    fixed, starts_fixed = _first_steps_without_history(trainer.TASKS["framepack"](args), 6)
+    varied, starts_varied = _first_steps_without_history(trainer.TASKS["framepack"]({**args, "vary_sections": True}), 6)
+    allowed = {p.window_indices[0] for n in (1, 2) for p in plan_sections(n, "inverted")}
+    assert fixed == 0 and varied > 0
+    assert starts_fixed | starts_varied <= allowed

@@ -80,6 +80,10 @@ class FramePackTask:
                                 embedding_std=None if std is None else float(std))
         self.text = HunyuanTextEncoder.from_pretrained(text_dir)
         self.sections = int(args.get("sections", 4))
+        # each sample plans a video of 1..sections sections (a prefix of its clip), so training sees
+        # every layout that inference of up to ``sections`` sections uses: a 2-section video's first
+        # step (one blank window, nothing made yet) never occurs inside a 4-section plan
+        self.vary_sections = bool(args.get("vary_sections", False))
         # clips start at a random time in [0, start_seconds). Inference always starts at t = 0, and a
         # later start shows translations already stopped at the frame's edge under a caption that
         # says "moves": 22% of such clips did at 10 s, which taught the model that "moves" may not move
@@ -163,10 +167,11 @@ class FramePackTask:
         clips = self._clips(rng, seed)
         while True:
             mode = self.modes[int(rng.integers(len(self.modes)))]
-            plans = plan_sections(self.sections, mode, self.model.config.schedule, self.window)
             targets, windows, levels, texts = [], [], [], []
             for _ in range(batch_size):
                 latents, caption = next(clips)
+                count = int(rng.integers(1, self.sections + 1)) if self.vary_sections else self.sections
+                plans = plan_sections(count, mode, self.model.config.schedule, self.window)
                 plan = plans[int(rng.integers(len(plans)))]
                 targets.append(latents[:, :, list(plan.positions)])
                 windows.append(torch.tensor(plan.window_indices))
@@ -174,7 +179,7 @@ class FramePackTask:
                 texts.append(self._embed(caption))
             history = [
                 HistoryInput(level.kernel, torch.cat([s[i][0] for s in levels]), torch.stack([s[i][1] for s in levels]))
-                for i, level in enumerate(plans[0].levels)
+                for i, level in enumerate(plan.levels)
             ]
             text, mask, pooled = stack_embeddings(texts)
             yield Batch(torch.cat(targets), torch.stack(windows), history, text, mask, pooled)
