@@ -79,3 +79,5 @@ def test_table_and_bad_config():
     assert "| 1.000 | 3.000 |" in table
     with pytest.raises(ValueError):
         EvalConfig(prompts=0)
+    with pytest.raises(ValueError, match="cfg"):
+        EvalConfig(cfg=float("nan"))

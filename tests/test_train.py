@@ -216,6 +216,19 @@ def test_model_card_keeps_the_rows_of_stages_whose_runs_are_gone(tmp_path):
         stage_rows([tmp_path / "stage-c"], card_rows(card))
 
 
+def _tiny_framepack_args(root) -> dict:
+    """task_args of a tiny 'framepack' task (random small VAE, demo-style text encoders, 32 px)."""
+    from framepack.train import framepack_task  # noqa: F401  (registers the task)
+    from framepack.train.text_encoder import write_text_encoders
+
+    vae_dir = root / "vae"
+    SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8))).save_pretrained(vae_dir)
+    text_dir = write_text_encoders(root / "text", text_dim=32, pooled_dim=16,
+                                   extra_words="striped gradient plain teal cyan camera pans stays".split())
+    return {"vae": str(vae_dir), "text": str(text_dir), "sections": 2, "size": 32,
+            "config": {"num_layers": 1, "num_single_layers": 1}}
+
+
 def _first_steps_without_history(task, batches: int) -> tuple[int, set[int]]:
     """Over ``batches`` batches of 4: how many samples have their window right after the start
     latent (RoPE index 1) with nothing in the nearest context but the start latent, and which
@@ -236,17 +249,31 @@ def test_vary_sections_trains_the_layouts_of_shorter_videos(tmp_path):
     of any 2-section plan: with vary_sections the task trains it, without it never does; every
     window starts where some plan of 1 or 2 sections puts it."""
     from framepack.planning import plan_sections
-    from framepack.train import framepack_task  # noqa: F401  (registers the task)
-    from framepack.train.text_encoder import write_text_encoders
 
-    vae_dir = tmp_path / "vae"
-    SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8))).save_pretrained(vae_dir)
-    text_dir = write_text_encoders(tmp_path / "text", text_dim=32, pooled_dim=16,
-                                   extra_words="striped gradient plain teal cyan camera pans stays".split())
-    args = {"vae": str(vae_dir), "text": str(text_dir), "sections": 2, "size": 32, "modes": ["inverted"],
-            "config": {"num_layers": 1, "num_single_layers": 1}}
+    args = {**_tiny_framepack_args(tmp_path), "modes": ["inverted"]}
     fixed, starts_fixed = _first_steps_without_history(trainer.TASKS["framepack"](args), 6)
     varied, starts_varied = _first_steps_without_history(trainer.TASKS["framepack"]({**args, "vary_sections": True}), 6)
     allowed = {p.window_indices[0] for n in (1, 2) for p in plan_sections(n, "inverted")}
     assert fixed == 0 and varied > 0
     assert starts_fixed | starts_varied <= allowed
+
+
+def test_text_dropout_trains_the_empty_prompt_that_cfg_uses(tmp_path):
+    """With text_dropout some samples carry exactly the embedding of the empty prompt (the
+    pipeline's default negative prompt for real CFG); without it none do."""
+    args = _tiny_framepack_args(tmp_path)
+
+    def empty_prompts(task, batches: int) -> int:
+        empty = task.text.encode("")
+        stream, count = task.batches(4, seed=0), 0
+        for _ in range(batches):
+            batch = next(stream)
+            for i in range(batch.text.shape[0]):
+                n = int(batch.mask[i].sum())
+                count += n == int(empty.mask.sum()) and torch.equal(batch.text[i, :n], empty.states[0, empty.mask[0]])
+        return count
+
+    assert empty_prompts(trainer.TASKS["framepack"](args), 5) == 0
+    assert 0 < empty_prompts(trainer.TASKS["framepack"]({**args, "text_dropout": 0.5}), 5) < 20
+    with pytest.raises(ValueError, match="text_dropout"):
+        trainer.TASKS["framepack"]({**args, "text_dropout": 1.0})

@@ -197,7 +197,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.evaluate import EvalConfig, format_table, run_eval, save
 
     config = EvalConfig(model=args.model, prompts=args.prompts, seconds=args.seconds, long_videos=args.long_videos,
-                        long_seconds=args.long_seconds, steps=args.steps, seed=args.seed, workdir=args.workdir)
+                        long_seconds=args.long_seconds, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                        workdir=args.workdir)
     pipeline = _open_pipeline(args.model, args)
     bar = tqdm(total=config.prompts + 2 * config.long_videos, unit="video", file=sys.stderr, dynamic_ncols=True, disable=None)
 
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--long-videos", type=int, default=6, help="long videos for persistence and drift (default 6)")
     ev.add_argument("--long-seconds", type=_number, default=30.0, help="length of each long video (default 30)")
     ev.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
+    ev.add_argument("--cfg", type=_number, default=1.0,
+                    help="real classifier-free guidance against the empty prompt (default 1: off)")
     ev.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     ev.add_argument("--workdir", help="keep every generated video in this directory (default: a temporary one)")
     ev.add_argument("--json", help="also write the per-video results to this JSON file")

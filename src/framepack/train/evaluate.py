@@ -105,12 +105,15 @@ class EvalConfig:
     long_videos: int = 6
     long_seconds: float = 30.0
     steps: int = 25
+    cfg: float = 1.0  # real classifier-free guidance (negative prompt ""); 1 = off
     seed: int = 0
     workdir: str | None = None  # keep the videos here (default: a temporary directory)
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.long_videos < 0 or self.steps < 1:
             raise ValueError("prompts and steps must be >= 1, long videos >= 0")
+        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+            raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
         if not (self.seconds > 0 and self.long_seconds > 0):
             raise ValueError("seconds must be > 0")
 
@@ -130,7 +133,7 @@ class EvalResult:
         return float(np.mean(values)) if values else math.nan
 
 
-def _generate(pipeline, model: str, params: world.WorldParams, seconds: float, mode: str | None, steps: int, seed: int,
+def _generate(pipeline, config: EvalConfig, params: world.WorldParams, seconds: float, mode: str | None, seed: int,
               root: Path) -> np.ndarray:
     from PIL import Image
 
@@ -141,8 +144,8 @@ def _generate(pipeline, model: str, params: world.WorldParams, seconds: float, m
     root.mkdir(parents=True, exist_ok=True)
     image = root / "start.png"
     Image.fromarray(world.render(params, 1)[0]).save(image)
-    settings = GenerationSettings(image=str(image), prompt=world.caption(params), model=model,
-                                  seconds=seconds, steps=steps, seed=seed, mode=mode, crf=10)
+    settings = GenerationSettings(image=str(image), prompt=world.caption(params), model=config.model, seconds=seconds,
+                                  steps=config.steps, cfg=config.cfg, seed=seed, mode=mode, crf=10)
     job = JobDir.create(root / "job", settings, root / "video.mp4")
     pipeline.run(job)
     return read_frames(job.out)
@@ -154,8 +157,7 @@ def run_eval(config: EvalConfig, pipeline, progress: Callable[[str], None] = lam
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(config.workdir) if config.workdir else Path(scratch)
         for i, params in enumerate(direction_cases(config.prompts)):
-            frames = _generate(pipeline, config.model, params, config.seconds, None, config.steps, config.seed + i,
-                               base / f"direction-{i:03d}")
+            frames = _generate(pipeline, config, params, config.seconds, None, config.seed + i, base / f"direction-{i:03d}")
             rgb = world.PALETTE[params.color]
             # an object that is gone cannot be "still": count it as lost (wrong for every prompt)
             got = world.motion_direction(world.track_colour(frames, rgb)) if persistence(frames, rgb) >= 0.5 else "lost"
@@ -163,8 +165,7 @@ def run_eval(config: EvalConfig, pipeline, progress: Callable[[str], None] = lam
             progress(f"direction {i + 1}/{config.prompts}: {got} for '{world.caption(params)}'")
         for i, params in enumerate(long_cases(config.long_videos)):
             for mode in ("inverted", "vanilla"):
-                frames = _generate(pipeline, config.model, params, config.long_seconds, mode, config.steps,
-                                   config.seed + 1000 + i,
+                frames = _generate(pipeline, config, params, config.long_seconds, mode, config.seed + 1000 + i,
                                    base / f"long-{i:02d}-{mode}")
                 result.long.append({
                     "caption": world.caption(params), "mode": mode, "frames": len(frames),
@@ -180,7 +181,7 @@ def format_table(result: EvalResult) -> str:
     moving = [r for r in result.direction if r["expected"] != "still"]
     still = [r for r in result.direction if r["expected"] == "still"]
     lines = [
-        f"model {c['model']}, {c['steps']} steps, seeds from {c['seed']}",
+        f"model {c['model']}, {c['steps']} steps, cfg {c.get('cfg', 1.0):g}, seeds from {c['seed']}",
         "",
         "| measurement | model's mode / inverted (anti-drifting) | vanilla |",
         "|---|---|---|",

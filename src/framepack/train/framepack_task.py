@@ -84,6 +84,11 @@ class FramePackTask:
         # every layout that inference of up to ``sections`` sections uses: a 2-section video's first
         # step (one blank window, nothing made yet) never occurs inside a 4-section plan
         self.vary_sections = bool(args.get("vary_sections", False))
+        # captions replaced by the empty prompt this often: the model also learns the unconditional
+        # velocity, which real CFG (cfg > 1, negative prompt "") pushes away from
+        self.text_dropout = float(args.get("text_dropout", 0.0))
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
         # clips start at a random time in [0, start_seconds). Inference always starts at t = 0, and a
         # later start shows translations already stopped at the frame's edge under a caption that
         # says "moves": 22% of such clips did at 10 s, which taught the model that "moves" may not move
@@ -176,7 +181,7 @@ class FramePackTask:
                 targets.append(latents[:, :, list(plan.positions)])
                 windows.append(torch.tensor(plan.window_indices))
                 levels.append(context_latents(plan, latents))
-                texts.append(self._embed(caption))
+                texts.append(self._embed("" if self.text_dropout and rng.random() < self.text_dropout else caption))
             history = [
                 HistoryInput(level.kernel, torch.cat([s[i][0] for s in levels]), torch.stack([s[i][1] for s in levels]))
                 for i, level in enumerate(plan.levels)
