@@ -110,24 +110,32 @@ class HunyuanTextEncoder:
             crop_start=crop_start,
         )
 
-    @torch.no_grad()
-    def encode(self, prompt: str) -> TextEmbedding:
+    def forward(self, prompts: list[str], pad_to_max: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Differentiable batch: LLaMA states (B, 256, D) after the template crop, their mask (B, 256)
+        and CLIP pooled (B, P). :meth:`encode` is this without gradients, for one prompt; training
+        the demo's encoders on captions (``framepack.train.text_encoder``) goes through it too.
+        ``pad_to_max=False`` pads the LLaMA tokens only to the longest prompt: the states of valid
+        tokens are the same (causal attention, padding at the end), at a fraction of the cost."""
         device = self.llama.device
         tokens = self.llama_tokenizer(
-            [self.template.format(prompt)],
+            [self.template.format(p) for p in prompts],
             max_length=self.crop_start + LLAMA_MAX_TOKENS,
-            padding="max_length",
+            padding="max_length" if pad_to_max else "longest",
             truncation=True,
             return_tensors="pt",
         )
         mask = tokens.attention_mask.to(device)
         hidden = self.llama(input_ids=tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
         states = hidden.hidden_states[LLAMA_LAYER][:, self.crop_start :]
-        mask = mask[:, self.crop_start :].bool()
         clip_tokens = self.clip_tokenizer(
-            [prompt], max_length=CLIP_MAX_TOKENS, padding="max_length", truncation=True, return_tensors="pt"
+            prompts, max_length=CLIP_MAX_TOKENS, padding="max_length", truncation=True, return_tensors="pt"
         )
         pooled = self.clip(clip_tokens.input_ids.to(self.clip.device), output_hidden_states=False).pooler_output
+        return states, mask[:, self.crop_start :].bool(), pooled
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> TextEmbedding:
+        states, mask, pooled = self.forward([prompt])
         return TextEmbedding(states.float().cpu(), mask.cpu(), pooled.float().cpu())
 
 

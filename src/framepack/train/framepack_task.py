@@ -72,12 +72,15 @@ class FramePackTask:
         text_dir = Path(args["text"])
         if not (text_dir / "text_encoder").exists():
             # the demo's frozen text encoders are built once, over the world's vocabulary
-            from .text_encoder import write_text_encoders
+            from .text_encoder import train_text_encoders, write_text_encoders
 
             std = args.get("text_embedding_std", 1.0)
             write_text_encoders(text_dir, seed=0, text_dim=int(args.get("text_dim", 64)),
                                 pooled_dim=int(args.get("pooled_dim", 32)), extra_words=world_vocabulary(),
                                 embedding_std=None if std is None else float(std))
+            if int(args.get("text_train_steps", 0)):  # then trained on the captions, before the transformer
+                accuracy = train_text_encoders(text_dir, steps=int(args["text_train_steps"]))
+                log.info("text encoders trained on captions: held-out accuracy %s", accuracy)
         self.text = HunyuanTextEncoder.from_pretrained(text_dir)
         self.sections = int(args.get("sections", 4))
         # each sample plans a video of 1..sections sections (a prefix of its clip), so training sees
@@ -95,7 +98,7 @@ class FramePackTask:
         self.start_frames = max(1, round(world.FPS * float(args.get("start_seconds", 0.0))))
         self.window = int(args.get("window", 9))
         self.size = int(args.get("size", world.SIZE))
-        self.modes = tuple(args.get("modes", MODES))
+        self.modes = tuple(args.get("modes", MODES))  # one drawn uniformly per batch: repeat a mode to weight it
         self.shift = float(args.get("shift", 3.0))
         self.cache_clips = int(args.get("clips", 0))
         self.cache_path = args.get("cache", "runs/demo-framepack-clips.safetensors")
