@@ -8,6 +8,11 @@ target velocity ``noise - x0``, sigma drawn from the shifted schedule's distribu
 of a batch share a mode (so the context shapes match) but not their frame indices or captions:
 the transformer's per-sample indices and text masks make that one batched forward.
 
+Options that the demo fine-tune uses: ``vary_sections`` plans each sample as a video of 1..N
+sections (so short videos' layouts are trained too), ``text_dropout`` trains the empty prompt that
+real CFG guides against, ``text_train_steps`` trains freshly built text encoders on the captions
+first, ``init`` starts from exported transformer weights.
+
 With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``) and
 batches draw from it: on a CPU, encoding a clip costs as much as a training step, and each clip
 serves every (mode, section, noise) combination.
