@@ -48,9 +48,9 @@ demo-model: $(VENV)/.installed-train
 	$(VENV)/bin/framepack train configs/demo_vae.json
 	$(VENV)/bin/framepack train configs/demo_framepack.json
 	$(VENV)/bin/framepack train configs/demo_framepack_finetune.json
-	$(PY) -m framepack.train.package
+	$(PY) -m framepack.train.package --cfg 4
 	$(VENV)/bin/framepack eval --json runs/eval.json > runs/eval.md
-	$(PY) -m framepack.train.package --eval-table runs/eval.md
+	$(PY) -m framepack.train.package --cfg 4 --eval-table runs/eval.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from framepack.components import resolve_model
 from framepack.demo import asset
@@ -26,6 +27,9 @@ def test_shipped_files_are_complete_and_small():
     assert source.redux is None and source.mode == "inverted"
     assert source.resolution(None) == 128 and source.shift(None) == 3.0
     assert source.resolution(256) == 256 and source.shift(5.0) == 5.0
+    manifest = json.loads((root / "framepack.json").read_text())
+    assert source.cfg(None) == manifest["cfg"] > 1 and source.cfg(1.0) == 1.0  # trained with dropped captions
+    assert resolve_model("framepack-i2v").cfg(None) == 1.0  # the 13B models: off unless asked
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size <= 60e6, f"{size / 1e6:.1f} MB"
     card = (root / "MODEL_CARD.md").read_text()
@@ -70,3 +74,24 @@ def test_other_modes_run(tmp_path, mode):
     job = JobDir.create(tmp_path / "job", settings, tmp_path / "out.mp4")
     FramePackPipeline.from_model("tiny").run(job)
     assert read_frames(job.out).shape == (73, 128, 128, 3)
+
+
+def test_cfg_defaults_to_the_models_own(tmp_path):
+    """cfg=None runs the manifest's scale: the same video as asking for it, another than cfg 1."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from framepack.demo import demo_settings
+    from framepack.jobs import JobDir
+    from framepack.pipeline import FramePackPipeline
+
+    pipeline = FramePackPipeline.from_model("tiny")
+    base = replace(demo_settings(seconds=1, steps=3), cfg=None)
+    videos = {}
+    for name, cfg in (("own", None), ("asked", resolve_model("tiny").cfg(None)), ("off", 1.0)):
+        job = JobDir.create(tmp_path / name, replace(base, cfg=cfg), tmp_path / f"{name}.mp4")
+        pipeline.run(job)
+        videos[name] = job.load_latents(0)
+    assert torch.equal(videos["own"], videos["asked"])
+    assert not np.allclose(videos["own"].numpy(), videos["off"].numpy())

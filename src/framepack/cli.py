@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--sampler", choices=["unipc", "euler"], help="unipc (default; order-3 UniPC) or euler")
     samp.add_argument("--distilled-guidance", dest="distilled_guidance", type=_number,
                       help="distilled guidance scale fed to the model (default 10)")
-    samp.add_argument("--cfg", type=_number, help="real classifier-free guidance scale; 1 = off (default)")
+    samp.add_argument("--cfg", type=_number, help="real classifier-free guidance scale; 1 = off (default: the "
+                                                   "model's own: off for the 13B models, 4 for the demo model)")
     samp.add_argument("--guidance-rescale", dest="guidance_rescale", type=_number,
                       help="guidance rescale in [0, 1] for real CFG (default 0)")
     samp.add_argument("--shift", type=_number, help="sigma shift; default: the model's own (3 for tiny), else from the token count (7 at 640)")
@@ -305,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--long-videos", type=int, default=6, help="long videos for persistence and drift (default 6)")
     ev.add_argument("--long-seconds", type=_number, default=30.0, help="length of each long video (default 30)")
     ev.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
-    ev.add_argument("--cfg", type=_number, default=1.0,
-                    help="real classifier-free guidance against the empty prompt (default 1: off)")
+    ev.add_argument("--cfg", type=_number,
+                    help="real classifier-free guidance against the empty prompt (default: the model's own)")
     ev.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     ev.add_argument("--workdir", help="keep every generated video in this directory (default: a temporary one)")
     ev.add_argument("--json", help="also write the per-video results to this JSON file")

@@ -205,6 +205,10 @@ class ModelSource:
         """The resolution bucket to use: the request, else the model's own, else the 13B's 640."""
         return requested if requested is not None else int(self.extra.get("resolution", 640))
 
+    def cfg(self, requested: float | None) -> float:
+        """The real-CFG scale: the request, else the model's recommended one, else 1 (off)."""
+        return requested if requested is not None else float(self.extra.get("cfg", 1.0))
+
     def shift(self, requested: float | None) -> float | None:
         """The sigma shift: the request, else the one the model was trained with (None: from tokens)."""
         return requested if requested is not None else self.extra.get("shift")

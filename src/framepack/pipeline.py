@@ -248,7 +248,7 @@ class FramePackPipeline:
             plans=plans,
             cond=cond,
             prompts=prompts_for_sections(timeline, plans),
-            negative=self.encode_text(settings.negative_prompt) if settings.cfg != 1.0 else None,
+            negative=self.encode_text(settings.negative_prompt) if self.c.source.cfg(settings.cfg) != 1.0 else None,
             store=LatentStore(job, plans, cond.start_latent, cond.end_latent),
             generator=generator,
             backwards=backwards,
@@ -326,6 +326,7 @@ class FramePackPipeline:
         embeds = None if cond.image_embeds is None else cond.image_embeds.to(device)
         prompts = [text] if negative is None else [text, negative]
         batch = len(prompts)
+        cfg = self.c.source.cfg(settings.cfg)
         # conditional and unconditional branches share one batched forward (different text
         # lengths are handled by the model's key mask)
         states, mask, pooled = (t.to(device) for t in stack_embeddings(prompts))
@@ -342,7 +343,7 @@ class FramePackPipeline:
                 v = model(x.expand(batch, -1, -1, -1, -1), t, states, mask, pooled,
                           None if embeds is None else embeds.expand(batch, -1, -1), window, expand,
                           guidance if model.config.guidance_embeds else None).float()
-            return guided_velocity(v[:1], v[1:] if batch > 1 else None, settings.cfg, settings.guidance_rescale)
+            return guided_velocity(v[:1], v[1:] if batch > 1 else None, cfg, settings.guidance_rescale)
 
         return velocity_denoiser(velocity)
 

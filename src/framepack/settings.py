@@ -34,7 +34,7 @@ class GenerationSettings:
     steps: int = 25
     sampler: str = "unipc"
     distilled_guidance: float = 10.0
-    cfg: float = 1.0  # real classifier-free guidance; 1 = off (one forward per step)
+    cfg: float | None = None  # real classifier-free guidance; 1 = off (one forward per step); None: the model's own
     guidance_rescale: float = 0.0
     shift: float | None = None  # None: the model's own (its manifest), else from the noisy token count
     mode: str | None = None  # None: the model's own mode
@@ -52,7 +52,7 @@ class GenerationSettings:
             return isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
 
         for name in ("seconds", "distilled_guidance", "cfg", "guidance_rescale"):
-            if bad_number(name, getattr(self, name)):
+            if (name != "cfg" or self.cfg is not None) and bad_number(name, getattr(self, name)):
                 yield f"{name} must be a number, got {getattr(self, name)!r}"
         if not 0 < self.seconds <= MAX_SECONDS:
             yield f"seconds must be > 0 and <= {MAX_SECONDS:g}, got {self.seconds:g}"
@@ -60,7 +60,7 @@ class GenerationSettings:
             yield f"steps must be between 1 and {MAX_STEPS}, got {self.steps}"
         if not (math.isfinite(self.distilled_guidance) and self.distilled_guidance >= 0):
             yield f"distilled guidance must be a finite number >= 0, got {self.distilled_guidance}"
-        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+        if self.cfg is not None and not (math.isfinite(self.cfg) and self.cfg >= 0):
             yield f"cfg must be a finite number >= 0, got {self.cfg}"
         if not (math.isfinite(self.guidance_rescale) and 0 <= self.guidance_rescale <= 1):
             yield f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}"

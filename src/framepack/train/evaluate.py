@@ -22,7 +22,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,14 +105,14 @@ class EvalConfig:
     long_videos: int = 6
     long_seconds: float = 30.0
     steps: int = 25
-    cfg: float = 1.0  # real classifier-free guidance (negative prompt ""); 1 = off
+    cfg: float | None = None  # real classifier-free guidance (negative prompt ""); None: the model's own
     seed: int = 0
     workdir: str | None = None  # keep the videos here (default: a temporary directory)
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.long_videos < 0 or self.steps < 1:
             raise ValueError("prompts and steps must be >= 1, long videos >= 0")
-        if not (math.isfinite(self.cfg) and self.cfg >= 0):
+        if self.cfg is not None and not (math.isfinite(self.cfg) and self.cfg >= 0):
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
         if not (self.seconds > 0 and self.long_seconds > 0):
             raise ValueError("seconds must be > 0")
@@ -153,6 +153,7 @@ def _generate(pipeline, config: EvalConfig, params: world.WorldParams, seconds: 
 
 def run_eval(config: EvalConfig, pipeline, progress: Callable[[str], None] = lambda s: None) -> EvalResult:
     """Generate every case with ``pipeline`` (a FramePackPipeline) and measure it."""
+    config = replace(config, cfg=pipeline.c.source.cfg(config.cfg))  # the scale that runs, for the record
     result = EvalResult(config=asdict(config))
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(config.workdir) if config.workdir else Path(scratch)
@@ -181,7 +182,7 @@ def format_table(result: EvalResult) -> str:
     moving = [r for r in result.direction if r["expected"] != "still"]
     still = [r for r in result.direction if r["expected"] == "still"]
     lines = [
-        f"model {c['model']}, {c['steps']} steps, cfg {c.get('cfg', 1.0):g}, seeds from {c['seed']}",
+        f"model {c['model']}, {c['steps']} steps, cfg {1.0 if c.get('cfg') is None else c['cfg']:g}, seeds from {c['seed']}",
         "",
         "| measurement | model's mode / inverted (anti-drifting) | vanilla |",
         "|---|---|---|",

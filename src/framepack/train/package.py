@@ -32,7 +32,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: int = 128, shift: float = 3.0,
-             mode: str = "inverted") -> Path:
+             mode: str = "inverted", cfg: float | None = None) -> Path:
     """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -44,6 +44,8 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
         shutil.copyfile(text / "training.json", tmp / "text" / "training.json")
     manifest = {"transformer": "transformer", "hunyuan": "text", "vae": "vae", "redux": None, "mode": mode,
                 "modes": ["inverted", "forward", "vanilla"], "resolution": resolution, "shift": shift}
+    if cfg is not None:  # the real-CFG scale generation uses unless told otherwise
+        manifest["cfg"] = cfg
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
@@ -69,6 +71,10 @@ def _text_training(text: Path) -> str:
     motion = min(v for k, v in data["held_out_accuracy"].items() if k.endswith("_motion"))
     return (f"LLaMA embeddings at unit scale, trained {data['steps']} steps on the world's captions (linear heads "
             f"name every caption field; motion read correctly for {100 * motion:.0f}% of held-out scenes)")
+
+
+def _manifest_cfg(model: Path) -> float:
+    return float(json.loads((model / MANIFEST).read_text()).get("cfg", 1.0))
 
 
 def _size_mb(root: Path) -> float:
@@ -136,7 +142,7 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         "as F1, vanilla), for videos of 1 to 4 sections; its default is inverted. No image encoder, no",
         "distilled-guidance embedder (the `--distilled-guidance` value is ignored). The fine-tune stage",
         "replaced 10% of the captions by the empty prompt, so real CFG (`--cfg`, negative prompt \"\") works.",
-        "Defaults from its manifest: 128 px, sigma shift 3 (the training shift), 25 UniPC steps.",
+        f"Defaults from its manifest: 128 px, sigma shift 3 (the training shift), cfg {_manifest_cfg(model):g}, 25 UniPC steps.",
         "",
         "## Training (CPU only: 2 cores)",
         "",
@@ -173,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", default="runs/demo-vae", help="the VAE run to ship (its final/ is used)")
     parser.add_argument("--vae-runs", nargs="*", default=["runs/demo-vae"], help="VAE stages, for the card")
     parser.add_argument("--text", default="runs/demo-text")
+    parser.add_argument("--cfg", type=float, help="the model's default real-CFG scale (default: none, i.e. off)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
     parser.add_argument("--notes", help="a file of notes to append to the card")
     args = parser.parse_args(argv)
     rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(Path(args.out) / "MODEL_CARD.md"))
-    out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text))
+    out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text),
+                   cfg=args.cfg)
     table = Path(args.eval_table).read_text() if args.eval_table else None
     notes = Path(args.notes).read_text() if args.notes else ""
     (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes))

@@ -161,7 +161,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         with gr.Row():
                             guidance = gr.Number(label="Distilled guidance", value=defaults.distilled_guidance,
                                                  elem_id="fp-guidance")
-                            cfg = gr.Number(label="CFG (1 = off)", value=defaults.cfg, elem_id="fp-cfg")
+                            cfg = gr.Number(label="CFG (1 = off; empty: the model's own)", value=defaults.cfg,
+                                            elem_id="fp-cfg")
                         with gr.Row():
                             mode = gr.Dropdown([("model's own", AUTO)] + [(m, m) for m in MODES if m != AUTO],
                                                value=defaults.mode, label="Mode", elem_id="fp-mode")
@@ -350,7 +351,7 @@ def _api(service: JobService, models: tuple[str, ...], defaults: FormDefaults) -
     def submit(image: gr.FileData, prompt: str, end_image: gr.FileData | None = None, negative_prompt: str = "",
                seconds: float = defaults.seconds, seed: int = defaults.seed, random_seed: bool = False,
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
-               cfg: float = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
+               cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
                model: str = models[0], resolution: str = defaults.resolution, crf: int = defaults.crf) -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,

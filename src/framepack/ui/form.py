@@ -33,7 +33,7 @@ class FormDefaults:
     random_seed: bool = False
     steps: int = 25
     distilled_guidance: float = 10.0
-    cfg: float = 1.0
+    cfg: float | None = None  # empty: the model's own
     sampler: str = "unipc"
     mode: str = AUTO
     resolution: str = AUTO
@@ -106,7 +106,7 @@ def settings_from_form(form: Mapping[str, Any], models: tuple[str, ...]) -> Gene
         seed=seed,
         steps=_whole("steps", form.get("steps")),
         distilled_guidance=_number("distilled guidance", form.get("distilled_guidance")),
-        cfg=_number("CFG", form.get("cfg")),
+        cfg=None if form.get("cfg") in (None, "") else _number("CFG", form.get("cfg")),
         sampler=str(form.get("sampler") or "unipc"),
         mode=None if mode == AUTO else mode,
         resolution=resolution_value,
