@@ -216,7 +216,13 @@ def video_duration(page, selector: str = "#fp-video video") -> float:
 
 
 def test_generate_a_one_second_video(server, browser, images, screenshots):
+    from framepack.components import resolve_model
+
     with open_page(browser, server.url) as page:
+        # a fresh page offers the model's own CFG scale (an empty field would submit 0)
+        page.click("#fp-advanced")
+        assert float(page.locator("#fp-cfg input").input_value()) == resolve_model(str(server.model)).cfg(None)
+        page.click("#fp-advanced")
         # the demo's own start image and caption (what the screenshots show with the demo model)
         fill_form(page, images["demo"], (DEMO / "prompt.txt").read_text().strip(), seconds=1, steps=12)
         job = submit(page)

@@ -120,6 +120,14 @@ def _job_id(value: Any) -> int:
 # ---- the app ---------------------------------------------------------------------------------------------------
 
 
+def _default_cfg(defaults: FormDefaults, model: str) -> float:
+    """What the CFG field shows on a fresh page: the default model's own scale (a Number field
+    cannot stay empty: Gradio shows and submits 0, unconditional generation)."""
+    from ..components import resolve_model
+
+    return defaults.cfg if defaults.cfg is not None else resolve_model(model).cfg(None)
+
+
 def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults = FormDefaults(),
               poll_s: float = POLL_S) -> gr.Blocks:
     """The page and its API; ``service`` must be started by the caller (see :func:`launch`)."""
@@ -161,7 +169,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         with gr.Row():
                             guidance = gr.Number(label="Distilled guidance", value=defaults.distilled_guidance,
                                                  elem_id="fp-guidance")
-                            cfg = gr.Number(label="CFG (1 = off; empty: the model's own)", value=defaults.cfg,
+                            cfg = gr.Number(label="CFG (1 = off)", value=_default_cfg(defaults, models[0]),
                                             elem_id="fp-cfg")
                         with gr.Row():
                             mode = gr.Dropdown([("model's own", AUTO)] + [(m, m) for m in MODES if m != AUTO],
