@@ -373,7 +373,7 @@ def _train_text_encoders(root: Path, steps: int, batch_size: int, lr: float, see
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     for m in modules:
         m.eval()
     captions, labels = _caption_batch(world.held_out(eval_scenes), values)
