@@ -126,15 +126,7 @@ def test_demo_text_encoders_cover_the_world_vocabulary(tmp_path):
 
 def test_framepack_task_trains_in_planner_layouts(tmp_path):
     """A few steps of the FramePack objective on world clips lower the loss (tiny everything)."""
-    from framepack.train import framepack_task  # noqa: F401  (registers the task)
-    from framepack.train.text_encoder import write_text_encoders
-
-    vae_dir = tmp_path / "vae"
-    SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8))).save_pretrained(vae_dir)
-    text_dir = write_text_encoders(tmp_path / "text", text_dim=32, pooled_dim=16,
-                                   extra_words="striped gradient plain teal cyan camera pans stays".split())
-    args = {"vae": str(vae_dir), "text": str(text_dir), "sections": 2, "size": 32,
-            "config": {"num_layers": 1, "num_single_layers": 1}}
+    args = _tiny_framepack_args(tmp_path)
     task = trainer.TASKS["framepack"](args)
     batch = next(task.batches(3, seed=0))
     assert batch.target.shape == (3, 16, 9, 4, 4) and batch.window.shape == (3, 9)

@@ -110,7 +110,8 @@ class _Run:
     plans: list[SectionPlan]
     cond: Conditioning
     prompts: list[str]
-    negative: TextEmbedding | None
+    negative: TextEmbedding | None  # encoded only when cfg != 1
+    cfg: float  # the real-CFG scale in force: the settings', else the model's own
     store: "LatentStore"
     generator: torch.Generator
     backwards: bool
@@ -244,11 +245,13 @@ class FramePackPipeline:
         if job.finished:
             generator.set_state(job.rng_state(job.finished - 1))
         backwards = plans[0].mode == "inverted"
+        cfg = self.c.source.cfg(settings.cfg)
         return _Run(
             plans=plans,
             cond=cond,
             prompts=prompts_for_sections(timeline, plans),
-            negative=self.encode_text(settings.negative_prompt) if self.c.source.cfg(settings.cfg) != 1.0 else None,
+            negative=self.encode_text(settings.negative_prompt) if cfg != 1.0 else None,
+            cfg=cfg,
             store=LatentStore(job, plans, cond.start_latent, cond.end_latent),
             generator=generator,
             backwards=backwards,
@@ -265,7 +268,8 @@ class FramePackPipeline:
         # in the reference, whatever the device
         noise = torch.randn((1, self.c.transformer.config.in_channels, settings.window, h, w),
                             generator=run.generator, dtype=torch.float32)
-        denoise = self._denoiser(plan, run.store, cond, self.encode_text(run.prompts[plan.step]), run.negative, settings)
+        denoise = self._denoiser(plan, run.store, cond, self.encode_text(run.prompts[plan.step]), run.negative,
+                                 run.cfg, settings)
         sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4,
                                 shift=self.c.source.shift(settings.shift))
 
@@ -316,7 +320,7 @@ class FramePackPipeline:
     # ---- pieces ------------------------------------------------------------------------------------------
 
     def _denoiser(self, plan: SectionPlan, store: LatentStore, cond: Conditioning, text: TextEmbedding,
-                  negative: TextEmbedding | None, settings: GenerationSettings):
+                  negative: TextEmbedding | None, cfg: float, settings: GenerationSettings):
         model, device = self.c.transformer, self.device
         history = [
             HistoryInput(level.kernel, store.gather(level.sources).to(device), torch.tensor(level.indices, device=device))
@@ -326,7 +330,6 @@ class FramePackPipeline:
         embeds = None if cond.image_embeds is None else cond.image_embeds.to(device)
         prompts = [text] if negative is None else [text, negative]
         batch = len(prompts)
-        cfg = self.c.source.cfg(settings.cfg)
         # conditional and unconditional branches share one batched forward (different text
         # lengths are handled by the model's key mask)
         states, mask, pooled = (t.to(device) for t in stack_embeddings(prompts))

@@ -178,13 +178,16 @@ class FramePackTask:
     def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         rng = np.random.default_rng(seed)
         clips = self._clips(rng, seed)
+        counts = range(1, self.sections + 1) if self.vary_sections else (self.sections,)
+        plans_for = {(n, m): plan_sections(n, m, self.model.config.schedule, self.window)
+                     for m in set(self.modes) for n in counts}  # pure: planned once, not per sample
         while True:
             mode = self.modes[int(rng.integers(len(self.modes)))]
             targets, windows, levels, texts = [], [], [], []
             for _ in range(batch_size):
                 latents, caption = next(clips)
                 count = int(rng.integers(1, self.sections + 1)) if self.vary_sections else self.sections
-                plans = plan_sections(count, mode, self.model.config.schedule, self.window)
+                plans = plans_for[count, mode]
                 plan = plans[int(rng.integers(len(plans)))]
                 targets.append(latents[:, :, list(plan.positions)])
                 windows.append(torch.tensor(plan.window_indices))
