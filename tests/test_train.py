@@ -56,6 +56,71 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert exported.preview_map.shape == (17, 3)  # 16 channels + bias -> RGB, fitted at export
 
 
+class _LineFit:
+    """A toy task: fit y = 3x - 1 on one fixed batch (the same data whatever the seed, so a resumed
+    run retraces an uninterrupted one exactly)."""
+
+    def __init__(self, args: dict) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(1, 1)
+        self.x = torch.linspace(-1, 1, 16)[:, None]
+
+    def batches(self, batch_size, seed):
+        while True:
+            yield self.x, 3 * self.x - 1
+
+    def loss(self, model, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    def export(self, model, directory):
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "weights.safetensors"))
+
+
+def test_weight_average_follows_its_recursion():
+    model = torch.nn.Linear(2, 1)
+    average = trainer.WeightAverage(model, decay=0.9)
+    expected = model.weight.detach().clone()
+    for step in range(30):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        average.update(model, step)
+        d = trainer.ema_decay(step, 0.9)
+        expected = d * expected + (1 - d) * model.weight.detach()
+    assert torch.allclose(average.shadow["weight"], expected, atol=1e-6)
+    assert trainer.ema_decay(0, 0.9) < 0.2 and trainer.ema_decay(10_000, 0.9) == 0.9  # ramped, then capped
+    averaged = average.averaged(model)
+    assert torch.allclose(averaged.weight, expected, atol=1e-6)
+    assert not torch.allclose(model.weight, expected)  # the live model is left as it was
+
+
+def test_training_exports_the_average_and_resumes_it(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(trainer.TASKS, "line", _LineFit)
+
+    def run(name: str, split: bool) -> dict:
+        config = trainer.TrainConfig(task="line", output_dir=str(tmp_path / name), steps=80, batch_size=16, lr=0.2,
+                                     warmup=1, checkpoint_every=20, ema=0.9)
+        if split:
+            trainer.train(config, max_steps_this_run=20)
+            assert (tmp_path / name / "checkpoint-20" / trainer.WeightAverage.FILE).exists()
+        trainer.train(config)
+        return load_file(str(tmp_path / name / "final" / "weights.safetensors"))
+
+    whole, resumed = run("whole", split=False), run("resumed", split=True)
+    for key in whole:  # the average survives the interruption exactly
+        assert torch.allclose(whole[key], resumed[key], atol=1e-6)
+    raw = load_file(str(next((tmp_path / "whole").glob("checkpoint-80")) / "model.safetensors"))
+    assert not torch.allclose(whole["weight"], raw["weight"])  # the export is the average, not the last step
+    assert abs(float(whole["weight"]) - 3) < 0.3 and abs(float(whole["bias"]) + 1) < 0.3  # and it fits the line
+    with pytest.raises(ValueError, match="ema"):
+        trainer.TrainConfig(task="line", output_dir="x", steps=1, ema=1.0)
+
+
 def test_preview_map_is_the_least_squares_fit():
     """Latents that are an exact linear image of the (8x8-pooled) frames give back that map."""
     from framepack.video import fit_latent_to_rgb, preview_frames
