@@ -81,3 +81,20 @@ def test_table_and_bad_config():
         EvalConfig(prompts=0)
     with pytest.raises(ValueError, match="cfg"):
         EvalConfig(cfg=float("nan"))
+
+
+def test_eval_command_reports_each_video_without_a_terminal(tmp_path):
+    """A background eval (stderr a file, so no progress bar) still says how far it has got."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    framepack = str(Path(sys.executable).with_name("framepack"))
+    out = subprocess.run([framepack, "eval", "--prompts", "2", "--long-videos", "0", "--seconds", "0.5", "--steps", "2",
+                          "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("framepack eval: video")]
+    assert [line.split()[3] for line in lines] == ["1/2", "2/2"]
+    assert "motion direction" in out.stdout
+    assert len(json.loads((tmp_path / "eval.json").read_text())["direction"]) == 2

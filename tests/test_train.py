@@ -273,6 +273,24 @@ def test_model_card_keeps_the_rows_of_stages_whose_runs_are_gone(tmp_path):
         stage_rows([tmp_path / "stage-c"], card_rows(card))
 
 
+def test_model_card_notes_survive_a_repackaging_without_notes(tmp_path):
+    from framepack.train.package import card_notes, model_card
+
+    assert card_notes(tmp_path / "none.md") == ""
+    card = tmp_path / "MODEL_CARD.md"
+    notes = "## Notes\n\n- stage a resumed once\n- | a table row | inside notes |\n"
+    card.write_text("# card\n\n## Evaluation\n\n| a | b |\n\n" + notes)
+    assert card_notes(card) == notes
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "config.json").write_text("{}")
+    (model / "framepack.json").write_text("{}")
+    rewritten = model_card(model, [], None, card_notes(card))
+    assert rewritten.endswith(notes) and rewritten.count("## Notes") == 1
+    card.write_text(rewritten)
+    assert card_notes(card) == notes  # stable: packaging again and again keeps them as they are
+
+
 def _tiny_framepack_args(root) -> dict:
     """task_args of a tiny 'framepack' task (random small VAE, demo-style text encoders, 32 px)."""
     from framepack.train import framepack_task  # noqa: F401  (registers the task)

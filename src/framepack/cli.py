@@ -6,6 +6,7 @@ Every user error ends as one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import sys
@@ -200,11 +201,18 @@ def _eval(args: argparse.Namespace) -> int:
                         long_seconds=args.long_seconds, steps=args.steps, cfg=args.cfg, seed=args.seed,
                         workdir=args.workdir)
     pipeline = _open_pipeline(args.model, args)
-    bar = tqdm(total=config.prompts + 2 * config.long_videos, unit="video", file=sys.stderr, dynamic_ncols=True, disable=None)
+    total = config.prompts + 2 * config.long_videos
+    bar = tqdm(total=total, unit="video", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    done = itertools.count(1)
 
     def progress(message: str) -> None:
         bar.update(1)
-        logging.getLogger("framepack").info(message)
+        n = next(done)
+        if bar.disable:  # no terminal (a background run, a log file): a line per video instead of the bar
+            print(f"framepack eval: video {n}/{total} {message}", file=sys.stderr, flush=True)
+        else:
+            logging.getLogger("framepack").info(message)
 
     try:
         result = run_eval(config, pipeline, progress)

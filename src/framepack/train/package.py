@@ -98,6 +98,15 @@ def card_rows(card: Path) -> dict[str, str]:
     return {row.split("|")[1].strip(): row for row in rows}
 
 
+def card_notes(card: Path) -> str:
+    """The ``## Notes`` section of an existing card (to its end), or "" if it has none."""
+    if not card.exists():
+        return ""
+    text = card.read_text()
+    start = text.find("\n## Notes\n")
+    return text[start + 1:].rstrip() + "\n" if start >= 0 else ""
+
+
 def stage_rows(runs: list[Path], previous: dict[str, str]) -> list[str]:
     """A row per stage: from its run directory, or, where that is gone (runs/ is not kept), the
     row the card being replaced had for it."""
@@ -166,7 +175,7 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
     if eval_table:
         lines += ["", "## Evaluation (`framepack eval`, held-out scenes)", "", eval_table]
     if notes:
-        lines += ["", notes]
+        lines += ["", notes.rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -181,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default="runs/demo-text")
     parser.add_argument("--cfg", type=float, help="the model's default real-CFG scale (default: none, i.e. off)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
-    parser.add_argument("--notes", help="a file of notes to append to the card")
+    parser.add_argument("--notes", help="a file of notes to append to the card (default: the current card's notes)")
     args = parser.parse_args(argv)
-    rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(Path(args.out) / "MODEL_CARD.md"))
+    card = Path(args.out) / "MODEL_CARD.md"
+    rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(card))
+    notes = Path(args.notes).read_text() if args.notes else card_notes(card)  # read before the card is replaced
     out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text),
                    cfg=args.cfg)
     table = Path(args.eval_table).read_text() if args.eval_table else None
-    notes = Path(args.notes).read_text() if args.notes else ""
     (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes))
     print(f"{out}: {_size_mb(out):.1f} MB")
     return 0
