@@ -372,3 +372,61 @@ def test_text_encoders_learn_to_read_the_captions(tmp_path):
     after = HunyuanTextEncoder.from_pretrained(root).encode("a red circle moves up on a plain blue background")
     assert not torch.allclose(before.pooled, after.pooled)
     assert json.loads((root / "training.json").read_text())["held_out_accuracy"] == accuracy
+
+
+def test_object_cells_follow_the_causal_latent_grouping():
+    """A single covered pixel marks the cell above it in the latent that holds its frame (latent 0
+    = frame 0 alone, latent k = frames 4k-3..4k), and with grow=1 that cell's 3x3 neighbourhood."""
+    from framepack.train.framepack_task import object_cells
+
+    for frame, latent in ((0, 0), (1, 1), (4, 1), (5, 2), (8, 2)):
+        coverage = np.zeros((9, 32, 48), dtype=np.float32)
+        coverage[frame, 17, 41] = 0.3  # cell (2, 5)
+        exact = object_cells(coverage, grow=0)
+        assert exact.shape == (3, 4, 6)
+        assert exact.nonzero().tolist() == [[latent, 2, 5]], frame
+        grown = object_cells(coverage)
+        assert grown.sum() == 6 and grown[latent, 1:4, 4:6].all()  # 3x3 clipped at the right edge
+
+
+def test_object_cells_of_a_world_clip_are_where_it_renders_the_object():
+    from framepack.train import world
+    from framepack.train.framepack_task import object_cells
+
+    p = world.WorldParams(shape="square", color="red", background="plain", background_color="blue", motion="right",
+                          speed=12.0, x=0.3, y=0.5, size=0.12)
+    coverage = world.object_coverage(p, 33, size=64)
+    frames = world.render(p, 33, size=64)
+    red = world.colour_mask(frames, world.PALETTE["red"])
+    assert red.any(axis=(1, 2)).all() and not (red & (coverage == 0)).any()  # the renderer draws the object there
+    cells = object_cells(coverage, grow=0)
+    pixel_cells = torch.from_numpy((coverage > 0).reshape(33, 8, 8, 8, 8).any(axis=(2, 4)))  # (frame, cell row, cell col)
+    assert torch.equal(cells[0], pixel_cells[0])
+    assert torch.equal(cells[1:], pixel_cells[1:].reshape(8, 4, 8, 8).any(dim=1))
+    assert cells[-1].nonzero()[:, 1].float().mean() > cells[0].nonzero()[:, 1].float().mean()  # it moved right
+
+
+def test_weighted_mse():
+    from framepack.train.framepack_task import weighted_mse
+
+    prediction, target = torch.randn(2, 3, 4, 5, 6), torch.randn(2, 3, 4, 5, 6)
+    plain = torch.nn.functional.mse_loss(prediction, target)
+    assert torch.allclose(weighted_mse(prediction, target, None), plain)
+    assert torch.allclose(weighted_mse(prediction, target, torch.full((2, 1, 4, 5, 6), 7.0)), plain)
+    weight = torch.zeros(2, 1, 4, 5, 6)
+    weight[1, :, 2] = 1.0  # only sample 1's third latent counts
+    assert torch.allclose(weighted_mse(prediction, target, weight), (prediction[1, :, 2] - target[1, :, 2]).pow(2).mean())
+
+
+def test_object_weight_marks_the_object_in_each_batch(tmp_path):
+    args = _tiny_framepack_args(tmp_path)
+    assert next(trainer.TASKS["framepack"](args).batches(4, seed=0)).weight is None
+    task = trainer.TASKS["framepack"]({**args, "object_weight": 4.0, "size": 64})  # 8x8 latent cells
+    batch = next(task.batches(4, seed=0))
+    b, _, t, h, w = batch.target.shape
+    assert batch.weight.shape == (b, 1, t, h, w)
+    assert set(batch.weight.unique().tolist()) == {1.0, 5.0}
+    assert 0 < float((batch.weight > 1).float().mean()) < 0.9  # the object and its neighbours, not the frame
+    assert torch.isfinite(task.loss(task.model, batch))
+    with pytest.raises(ValueError, match="object_weight"):
+        trainer.TASKS["framepack"]({**args, "object_weight": -1})

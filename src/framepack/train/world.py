@@ -414,6 +414,11 @@ def _coverage(p: WorldParams, t: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.float32(0.5) - distance, 0, 1)
 
 
+def object_coverage(p: WorldParams, frames: int, size: int = SIZE, fps: int = FPS, start: int = 0) -> np.ndarray:
+    """Where the object is in the frames :func:`render` draws: coverage in [0, 1], (frames, size, size)."""
+    return _coverage(p, _times(frames, fps, start), size)
+
+
 def _background(p: WorldParams, t: np.ndarray, size: int) -> np.ndarray:
     """Background, (T or 1, size, size, 3) float32 in 0..255."""
     base = np.asarray(BACKGROUND_PALETTE[p.background_color], dtype=np.float32)
