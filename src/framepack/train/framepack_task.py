@@ -125,8 +125,8 @@ class FramePackTask:
             raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}")
         # the object is a few percent of the latent cells, and what the caption is about: its cells
         # (and their neighbours) weigh 1 + object_weight in the loss, the plain background 1. With a
-        # uniform loss the model learnt to move objects left/right/up/down as told, but shifted
-        # growing, shrinking and rotating ones by a few pixels: error too small to matter in the mean
+        # uniform loss the demo model shifts growing, shrinking and rotating objects by a few pixels,
+        # an error too small to matter in the mean (what weighting did there: docs/demo-model.md)
         self.object_weight = float(args.get("object_weight", 0.0))
         if not (self.object_weight >= 0 and math.isfinite(self.object_weight)):
             raise ValueError(f"object_weight must be a finite number >= 0, got {self.object_weight}")
