@@ -172,3 +172,13 @@ def test_demo_layout_runs_through_the_same_pipeline(tmp_path, mode):
     job = JobDir.create(tmp_path / "job", settings, tmp_path / "out.mp4")
     pipeline.run(job)
     assert read_frames(job.out).shape == (73, 64, 64, 3)
+
+
+@pytest.mark.parametrize("cfg, message", [("lots", "cfg must be a number"), (float("nan"), "cfg must be a number"),
+                                          (-1.0, "cfg must be a finite number >= 0")])
+def test_a_bad_cfg_is_named_and_none_means_the_models_own(cfg, message):
+    from framepack.settings import GenerationSettings
+
+    with pytest.raises(ValueError, match=message):  # a ValueError that names it, not a TypeError
+        GenerationSettings(image="a.png", prompt="p", cfg=cfg)
+    assert GenerationSettings(image="a.png", prompt="p").cfg is None

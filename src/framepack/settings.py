@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +43,21 @@ class GenerationSettings:
     crf: int = 16
 
     def __post_init__(self) -> None:
-        problems = list(self._problems())
-        if problems:
-            raise ValueError(problems[0])
+        # the first problem only: later checks may assume the earlier ones passed (a number, not a string)
+        problem = next(self._problems(), None)
+        if problem is not None:
+            raise ValueError(problem)
 
     def _problems(self):
-        def bad_number(name: str, value: float) -> bool:
+        optional = {f.name for f in fields(self) if f.default is None}  # None there means "the model's own"
+
+        def bad_number(name: str, value: float | None) -> bool:
+            if value is None and name in optional:
+                return False
             return isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
 
         for name in ("seconds", "distilled_guidance", "cfg", "guidance_rescale"):
-            if (name != "cfg" or self.cfg is not None) and bad_number(name, getattr(self, name)):
+            if bad_number(name, getattr(self, name)):
                 yield f"{name} must be a number, got {getattr(self, name)!r}"
         if not 0 < self.seconds <= MAX_SECONDS:
             yield f"seconds must be > 0 and <= {MAX_SECONDS:g}, got {self.seconds:g}"

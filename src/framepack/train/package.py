@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..components import MANIFEST
+from ..components import MANIFEST, resolve_model
 
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 
@@ -71,10 +71,6 @@ def _text_training(text: Path) -> str:
     motion = min(v for k, v in data["held_out_accuracy"].items() if k.endswith("_motion"))
     return (f"LLaMA embeddings at unit scale, trained {data['steps']} steps on the world's captions (linear heads "
             f"name every caption field; motion read correctly for {100 * motion:.0f}% of held-out scenes)")
-
-
-def _manifest_cfg(model: Path) -> float:
-    return float(json.loads((model / MANIFEST).read_text()).get("cfg", 1.0))
 
 
 def _size_mb(root: Path) -> float:
@@ -151,7 +147,7 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         "as F1, vanilla), for videos of 1 to 4 sections; its default is inverted. No image encoder, no",
         "distilled-guidance embedder (the `--distilled-guidance` value is ignored). The fine-tune stage",
         "replaced 10% of the captions by the empty prompt, so real CFG (`--cfg`, negative prompt \"\") works.",
-        f"Defaults from its manifest: 128 px, sigma shift 3 (the training shift), cfg {_manifest_cfg(model):g}, 25 UniPC steps.",
+        f"Defaults from its manifest: 128 px, sigma shift 3 (the training shift), cfg {resolve_model(str(model)).cfg(None):g}, 25 UniPC steps.",
         "",
         "## Training (CPU only: 2 cores)",
         "",
