@@ -214,9 +214,14 @@ def test_framepack_task_trains_in_planner_layouts(tmp_path):
         trainer.TASKS["framepack"]({**args, "config": {"num_layers": 2, "num_single_layers": 1},
                                     "init": str(tmp_path / "run" / "final")})
 
-    # the latent cache holds exactly what encoding the same clips afresh gives (fp16 storage)
+    # the latent cache holds exactly what encoding the same clips afresh gives (fp16 storage); a
+    # cache of fewer clips is their prefix and is extended, one of more gives its first clips
+    two, _ = trainer.TASKS["framepack"]({**args, "clips": 2, "cache": str(tmp_path / "clips.safetensors")})._load_or_build_cache()
     cached = trainer.TASKS["framepack"]({**args, "clips": 3, "cache": str(tmp_path / "clips.safetensors")})
     latents, captions = cached._load_or_build_cache()
+    assert torch.equal(latents[:2], two)
+    first, first_captions = trainer.TASKS["framepack"]({**args, "clips": 1, "cache": str(tmp_path / "clips.safetensors")})._load_or_build_cache()
+    assert torch.equal(first, latents[:1]) and first_captions == captions[:1]
     assert latents.shape == (3, 16, 19, 4, 4) and len(captions) == 3
     from framepack.train import world
 

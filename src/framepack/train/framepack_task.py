@@ -14,13 +14,15 @@ real CFG guides against, ``text_train_steps`` trains freshly built text encoders
 first, ``init`` starts from exported transformer weights, ``object_weight`` weights the loss where
 the object is (see :func:`object_cells`).
 
-With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``) and
+With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``; a
+larger ``clips`` later encodes only the new ones, as the set is a prefix of one stream) and
 batches draw from it: on a CPU, encoding a clip costs as much as a training step, and each clip
 serves every (mode, section, noise) combination.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -201,16 +203,24 @@ class FramePackTask:
         from tqdm import tqdm
 
         path = Path(self.cache_path)
+        have, captions = None, []
         if path.exists():
             data = load_file(str(path))
             captions = json.loads(path.with_suffix(".json").read_text())
             meta = json.loads(path.with_suffix(".meta.json").read_text()) if path.with_suffix(".meta.json").exists() else {}
-            if (len(captions) == self.cache_clips and data["latents"].shape[-1] == self.size // 8
-                    and meta.get("start_frames", world.FPS * 10) == self.start_frames):
-                return data["latents"], captions
-            log.info("latent cache %s does not match this config; rebuilding", path)
-        latents, captions = [], []
-        for params, start in tqdm(self._cache_scenes(), total=self.cache_clips, desc="encoding training clips",
+            if data["latents"].shape[-1] == self.size // 8 and meta.get("start_frames", world.FPS * 10) == self.start_frames:
+                have = data["latents"]
+            if have is not None and len(captions) >= self.cache_clips:
+                return have[: self.cache_clips], captions[: self.cache_clips]
+            if have is not None and len(captions) < self.cache_clips:
+                # the cache's clips are a prefix of one deterministic stream: encode only the rest
+                log.info("latent cache %s holds %d of %d clips; encoding the rest", path, len(captions), self.cache_clips)
+            else:
+                log.info("latent cache %s does not match this config; rebuilding", path)
+                have, captions = None, []
+        latents = [] if have is None else [have]
+        scenes = itertools.islice(self._cache_scenes(), len(captions), None)
+        for params, start in tqdm(scenes, total=self.cache_clips, initial=len(captions), desc="encoding training clips",
                                   dynamic_ncols=True):
             latents.append(self._encode_clip(params, start).half())
             captions.append(world.caption(params))
