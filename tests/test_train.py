@@ -222,6 +222,12 @@ def test_framepack_task_trains_in_planner_layouts(tmp_path):
     assert torch.equal(latents[:2], two)
     first, first_captions = trainer.TASKS["framepack"]({**args, "clips": 1, "cache": str(tmp_path / "clips.safetensors")})._load_or_build_cache()
     assert torch.equal(first, latents[:1]) and first_captions == captions[:1]
+    # a crash between writing the captions and the latents (the commit point): not trusted, rebuilt
+    crashed = {**args, "clips": 3, "cache": str(tmp_path / "crashed.safetensors")}
+    trainer.TASKS["framepack"]({**crashed, "clips": 2})._load_or_build_cache()
+    (tmp_path / "crashed.json").write_text(json.dumps(captions))
+    rebuilt, rebuilt_captions = trainer.TASKS["framepack"](crashed)._load_or_build_cache()
+    assert len(rebuilt) == len(rebuilt_captions) == 3
     assert latents.shape == (3, 16, 19, 4, 4) and len(captions) == 3
     from framepack.train import world
 

@@ -1,7 +1,8 @@
 """The web app in a real browser: Debian's chromium, headless, driven by Playwright.
 
-The server runs as a subprocess (``python -m framepack.ui``) on a free port with a tiny random
-model at 64 px, so a 1-second video takes a few seconds on a CPU. Screenshots go to a temporary
+The server runs as a subprocess (``python -m framepack.ui``, through ``ui_slow_server.py``, which
+holds every denoising call back by STEP_DELAY_S so that no job ends between two looks of the page) on
+a free port with a tiny random model at 64 px, so a 1-second video takes a few seconds on a CPU. Screenshots go to a temporary
 directory; ``make screenshots`` sets FRAMEPACK_SCREENSHOTS=docs/screenshots and
 FRAMEPACK_UI_TEST_MODEL=tiny (the demo model) to retake the README's.
 """
@@ -31,6 +32,7 @@ DEMO = Path(__file__).resolve().parents[1] / "src" / "framepack" / "assets" / "d
 START_TIMEOUT_S = 240  # importing torch and gradio on a busy machine
 JOB_TIMEOUT_S = 180
 POLL_S = 0.25
+STEP_DELAY_S = 0.15  # at least this per transformer call, so a job lasts long enough to watch (ui_slow_server)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                                "(apt-get install chromium)")
@@ -55,8 +57,9 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        command = [sys.executable, "-m", "framepack.ui", "-v", "--outputs", str(self.outputs), "--model",
-                   str(self.model), "--port", str(self.port), "--poll-seconds", str(POLL_S), "--device", "cpu", *self.extra]
+        command = [sys.executable, str(Path(__file__).with_name("ui_slow_server.py")), str(STEP_DELAY_S),
+                   "-v", "--outputs", str(self.outputs), "--model", str(self.model), "--port", str(self.port),
+                   "--poll-seconds", str(POLL_S), "--device", "cpu", *self.extra]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -207,21 +207,25 @@ class FramePackTask:
         if path.exists():
             data = load_file(str(path))
             captions = json.loads(path.with_suffix(".json").read_text())
-            meta = json.loads(path.with_suffix(".meta.json").read_text()) if path.with_suffix(".meta.json").exists() else {}
-            if data["latents"].shape[-1] == self.size // 8 and meta.get("start_frames", world.FPS * 10) == self.start_frames:
+            meta_path = path.with_suffix(".meta.json")
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            # a crash between the captions and the latents file (the commit point) leaves them unequal
+            if (data["latents"].shape[-1] == self.size // 8 and len(data["latents"]) == len(captions)
+                    and meta.get("start_frames", world.FPS * 10) == self.start_frames):
                 have = data["latents"]
             if have is not None and len(captions) >= self.cache_clips:
                 return have[: self.cache_clips], captions[: self.cache_clips]
-            if have is not None and len(captions) < self.cache_clips:
-                # the cache's clips are a prefix of one deterministic stream: encode only the rest
-                log.info("latent cache %s holds %d of %d clips; encoding the rest", path, len(captions), self.cache_clips)
+            if have is not None:
+                # fewer clips than asked: they are a prefix of one seeded stream, so encode only the rest
+                log.info("latent cache %s holds %d of %d clips; encoding the rest",
+                         path, len(captions), self.cache_clips)
             else:
                 log.info("latent cache %s does not match this config; rebuilding", path)
                 have, captions = None, []
         latents = [] if have is None else [have]
         scenes = itertools.islice(self._cache_scenes(), len(captions), None)
-        for params, start in tqdm(scenes, total=self.cache_clips, initial=len(captions), desc="encoding training clips",
-                                  dynamic_ncols=True):
+        for params, start in tqdm(scenes, total=self.cache_clips, initial=len(captions),
+                                  desc="encoding training clips", dynamic_ncols=True):
             latents.append(self._encode_clip(params, start).half())
             captions.append(world.caption(params))
         stacked = torch.cat(latents)
