@@ -1,10 +1,11 @@
 """The web app in a real browser: Debian's chromium, headless, driven by Playwright.
 
 The server runs as a subprocess (``python -m framepack.ui``, through ``ui_slow_server.py``, which
-holds every denoising call back by STEP_DELAY_S so that no job ends between two looks of the page) on
-a free port with a tiny random model at 64 px, so a 1-second video takes a few seconds on a CPU. Screenshots go to a temporary
-directory; ``make screenshots`` sets FRAMEPACK_SCREENSHOTS=docs/screenshots and
-FRAMEPACK_UI_TEST_MODEL=tiny (the demo model) to retake the README's.
+holds every denoising call back by STEP_DELAY_S so that no job ends between two looks of the page)
+on a free port with a tiny random model at 64 px, so a 1-second video takes a few seconds on a CPU.
+Screenshots go to a temporary directory; ``make screenshots`` sets
+FRAMEPACK_SCREENSHOTS=docs/screenshots and FRAMEPACK_UI_TEST_MODEL=tiny (the demo model) to retake
+the README's.
 """
 
 from __future__ import annotations

@@ -198,31 +198,35 @@ class FramePackTask:
             start = int(rng.integers(0, self.start_frames))
             yield self._encode_clip(params, start), self._cells(params, start), world.caption(params)
 
+    def _read_cache(self, path: Path) -> tuple[torch.Tensor | None, list[str]]:
+        """The cache file's (latents, captions) if it was built for this config, else (None, [])."""
+        from safetensors.torch import load_file
+
+        if not path.exists():
+            return None, []
+        latents = load_file(str(path))["latents"]
+        captions = json.loads(path.with_suffix(".json").read_text())
+        meta_path = path.with_suffix(".meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        # a crash between the captions and the latents file (the commit point) leaves them unequal
+        if (latents.shape[-1] == self.size // 8 and len(latents) == len(captions)
+                and meta.get("start_frames", world.FPS * 10) == self.start_frames):
+            return latents, captions
+        log.info("latent cache %s does not match this config; rebuilding", path)
+        return None, []
+
     def _load_or_build_cache(self) -> tuple[torch.Tensor, list[str]]:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
         from tqdm import tqdm
 
         path = Path(self.cache_path)
-        have, captions = None, []
-        if path.exists():
-            data = load_file(str(path))
-            captions = json.loads(path.with_suffix(".json").read_text())
-            meta_path = path.with_suffix(".meta.json")
-            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-            # a crash between the captions and the latents file (the commit point) leaves them unequal
-            if (data["latents"].shape[-1] == self.size // 8 and len(data["latents"]) == len(captions)
-                    and meta.get("start_frames", world.FPS * 10) == self.start_frames):
-                have = data["latents"]
-            if have is not None and len(captions) >= self.cache_clips:
-                return have[: self.cache_clips], captions[: self.cache_clips]
-            if have is not None:
-                # fewer clips than asked: they are a prefix of one seeded stream, so encode only the rest
-                log.info("latent cache %s holds %d of %d clips; encoding the rest",
-                         path, len(captions), self.cache_clips)
-            else:
-                log.info("latent cache %s does not match this config; rebuilding", path)
-                have, captions = None, []
-        latents = [] if have is None else [have]
+        have, captions = self._read_cache(path)
+        if len(captions) >= self.cache_clips:
+            return have[: self.cache_clips], captions[: self.cache_clips]
+        if captions:  # fewer clips than asked: a prefix of one seeded stream, so encode only the rest
+            log.info("latent cache %s holds %d of %d clips; encoding the rest",
+                     path, len(captions), self.cache_clips)
+        latents = [have] if captions else []
         scenes = itertools.islice(self._cache_scenes(), len(captions), None)
         for params, start in tqdm(scenes, total=self.cache_clips, initial=len(captions),
                                   desc="encoding training clips", dynamic_ncols=True):
