@@ -441,3 +441,23 @@ def test_object_weight_marks_the_object_in_each_batch(tmp_path):
     assert torch.isfinite(task.loss(task.model, batch))
     with pytest.raises(ValueError, match="object_weight"):
         trainer.TASKS["framepack"]({**args, "object_weight": -1})
+
+
+def test_motion_weights_draw_clips_of_those_motions(tmp_path):
+    """Weights of 0 for every motion but "stay" leave only still clips, from fresh renders and from
+    the latent cache alike; the draw probabilities are the normalised weights; bad weights fail."""
+    from framepack.train import world
+    from framepack.train.framepack_task import motion_probabilities
+
+    only_stay = {m: 0.0 for m in world.MOTIONS if m != "stay"}
+    args = {**_tiny_framepack_args(tmp_path), "motion_weights": only_stay}
+    cached = {**args, "clips": 40, "cache": str(tmp_path / "cache.safetensors")}
+    for task_args in (args, cached):
+        task = trainer.TASKS["framepack"](task_args)
+        captions = [caption for _, (_, _, caption) in zip(range(12), task._clips(np.random.default_rng(0), 0))]
+        assert all(" stays still on " in c for c in captions), captions
+    assert motion_probabilities(["stay", "left", "stay", "grow"], {"stay": 3.0}).tolist() == [0.375, 0.125, 0.375, 0.125]
+    for bad, message in (({"fly": 2.0}, "unknown motions"), ({"stay": -1.0}, ">= 0"),
+                         ({m: 0.0 for m in world.MOTIONS}, "no clip")):
+        with pytest.raises(ValueError, match=message):
+            trainer.TASKS["framepack"]({**args, "motion_weights": bad})
