@@ -461,3 +461,22 @@ def test_motion_weights_draw_clips_of_those_motions(tmp_path):
                          ({m: 0.0 for m in world.MOTIONS}, "no clip")):
         with pytest.raises(ValueError, match=message):
             trainer.TASKS["framepack"]({**args, "motion_weights": bad})
+
+
+def test_object_region_start_weights_the_start_frames_cells_only(tmp_path):
+    """With object_region "start" the weight is the same in every latent of a sample (a function of
+    the start frame, which the context holds), and it marks where the object starts; the default
+    ("clip") follows a moving object from latent to latent."""
+    from framepack.train import world
+    from framepack.train.framepack_task import object_cells
+
+    args = {**_tiny_framepack_args(tmp_path), "object_weight": 4.0, "size": 64}
+    p = world.WorldParams(shape="square", color="red", background="plain", background_color="blue", motion="right",
+                          speed=12.0, x=0.2, y=0.5, size=0.1)
+    clip = trainer.TASKS["framepack"](args)._cells(p, 0)[0, 0]
+    start = trainer.TASKS["framepack"]({**args, "object_region": "start"})._cells(p, 0)[0, 0]
+    assert torch.equal(start[0], clip[0]) and torch.equal(start[0], object_cells(world.object_coverage(p, 1, size=64))[0])
+    assert all(torch.equal(start[k], start[0]) for k in range(len(start)))
+    assert not torch.equal(clip[-1], clip[0])  # the object moved right: its cells did too
+    with pytest.raises(ValueError, match="object_region"):
+        trainer.TASKS["framepack"]({**args, "object_region": "target"})

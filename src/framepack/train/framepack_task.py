@@ -146,6 +146,15 @@ class FramePackTask:
         self.object_weight = float(args.get("object_weight", 0.0))
         if not (self.object_weight >= 0 and math.isfinite(self.object_weight)):
             raise ValueError(f"object_weight must be a finite number >= 0, got {self.object_weight}")
+        # which cells: "clip", the object's cells in every frame of the target, or "start", its cells
+        # in the start frame (a part of every sample's context). A weight that depends on the target
+        # tilts what the loss is minimised by: per cell, E[w v] / E[w] instead of E[v], i.e. towards
+        # outcomes with the object there; the "clip" stages picked up a left and downward shift of
+        # objects that grow, shrink or rotate (docs/demo-model.md). A weight that is a function of the
+        # inputs only ("start") reweights the cells without moving the minimiser
+        self.object_region = str(args.get("object_region", "clip"))
+        if self.object_region not in ("clip", "start"):
+            raise ValueError(f"object_region must be 'clip' or 'start', got {self.object_region!r}")
         # in-place motions (stay, grow, shrink, rotate) are 4 of the world's 11 motions but the half
         # of the held-out direction prompts that the demo model gets wrong (it moves their objects a
         # few pixels): weights > 1 draw such clips more often. Checked here, not at the first batch
@@ -193,7 +202,10 @@ class FramePackTask:
         """The clip's object cells (1, 1, 9N + 1, h, w), or None when the loss is not weighted."""
         if not self.object_weight:
             return None
-        return object_cells(world.object_coverage(params, self._clip_frames(), size=self.size, start=start))[None, None]
+        coverage = world.object_coverage(params, self._clip_frames(), size=self.size, start=start)
+        if self.object_region == "start":
+            coverage = np.broadcast_to(coverage[:1], coverage.shape)
+        return object_cells(coverage)[None, None]
 
     def _cache_scenes(self) -> Iterator[tuple[world.WorldParams, int]]:
         """(params, start frame) of the cached clips: the cache's own stream (seed 0), the same for
