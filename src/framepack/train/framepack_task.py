@@ -12,8 +12,8 @@ Options that the demo fine-tune uses: ``vary_sections`` plans each sample as a v
 sections (so short videos' layouts are trained too), ``text_dropout`` trains the empty prompt that
 real CFG guides against, ``text_train_steps`` trains freshly built text encoders on the captions
 first, ``init`` starts from exported transformer weights, ``object_weight`` weights the loss where
-the object is (see :func:`object_cells`), ``motion_weights`` draws clips of some motions more often
-(see :func:`motion_probabilities`).
+the object is (see :func:`object_cells`; ``object_region`` says which frames' object), and
+``motion_weights`` draws clips of some motions more often (see :func:`motion_probabilities`).
 
 With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``; a
 larger ``clips`` later encodes only the new ones, as the set is a prefix of one stream) and
@@ -149,15 +149,15 @@ class FramePackTask:
         # which cells: "clip", the object's cells in every frame of the target, or "start", its cells
         # in the start frame (a part of every sample's context). A weight that depends on the target
         # tilts what the loss is minimised by: per cell, E[w v] / E[w] instead of E[v], i.e. towards
-        # outcomes with the object there; the "clip" stages picked up a left and downward shift of
-        # objects that grow, shrink or rotate (docs/demo-model.md). A weight that is a function of the
-        # inputs only ("start") reweights the cells without moving the minimiser
+        # outcomes with the object there (the "clip" stages shift objects that grow, shrink or rotate
+        # left and down: docs/demo-model.md). A weight that is a function of the inputs only
+        # ("start") reweights the cells without moving the minimiser
         self.object_region = str(args.get("object_region", "clip"))
         if self.object_region not in ("clip", "start"):
             raise ValueError(f"object_region must be 'clip' or 'start', got {self.object_region!r}")
-        # in-place motions (stay, grow, shrink, rotate) are 4 of the world's 11 motions but the half
-        # of the held-out direction prompts that the demo model gets wrong (it moves their objects a
-        # few pixels): weights > 1 draw such clips more often. Checked here, not at the first batch
+        # in-place motions (stay, grow, shrink, rotate) are 4 of the world's 11 motions but most of
+        # the demo model's direction misses (it moves their objects a few pixels): weights > 1 draw
+        # such clips more often. Checked here, not at the first batch
         self.motion_weights = {str(k): float(v) for k, v in dict(args.get("motion_weights", {})).items()}
         motion_probabilities(list(world.MOTIONS), self.motion_weights)
         # clips start at a random time in [0, start_seconds). Inference always starts at t = 0, and a
