@@ -149,9 +149,8 @@ class FramePackTask:
         # which cells: "clip", the object's cells in every frame of the target, or "start", its cells
         # in the start frame (a part of every sample's context). A weight that depends on the target
         # tilts what the loss is minimised by: per cell, E[w v] / E[w] instead of E[v], i.e. towards
-        # outcomes with the object there (the "clip" stages shift objects that grow, shrink or rotate
-        # left and down: docs/demo-model.md). A weight that is a function of the inputs only
-        # ("start") reweights the cells without moving the minimiser
+        # outcomes with the object there. A weight that is a function of the inputs only ("start")
+        # reweights the cells without moving the minimiser (what each did: docs/demo-model.md)
         self.object_region = str(args.get("object_region", "clip"))
         if self.object_region not in ("clip", "start"):
             raise ValueError(f"object_region must be 'clip' or 'start', got {self.object_region!r}")
