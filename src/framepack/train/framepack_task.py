@@ -201,10 +201,11 @@ class FramePackTask:
         """The clip's object cells (1, 1, 9N + 1, h, w), or None when the loss is not weighted."""
         if not self.object_weight:
             return None
-        coverage = world.object_coverage(params, self._clip_frames(), size=self.size, start=start)
-        if self.object_region == "start":
-            coverage = np.broadcast_to(coverage[:1], coverage.shape)
-        return object_cells(coverage)[None, None]
+        frames = self._clip_frames()
+        if self.object_region == "start":  # render the start frame's coverage only, then hold it
+            first = world.object_coverage(params, 1, size=self.size, start=start)
+            return object_cells(np.broadcast_to(first, (frames, *first.shape[1:])))[None, None]
+        return object_cells(world.object_coverage(params, frames, size=self.size, start=start))[None, None]
 
     def _cache_scenes(self) -> Iterator[tuple[world.WorldParams, int]]:
         """(params, start frame) of the cached clips: the cache's own stream (seed 0), the same for
