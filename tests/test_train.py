@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -480,3 +481,33 @@ def test_object_region_start_weights_the_start_frames_cells_only(tmp_path):
     assert not torch.equal(clip[-1], clip[0])  # the object moved right: its cells did too
     with pytest.raises(ValueError, match="object_region"):
         trainer.TASKS["framepack"]({**args, "object_region": "target"})
+
+
+def test_mirror_adds_each_cached_clips_reflection(tmp_path):
+    """With ``mirror`` the clips drawn are the cached clips and their mirrors (encoded into a cache
+    file of their own, as encoding the mirror scene afresh gives); fresh renders are mirrored
+    about half the time; the plain cache is left as it was."""
+    from framepack.train import world
+
+    args = {**_tiny_framepack_args(tmp_path), "clips": 6, "cache": str(tmp_path / "cache.safetensors")}
+    plain = trainer.TASKS["framepack"](args)
+    latents, captions = plain._load_or_build_cache()
+    task = trainer.TASKS["framepack"]({**args, "mirror": True})
+    mirrored = task._mirror_scenes()
+    expected = [world.mirror(p) for p in itertools.islice(world.stream(0), 6)]
+    assert [m for m, _ in mirrored] == [m for m in expected if m is not None and not world.is_held_out(m)]
+    drawn = {caption for _, (_, _, caption) in zip(range(200), task._clips(np.random.default_rng(0), 0))}
+    assert drawn == set(captions) | {world.caption(m) for m, _ in mirrored}
+    more, more_captions = task._load_or_build_cache(task._mirror_cache_path(), mirrored)
+    assert more_captions == [world.caption(m) for m, _ in mirrored]
+    torch.testing.assert_close(more[:1].float(), task._encode_clip(mirrored[0][0], 0), atol=2e-3, rtol=2e-3)
+    assert torch.equal(plain._load_or_build_cache()[0], latents)
+
+    fresh = trainer.TASKS["framepack"]({**_tiny_framepack_args(tmp_path), "mirror": True})
+    flipped = 0
+    for p, (clip, _, caption) in zip(itertools.islice(world.stream(0), 40), fresh._clips(np.random.default_rng(0), 0)):
+        m = world.mirror(p)
+        if not torch.equal(clip, fresh._encode_clip(p, 0)):
+            assert torch.equal(clip, fresh._encode_clip(m, 0)) and caption == world.caption(m)
+            flipped += 1
+    assert 8 <= flipped <= 32  # about half of the 40 (rotations and held-out mirrors excepted)

@@ -216,3 +216,31 @@ def test_render_speed_sanity():
     frames = world.render(p, 150)
     LOG.info("render 150 frames at 128 px: %.3f s", time.perf_counter() - begin)
     assert frames.shape == (150, 128, 128, 3)
+
+
+_MIRRORED_DIRECTION = {"left": "right", "right": "left"}
+
+
+def test_mirror_is_the_left_right_reflection():
+    """A scene's mirror renders as its frames flipped left to right (the analytic reflection; stripes
+    excepted, whose phase the world fixes), moves the other way across and the same way up and down,
+    and mirrored twice is the scene itself; rotations, which only turn clockwise, have none."""
+    scenes = list(itertools.islice(world.stream(3), 200))
+    checked = set()
+    for p in scenes:
+        m = world.mirror(p)
+        if p.motion == "rotate":
+            assert m is None
+            continue
+        assert world.mirror(m) == p
+        track, mirrored = world.trajectory(p, 31), world.trajectory(m, 31)
+        np.testing.assert_allclose(mirrored[:, 0], world.SIZE - track[:, 0], atol=1e-6)
+        np.testing.assert_allclose(mirrored[:, 1], track[:, 1], atol=1e-9)
+        expected = world.expected_direction(p)
+        assert world.expected_direction(m) == _MIRRORED_DIRECTION.get(expected, expected)
+        if p.background != "stripes":
+            flipped = world.render(p, 5, start=20)[:, :, ::-1].astype(int)
+            assert np.abs(flipped - world.render(m, 5, start=20)).max() <= 1, world.caption(p)
+            checked.add(p.motion)
+    assert {"left", "right", "up", "down", "bounce", "grow", "shrink", "stay"} <= checked
+    assert world.caption(world.mirror(_params("left"))) == world.caption(_params("right"))

@@ -12,8 +12,9 @@ Options that the demo fine-tune uses: ``vary_sections`` plans each sample as a v
 sections (so short videos' layouts are trained too), ``text_dropout`` trains the empty prompt that
 real CFG guides against, ``text_train_steps`` trains freshly built text encoders on the captions
 first, ``init`` starts from exported transformer weights, ``object_weight`` weights the loss where
-the object is (see :func:`object_cells`; ``object_region`` says which frames' object), and
-``motion_weights`` draws clips of some motions more often (see :func:`motion_probabilities`).
+the object is (see :func:`object_cells`; ``object_region`` says which frames' object),
+``motion_weights`` draws clips of some motions more often (see :func:`motion_probabilities`), and
+``mirror`` adds every clip's left-right reflection (see :func:`framepack.train.world.mirror`).
 
 With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``; a
 larger ``clips`` later encodes only the new ones, as the set is a prefix of one stream) and
@@ -23,7 +24,6 @@ serves every (mode, section, noise) combination.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -159,6 +159,11 @@ class FramePackTask:
         # such clips more often. Checked here, not at the first batch
         self.motion_weights = {str(k): float(v) for k, v in dict(args.get("motion_weights", {})).items()}
         motion_probabilities(list(world.MOTIONS), self.motion_weights)
+        # the world's motions are left-right symmetric in distribution, a finite set of clips is not;
+        # with every clip's mirror beside it the data is, so a lean to one side cannot come from an
+        # imbalance in the data (the demo model's still misses lean left: docs/demo-model.md).
+        # Rotations have no mirror, so they become rarer unless motion_weights compensates
+        self.mirror = bool(args.get("mirror", False))
         # clips start at a random time in [0, start_seconds). Inference always starts at t = 0, and a
         # later start shows translations already stopped at the frame's edge under a caption that
         # says "moves": 22% of such clips did at 10 s, which taught the model that "moves" may not move
@@ -215,11 +220,25 @@ class FramePackTask:
         for _ in range(self.cache_clips):
             yield next(scenes), int(rng.integers(0, self.start_frames))
 
+    def _mirror_scenes(self) -> list[tuple[world.WorldParams, int]]:
+        """The cached clips' mirrors that are training scenes (rotations have none; a mirror in the
+        held-out bucket is left out). A prefix of the same list for more clips, like the cache."""
+        mirrored = ((world.mirror(p), start) for p, start in self._cache_scenes())
+        return [(m, start) for m, start in mirrored if m is not None and not world.is_held_out(m)]
+
+    def _mirror_cache_path(self) -> Path:
+        path = Path(self.cache_path)
+        return path.with_name(f"{path.stem}-mirror{path.suffix}")
+
     def _clips(self, rng: np.random.Generator, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, str]]:
         """(latents, object cells or None, caption) forever: fresh renders, or random draws from the latent cache."""
         if self.cache_clips:
             latents, captions = self._load_or_build_cache()
             scenes = list(self._cache_scenes())
+            if self.mirror:  # in a cache file of their own, so the plain cache serves other configs
+                mirrored = self._mirror_scenes()
+                more, more_captions = self._load_or_build_cache(self._mirror_cache_path(), mirrored)
+                latents, captions, scenes = torch.cat([latents, more]), captions + more_captions, scenes + mirrored
             cells = [self._cells(p, start) for p, start in scenes]
             probabilities = motion_probabilities([p.motion for p, _ in scenes], self.motion_weights)
             while True:
@@ -230,6 +249,9 @@ class FramePackTask:
         top = max([1.0, *self.motion_weights.values()])
         while True:
             params = next(scenes)
+            if self.mirror and rng.random() < 0.5:  # half the time its mirror, where it has one
+                mirrored = world.mirror(params)
+                params = params if mirrored is None or world.is_held_out(mirrored) else mirrored
             if self.motion_weights and rng.random() * top >= self.motion_weights.get(params.motion, 1.0):
                 continue  # rejection sampling: a motion of weight w is kept w / max(weights) as often
             start = int(rng.integers(0, self.start_frames))
@@ -252,21 +274,25 @@ class FramePackTask:
         log.info("latent cache %s does not match this config; rebuilding", path)
         return None, []
 
-    def _load_or_build_cache(self) -> tuple[torch.Tensor, list[str]]:
+    def _load_or_build_cache(
+        self, path: Path | None = None, scenes: list[tuple[world.WorldParams, int]] | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Latents and captions of ``scenes`` (default: the cached clips) from the cache file at
+        ``path`` (default: ``cache``), encoding those it lacks. ``scenes`` must extend the list the
+        file was built from, as a longer prefix of one stream does."""
         from safetensors.torch import save_file
         from tqdm import tqdm
 
-        path = Path(self.cache_path)
+        path = Path(self.cache_path if path is None else path)
+        scenes = list(self._cache_scenes()) if scenes is None else scenes
         have, captions = self._read_cache(path)
-        if len(captions) >= self.cache_clips:
-            return have[: self.cache_clips], captions[: self.cache_clips]
+        if len(captions) >= len(scenes):
+            return have[: len(scenes)], captions[: len(scenes)]
         if captions:  # fewer clips than asked: a prefix of one seeded stream, so encode only the rest
-            log.info("latent cache %s holds %d of %d clips; encoding the rest",
-                     path, len(captions), self.cache_clips)
+            log.info("latent cache %s holds %d of %d clips; encoding the rest", path, len(captions), len(scenes))
         latents = [have] if captions else []
-        scenes = itertools.islice(self._cache_scenes(), len(captions), None)
-        for params, start in tqdm(scenes, total=self.cache_clips, initial=len(captions),
-                                  desc="encoding training clips", dynamic_ncols=True):
+        for params, start in tqdm(scenes[len(captions):], total=len(scenes), initial=len(captions),
+                                  desc=f"encoding training clips ({path.name})", dynamic_ncols=True):
             latents.append(self._encode_clip(params, start).half())
             captions.append(world.caption(params))
         stacked = torch.cat(latents)

@@ -47,7 +47,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Final
@@ -281,6 +281,26 @@ def caption(p: WorldParams) -> str:
     if p.motion in PANS:
         return f"the camera {p.motion.replace('pan', 'pans')} over {obj} {scene}"
     return f"{obj} {_VERBS[p.motion]} {scene}"
+
+
+_MIRRORED_MOTIONS: Final[Mapping[str, str]] = MappingProxyType(
+    {"left": "right", "right": "left", "pan left": "pan right", "pan right": "pan left"}
+)
+
+
+def mirror(p: WorldParams) -> WorldParams | None:
+    """The scene reflected left to right, or None where the world has no such scene.
+
+    Every shape is symmetric about its vertical axis and the backgrounds are uniform across
+    (plain, gradient) or periodic stripes, so a scene reflected is another scene of the world: the
+    centre goes to ``1 - x``, left and right (and the pans) swap, a bounce heading ``h`` becomes
+    ``180 - h``; only the stripes' phase is the world's own rather than the reflected one. A
+    reflected rotation would turn anticlockwise, which the world never does: None. Training on both
+    a scene and its mirror makes the motions in the data exactly left-right symmetric."""
+    if p.motion == "rotate":
+        return None
+    heading = round((180.0 - p.heading) % 360.0, 1) if p.motion == "bounce" else p.heading
+    return replace(p, motion=_MIRRORED_MOTIONS.get(p.motion, p.motion), x=round(1.0 - p.x, 3), heading=heading)
 
 
 # --------------------------------------------------------------------------------------------
