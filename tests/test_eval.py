@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,24 @@ def test_the_ground_truth_scores_full_marks():
     assert len({p.motion for p in long}) == 6  # one of each motion first
     for p in long[:2]:
         assert persistence(world.render(p, 30 * 30, size=64), world.PALETTE[p.color]) == 1.0
+
+
+def test_validation_scenes_are_unseen_training_scenes():
+    """The validation split: training-distribution scenes (never held out) that the latent cache's
+    stream does not hold, each with one direction the world's own clips show; a bad split fails."""
+    cases = direction_cases(30, "validation")
+    assert len(set(cases)) == 30 and not any(world.is_held_out(p) for p in cases)
+    assert not set(cases) & set(itertools.islice(world.stream(0), 3000))
+    assert {world.expected_direction(p) for p in cases} >= {"left", "right", "up", "down", "still"}
+    for p in cases[:10]:
+        track = world.track_colour(world.render(p, 61), world.PALETTE[p.color])
+        assert world.motion_direction(track) == world.expected_direction(p)
+    with pytest.raises(ValueError, match="split"):
+        direction_cases(5, "test")
+    with pytest.raises(ValueError, match="split"):
+        EvalConfig(split="train")
+    assert "validation scenes" in format_table(EvalResult(config=EvalConfig(split="validation").__dict__))
+    assert "scenes" not in format_table(EvalResult(config=EvalConfig().__dict__)).splitlines()[0]
 
 
 def test_table_and_bad_config():

@@ -199,7 +199,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     config = EvalConfig(model=args.model, prompts=args.prompts, seconds=args.seconds, long_videos=args.long_videos,
                         long_seconds=args.long_seconds, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                        workdir=args.workdir)
+                        workdir=args.workdir, split=args.split)
     pipeline = _open_pipeline(args.model, args)
     total = config.prompts + 2 * config.long_videos
     bar = tqdm(total=total, unit="video", file=sys.stderr, dynamic_ncols=True, disable=None)
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cfg", type=_number,
                     help="real classifier-free guidance against the empty prompt (default: the model's own)")
     ev.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    ev.add_argument("--split", choices=["held-out", "validation"], default="held-out",
+                    help="direction scenes: held-out (the reported ones, default) or validation (unseen "
+                         "training-distribution scenes, for choosing models and settings)")
     ev.add_argument("--workdir", help="keep every generated video in this directory (default: a temporary one)")
     ev.add_argument("--json", help="also write the per-video results to this JSON file")
     ev.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")

@@ -13,6 +13,10 @@ Three measurements, each on frames decoded from the generated mp4 (what a user g
   sharpness metric (mean absolute Laplacian of the luma) and a colour metric (Hasler and
   Suesstrunk's colourfulness), for inverted anti-drifting and vanilla sampling on the same model,
   scenes and seeds. Lower is better.
+
+``split="validation"`` measures motion direction on scenes of the training distribution instead (a
+stream no training config draws from, so unseen, and never a held-out scene), for choosing between
+models and settings without looking at the held-out scores that are reported.
 """
 
 from __future__ import annotations
@@ -72,8 +76,19 @@ def persistence(frames: np.ndarray, rgb: world.RGB) -> float:
 # ---- cases ---------------------------------------------------------------------------------------------------
 
 
-def direction_cases(n: int) -> list[world.WorldParams]:
-    """The first ``n`` held-out scenes whose caption implies one direction (bounce excluded)."""
+SPLITS = ("held-out", "validation")
+# Training draws world.stream(0) (the latent cache) or world.stream(seed * 1_000_003 + resume step),
+# which reaches this only at a resume step of 777_777: far past any run's length
+VALIDATION_SEED = 777_777
+
+
+def direction_cases(n: int, split: str = "held-out") -> list[world.WorldParams]:
+    """The first ``n`` scenes of ``split`` whose caption implies one direction (bounce excluded)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "validation":
+        scenes = (p for p in world.stream(VALIDATION_SEED) if world.expected_direction(p) is not None)
+        return [next(scenes) for _ in range(n)]
     cases: list[world.WorldParams] = []
     pool = 4 * n
     while len(cases) < n:
@@ -108,6 +123,7 @@ class EvalConfig:
     cfg: float | None = None  # real classifier-free guidance (negative prompt ""); None: the model's own
     seed: int = 0
     workdir: str | None = None  # keep the videos here (default: a temporary directory)
+    split: str = "held-out"  # the direction scenes: "held-out" (reported) or "validation" (for choosing)
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.long_videos < 0 or self.steps < 1:
@@ -116,6 +132,8 @@ class EvalConfig:
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
         if not (self.seconds > 0 and self.long_seconds > 0):
             raise ValueError("seconds must be > 0")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 
 @dataclass
@@ -157,7 +175,7 @@ def run_eval(config: EvalConfig, pipeline, progress: Callable[[str], None] = lam
     result = EvalResult(config=asdict(config))
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(config.workdir) if config.workdir else Path(scratch)
-        for i, params in enumerate(direction_cases(config.prompts)):
+        for i, params in enumerate(direction_cases(config.prompts, config.split)):
             frames = _generate(pipeline, config, params, config.seconds, None, config.seed + i, base / f"direction-{i:03d}")
             rgb = world.PALETTE[params.color]
             # an object that is gone cannot be "still": count it as lost (wrong for every prompt)
@@ -182,7 +200,8 @@ def format_table(result: EvalResult) -> str:
     moving = [r for r in result.direction if r["expected"] != "still"]
     still = [r for r in result.direction if r["expected"] == "still"]
     lines = [
-        f"model {c['model']}, {c['steps']} steps, cfg {1.0 if c.get('cfg') is None else c['cfg']:g}, seeds from {c['seed']}",
+        f"model {c['model']}, {c['steps']} steps, cfg {1.0 if c.get('cfg') is None else c['cfg']:g}, seeds from {c['seed']}"
+        + (f", {c['split']} scenes" if c.get("split", "held-out") != "held-out" else ""),
         "",
         "| measurement | model's mode / inverted (anti-drifting) | vanilla |",
         "|---|---|---|",
