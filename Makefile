@@ -48,9 +48,11 @@ demo-model: $(VENV)/.installed-train
 	$(VENV)/bin/framepack train configs/demo_vae.json
 	$(VENV)/bin/framepack train configs/demo_framepack.json
 	$(VENV)/bin/framepack train configs/demo_framepack_finetune.json
-	$(PY) -m framepack.train.package --cfg 4
-	$(VENV)/bin/framepack eval --json runs/eval.json > runs/eval.md
-	$(PY) -m framepack.train.package --cfg 4 --eval-table runs/eval.md
+	$(VENV)/bin/framepack train configs/demo_framepack_object.json
+	$(VENV)/bin/framepack train configs/demo_framepack_object2.json
+	$(PY) -m framepack.train.package --cfg 3
+	$(VENV)/bin/framepack eval --prompts 100 --long-videos 2 --json runs/eval.json > runs/eval.md
+	$(PY) -m framepack.train.package --cfg 3 --eval-table runs/eval.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

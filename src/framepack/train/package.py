@@ -145,7 +145,7 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         "",
         "Sampling modes: trained on all three layouts the planner produces (inverted anti-drifting, forward",
         "as F1, vanilla), for videos of 1 to 4 sections; its default is inverted. No image encoder, no",
-        "distilled-guidance embedder (the `--distilled-guidance` value is ignored). The fine-tune stage",
+        "distilled-guidance embedder (the `--distilled-guidance` value is ignored). From the fine-tune on, each stage",
         "replaced 10% of the captions by the empty prompt, so real CFG (`--cfg`, negative prompt \"\") works.",
         f"Defaults from its manifest: 128 px, sigma shift 3 (the training shift), cfg {resolve_model(str(model)).cfg(None):g}, 25 UniPC steps.",
         "",
@@ -166,7 +166,10 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         "fine-tunes it with the text encoders it ships with (LLaMA embeddings redrawn at unit scale, both",
         "encoders trained on the captions), on 600 clips all starting at t = 0 as inference does, each",
         "sample planned as a video of 1-4 sections, the inverted layout drawn half the time, 10% of the",
-        "captions dropped.",
+        "captions dropped; `demo-framepack-object` continues it on the same clips with the loss weighted 5x",
+        "on the latent cells the object touches (and their neighbours), and `demo-framepack-object2` on",
+        "1200 clips, the first 600 and 600 more of the same stream. The last two export the moving average",
+        "of their weights (0.999).",
     ]
     if eval_table:
         lines += ["", "## Evaluation (`framepack eval`, held-out scenes)", "", eval_table]
@@ -178,8 +181,9 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m framepack.train.package", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="src/framepack/assets/tiny")
-    parser.add_argument("--transformer", default="runs/demo-framepack-ft", help="the transformer run to ship")
-    parser.add_argument("--transformer-runs", nargs="*", default=["runs/demo-framepack", "runs/demo-framepack-ft"],
+    parser.add_argument("--transformer", default="runs/demo-framepack-object2", help="the transformer run to ship")
+    parser.add_argument("--transformer-runs", nargs="*", default=["runs/demo-framepack", "runs/demo-framepack-ft",
+                                                                  "runs/demo-framepack-object", "runs/demo-framepack-object2"],
                         help="transformer stages, for the card")
     parser.add_argument("--vae", default="runs/demo-vae", help="the VAE run to ship (its final/ is used)")
     parser.add_argument("--vae-runs", nargs="*", default=["runs/demo-vae"], help="VAE stages, for the card")
