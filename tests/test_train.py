@@ -496,6 +496,7 @@ def test_mirror_adds_each_cached_clips_reflection(tmp_path):
     mirrored = task._mirror_scenes()
     expected = [world.mirror(p) for p in itertools.islice(world.stream(0), 6)]
     assert [m for m, _ in mirrored] == [m for m in expected if m is not None and not world.is_held_out(m)]
+    assert task._mirror_scenes(list(task._cache_scenes())) == mirrored
     drawn = {caption for _, (_, _, caption) in zip(range(200), task._clips(np.random.default_rng(0), 0))}
     assert drawn == set(captions) | {world.caption(m) for m, _ in mirrored}
     more, more_captions = task._load_or_build_cache(task._mirror_cache_path(), mirrored)

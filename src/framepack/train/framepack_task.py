@@ -95,6 +95,13 @@ def motion_probabilities(motions: list[str], weights: dict[str, float]) -> np.nd
     return w / w.sum()
 
 
+def training_mirror(p: world.WorldParams) -> world.WorldParams | None:
+    """``p``'s mirror if it is a training scene: None for rotations (no mirror) and for a mirror in
+    the held-out bucket, which training must never see."""
+    m = world.mirror(p)
+    return None if m is None or world.is_held_out(m) else m
+
+
 def context_latents(plan: SectionPlan, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(latents, indices) per level for one clip's latents (1, C, L, h, w), as the planner lays it out."""
 
@@ -220,11 +227,14 @@ class FramePackTask:
         for _ in range(self.cache_clips):
             yield next(scenes), int(rng.integers(0, self.start_frames))
 
-    def _mirror_scenes(self) -> list[tuple[world.WorldParams, int]]:
-        """The cached clips' mirrors that are training scenes (rotations have none; a mirror in the
-        held-out bucket is left out). A prefix of the same list for more clips, like the cache."""
-        mirrored = ((world.mirror(p), start) for p, start in self._cache_scenes())
-        return [(m, start) for m, start in mirrored if m is not None and not world.is_held_out(m)]
+    def _mirror_scenes(
+        self, scenes: list[tuple[world.WorldParams, int]] | None = None
+    ) -> list[tuple[world.WorldParams, int]]:
+        """The mirrors of ``scenes`` (default: the cached clips) that are training scenes. A prefix
+        of the same list for more clips, like the cache."""
+        scenes = list(self._cache_scenes()) if scenes is None else scenes
+        mirrored = ((training_mirror(p), start) for p, start in scenes)
+        return [(m, start) for m, start in mirrored if m is not None]
 
     def _mirror_cache_path(self) -> Path:
         path = Path(self.cache_path)
@@ -233,10 +243,10 @@ class FramePackTask:
     def _clips(self, rng: np.random.Generator, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, str]]:
         """(latents, object cells or None, caption) forever: fresh renders, or random draws from the latent cache."""
         if self.cache_clips:
-            latents, captions = self._load_or_build_cache()
             scenes = list(self._cache_scenes())
+            latents, captions = self._load_or_build_cache(scenes=scenes)
             if self.mirror:  # in a cache file of their own, so the plain cache serves other configs
-                mirrored = self._mirror_scenes()
+                mirrored = self._mirror_scenes(scenes)
                 more, more_captions = self._load_or_build_cache(self._mirror_cache_path(), mirrored)
                 latents, captions, scenes = torch.cat([latents, more]), captions + more_captions, scenes + mirrored
             cells = [self._cells(p, start) for p, start in scenes]
@@ -250,8 +260,7 @@ class FramePackTask:
         while True:
             params = next(scenes)
             if self.mirror and rng.random() < 0.5:  # half the time its mirror, where it has one
-                mirrored = world.mirror(params)
-                params = params if mirrored is None or world.is_held_out(mirrored) else mirrored
+                params = training_mirror(params) or params
             if self.motion_weights and rng.random() * top >= self.motion_weights.get(params.motion, 1.0):
                 continue  # rejection sampling: a motion of weight w is kept w / max(weights) as often
             start = int(rng.integers(0, self.start_frames))
