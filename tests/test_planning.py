@@ -15,6 +15,7 @@ from framepack.planning import (
     parse_timeline,
     plan_sections,
     prompts_for_sections,
+    real_seconds,
     section_count,
 )
 
@@ -154,6 +155,21 @@ def test_counts():
     assert section_count(60) == 50
     assert frame_count(9 * 4 + 1) == 145
     assert inverted_paddings(6) == [3, 2, 2, 2, 1, 0]
+
+
+@given(st.floats(0.05, 120), st.integers(1, 33))
+def test_real_length_is_the_frames_the_plan_makes(seconds, window):
+    """The length reported to the user is the decoded frame count of the planned sections: one latent
+    for the start frame, ``window`` per section, 4 frames per latent after the first."""
+    sections = section_count(seconds, window)
+    frames = 1 + 4 * sections * window
+    assert real_seconds(seconds, window) == pytest.approx(frames / 30)
+    assert real_seconds(real_seconds(seconds, window), window) == pytest.approx(real_seconds(seconds, window))
+
+
+def test_real_lengths_named_in_the_issue():
+    assert round(real_seconds(5), 2) == 4.83
+    assert round(real_seconds(2), 2) == round(real_seconds(3), 2) == 2.43
 
 
 def test_timeline():

@@ -97,6 +97,16 @@ def frame_count(latents: int) -> int:
     return (latents - 1) * TEMPORAL_RATIO + 1
 
 
+def video_seconds(sections: int, window: int = DEFAULT_WINDOW, fps: int = FPS) -> float:
+    """The length a video of ``sections`` sections really has: its frame count over the frame rate."""
+    return frame_count(latent_count(sections, window)) / fps
+
+
+def real_seconds(seconds: float, window: int = DEFAULT_WINDOW, fps: int = FPS) -> float:
+    """What asking for ``seconds`` makes: sections come in whole windows, so 5 s makes 4.83 s."""
+    return video_seconds(section_count(seconds, window, fps), window, fps)
+
+
 def inverted_paddings(sections: int) -> list[int]:
     """Blank-gap sizes (in windows) per section, in generation order."""
     if sections > 4:
