@@ -1,0 +1,95 @@
+"""What the README and docs/ state about defaults and measurements agrees with the code and data.
+
+Each fact is written in the docs in a fixed phrase, so that these checks find it; a doc that
+stops stating it fails as surely as one that states it wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from framepack.settings import GenerationSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "src" / "framepack" / "assets" / "tiny" / "framepack.json"
+MODEL_CARD = ROOT / "src" / "framepack" / "assets" / "tiny" / "MODEL_CARD.md"
+USER_DOCS = ["README.md", "docs/generation.md", "docs/demo-model.md"]
+
+
+def text(name: str) -> str:
+    """The file with every run of whitespace made one space, so phrases may wrap anywhere."""
+    return re.sub(r"\s+", " ", (ROOT / name).read_text())
+
+
+def stated(pattern: str, name: str) -> list[tuple[str, ...]]:
+    found = [m.groups() for m in re.finditer(pattern, text(name), flags=re.IGNORECASE)]
+    assert found, f"{name} no longer states /{pattern}/"
+    return found
+
+
+@pytest.mark.parametrize("name", USER_DOCS)
+def test_the_demo_models_default_cfg_is_the_manifests(name):
+    cfg = json.loads(MANIFEST.read_text())["cfg"]
+    for (value,) in stated(r"the demo model's default CFG is (\d+(?:\.\d+)?)", name):
+        assert float(value) == cfg, f"{name} says the demo model's default CFG is {value}; its manifest says {cfg}"
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/generation.md"])
+def test_the_stated_generation_defaults_are_the_settings_defaults(name):
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
+    for seconds, seed, steps in stated(r"Defaults: `--seconds (\S+?)`, `--seed (\d+)`, `--steps (\d+)`", name):
+        assert (float(seconds), int(seed), int(steps)) == (defaults["seconds"], defaults["seed"], defaults["steps"])
+
+
+def test_no_doc_names_another_default_seed():
+    seed = next(f.default for f in dataclasses.fields(GenerationSettings) if f.name == "seed")
+    for name in ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]:
+        for other in re.findall(r"default seed (?:is )?(\d+)|seed \(default (\d+)\)", text(name), flags=re.IGNORECASE):
+            assert int("".join(other)) == seed, f"{name} names the default seed {''.join(other)}, not {seed}"
+
+
+def test_the_demo_timing_is_one_range_everywhere():
+    phrase = r"(\d+-\d+) s of generation with real CFG and (\d+-\d+) s for the whole command, over several runs on (\d+) CPU cores"
+    ranges = {found for name in ["README.md", "docs/demo-model.md"] for found in stated(phrase, name)}
+    assert len(ranges) == 1, f"the demo's timing is stated as several ranges: {sorted(ranges)}"
+    (generation, command, _cores), = ranges
+    low, high = (int(x) for x in generation.split("-"))
+    assert low <= high and int(command.split("-")[0]) >= low  # the command includes the generation
+
+
+def published_table(markdown: str) -> str:
+    """The evaluation table the package writes: from its 'model tiny, ...' line to the last row."""
+    start = markdown.index("model tiny, ")
+    rows = markdown[start:].split("\n\n", 2)
+    return rows[0] + "\n\n" + rows[1]
+
+
+def test_every_eval_recipe_is_the_command_behind_the_published_table():
+    doc = (ROOT / "docs" / "demo-model.md").read_text()
+    shipped = doc[doc.index("### The shipped model"):]
+    table = published_table(shipped)
+    # the table the model card carries is the one the docs publish
+    assert table == published_table(MODEL_CARD.read_text())
+    prompts = int(re.search(r"all (\d+) prompts", table).group(1))
+    long_videos = int(re.search(r"(\d+) videos of 30 s", table).group(1))
+    cfg = json.loads(MANIFEST.read_text())["cfg"]
+    assert re.search(rf"\bcfg {cfg:g}\b", table.splitlines()[0]), "the table was not measured at the manifest's cfg"
+
+    # Where the docs tell a user how to evaluate (the README, the usage block at the top of
+    # docs/demo-model.md, the shipped model's section) and in `make demo-model`, every `framepack
+    # eval` is the command behind the table. The history sections keep the commands of their own tables.
+    recipe = f"framepack eval --prompts {prompts} --long-videos {long_videos}"
+    usage = doc[: doc.index("## The world")]
+    makefile = (ROOT / "Makefile").read_text()
+    for where, words in [("README.md", (ROOT / "README.md").read_text()), ("docs/demo-model.md usage", usage),
+                         ("Makefile", makefile)]:
+        commands = re.findall(r"framepack eval\b[^`#\n]*", words)
+        assert commands, f"{where} shows no `framepack eval`"
+        for command in commands:
+            assert command.startswith(recipe), f"{where}: `{command.strip()}` is not `{recipe}`"
+    assert recipe in shipped[: shipped.index("\n|")], "the shipped model's section does not name its table's command"
