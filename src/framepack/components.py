@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from .model import FramePackTransformer
-from .model.io import CheckpointError, resolve_source
+from .model.io import CheckpointError, read_headers, resolve_source
 from .planning import Mode
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,153 @@ LLAMA_MAX_TOKENS = 256  # valid prompt tokens after the template
 LLAMA_LAYER = -3  # hidden_states[-3]: two layers before the last
 CLIP_MAX_TOKENS = 77
 VAE_SCALING = 0.476986
+
+
+# ---- loading: one place that turns every failure into a one-line error ---------------------------------
+
+
+class ComponentError(ValueError):
+    """A component (transformer, text encoder, tokenizer, image encoder, VAE) that cannot be loaded."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MESSAGE_LIMIT = 240  # characters of a library's own message kept in ours
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """The gist of an exception in one line: its first line (and the next one where the first only
+    introduces a list, as torch's "Error(s) in loading state_dict for X:" does)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    if len(text) <= limit:
+        return text
+    # too long: whole sentences up to the limit (libraries append advice for their API's callers)
+    kept = ""
+    for sentence in re.split(r"(?<=\.) ", text):
+        if kept and len(kept) + 1 + len(sentence) > limit:
+            break
+        kept = f"{kept} {sentence}".strip()
+    return kept if len(kept) <= limit else kept[: limit - 3].rstrip() + "..."
+
+
+@contextmanager
+def _quiet(library: str | None) -> Iterator[None]:
+    """transformers' / diffusers' own progress bars and load reports off while a component loads
+    (the caller shows its own progress; problems come back as errors), restored afterwards."""
+    if library is None:
+        yield
+        return
+    logs = __import__(f"{library}.utils.logging", fromlist=["logging"])
+    bars, level = logs.is_progress_bar_enabled(), logs.get_verbosity()
+    logs.disable_progress_bar()
+    logs.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logs.set_verbosity(level)
+        if bars:
+            logs.enable_progress_bar()
+
+
+@contextmanager
+def loading(component: str, where: str | Path, library: str | None = None) -> Iterator[None]:
+    """Every failure inside turns into one :class:`ComponentError` naming the component and the problem.
+
+    Loading goes through transformers, diffusers, safetensors, tokenizers and our own readers,
+    which fail with their own types (OSError, RuntimeError on a size mismatch, SafetensorError,
+    JSON errors, TypeError from a malformed config, ...); the user needs which component, where,
+    and what is wrong, in one line. The full traceback is logged at DEBUG level.
+    """
+    try:
+        with _quiet(library):
+            yield
+    except ComponentError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any failure of a third-party loader, see above)
+        log.debug("loading the %s from %s failed", component, where, exc_info=True)
+        problem = one_line(exc).replace(f"{where}/", "")  # paths inside it, relative to the one we name
+        raise ComponentError(f"cannot load the {component} from {where}: {problem}") from None
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse what from_pretrained must not see: no weights, pickle weights (loading a pickle can
+    run code), a pickle renamed .safetensors, a truncated file. Reads the safetensors headers only."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(f"only pickle weights there ({', '.join(pickles)}); framepack loads .safetensors "
+                                  "only, since loading a pickle can run code: convert them to safetensors")
+        raise CheckpointError("no .safetensors weights there")
+    read_headers(weights)
+
+
+def check_loading_info(info: dict[str, Any]) -> None:
+    """transformers / diffusers ``output_loading_info``: missing or mis-shaped tensors are errors
+    (those libraries would leave them randomly initialized with a warning)."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        first = mismatched[0]  # transformers: (name, shape in the file, shape the config gives)
+        example = f"{first[0]} {tuple(first[1])} (the config expects {tuple(first[2])})" if isinstance(first, tuple) else first
+        raise CheckpointError(f"{len(mismatched)} tensors with the wrong shape, e.g. {example}")
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{len(missing)} tensors missing from the weights: {', '.join(missing[:3])}{more}")
+    if info.get("unexpected_keys"):
+        log.debug("unused tensors in the weights: %s", sorted(info["unexpected_keys"])[:5])
+
+
+def _hf_model(cls, folder: Path, dtype: torch.dtype, device: str | torch.device, **kwargs: Any):
+    """A transformers / diffusers model from a local folder: safetensors only, strict about tensors."""
+    check_weights(folder)
+    model, info = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, output_loading_info=True,
+                                      **kwargs)
+    check_loading_info(info)
+    return model.to(device)
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not folder.is_dir():  # else transformers takes the path for a hub id and says so
+        raise CheckpointError(f"{folder} does not exist")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against this machine (before
+    anything loads, so a typo or a missing GPU is one line, not a failure deep in a library)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    usage = "use auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {name!r}; {usage}") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available here (no NVIDIA GPU, or a CPU-only PyTorch); "
+                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                             f"(cuda:0 .. cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r}: Apple's MPS is not available here; use --device cpu")
+        return device
+    raise ValueError(f"device {name!r} is not supported; {usage}")
 
 
 @dataclass
@@ -100,15 +250,23 @@ class HunyuanTextEncoder:
     @classmethod
     def from_pretrained(cls, root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         crop_start: int | None = None) -> "HunyuanTextEncoder":
-        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
-
-        return cls(
-            LlamaModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device),
-            AutoTokenizer.from_pretrained(root / "tokenizer"),
-            CLIPTextModel.from_pretrained(root / "text_encoder_2", torch_dtype=dtype).to(device),
-            AutoTokenizer.from_pretrained(root / "tokenizer_2"),
-            crop_start=crop_start,
-        )
+        with loading("text encoders", root, "transformers"):
+            from transformers import CLIPTextModel, LlamaModel
+        parts = {}
+        for key, component, folder in [("llama", "text encoder (LLaMA)", "text_encoder"),
+                                       ("llama_tokenizer", "tokenizer (LLaMA)", "tokenizer"),
+                                       ("clip", "text encoder 2 (CLIP)", "text_encoder_2"),
+                                       ("clip_tokenizer", "tokenizer 2 (CLIP)", "tokenizer_2")]:
+            with loading(component, root / folder, "transformers"):
+                if key.endswith("tokenizer"):
+                    parts[key] = _tokenizer(root / folder)
+                else:
+                    model_class = LlamaModel if key == "llama" else CLIPTextModel
+                    # mismatched sizes are reported (check_loading_info), not raised as a RuntimeError
+                    # that points at a report we keep quiet
+                    parts[key] = _hf_model(model_class, root / folder, dtype, device, ignore_mismatched_sizes=True)
+        with loading("tokenizer (LLaMA)", root / "tokenizer", "transformers"):
+            return cls(**parts, crop_start=crop_start)
 
     def forward(self, prompts: list[str], pad_to_max: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Differentiable batch: LLaMA states (B, 256, D) after the template crop, their mask (B, 256)
@@ -135,8 +293,19 @@ class HunyuanTextEncoder:
 
     @torch.no_grad()
     def encode(self, prompt: str) -> TextEmbedding:
+        for encoder, dropped, kept in self.dropped_tokens(prompt):
+            log.warning("the prompt is too long for the %s: its last %d tokens are dropped (it reads %d): %.60r",
+                        encoder, dropped, kept, prompt)
         states, mask, pooled = self.forward([prompt])
         return TextEmbedding(states.float().cpu(), mask.cpu(), pooled.float().cpu())
+
+    def dropped_tokens(self, prompt: str) -> list[tuple[str, int, int]]:
+        """(encoder, tokens cut off, tokens it reads) for each encoder that truncates ``prompt``."""
+        llama = len(self.llama_tokenizer(self.template.format(prompt))["input_ids"]) - self.crop_start
+        clip = len(self.clip_tokenizer(prompt)["input_ids"])
+        over = [("LLaMA text encoder", llama - LLAMA_MAX_TOKENS, LLAMA_MAX_TOKENS),
+                ("CLIP text encoder", clip - CLIP_MAX_TOKENS, CLIP_MAX_TOKENS)]
+        return [entry for entry in over if entry[1] > 0]
 
 
 class SiglipImageEncoder:
@@ -145,12 +314,15 @@ class SiglipImageEncoder:
 
     @classmethod
     def from_pretrained(cls, root: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        from transformers import SiglipImageProcessor, SiglipVisionModel
+        with loading("image encoder (SigLIP)", root / "image_encoder", "transformers"):
+            from transformers import SiglipImageProcessor, SiglipVisionModel  # (it warns at import)
 
-        return cls(
-            SiglipVisionModel.from_pretrained(root / "image_encoder", torch_dtype=dtype).to(device),
-            SiglipImageProcessor.from_pretrained(root / "feature_extractor"),
-        )
+            model = _hf_model(SiglipVisionModel, root / "image_encoder", dtype, device, ignore_mismatched_sizes=True)
+        with loading("image processor (SigLIP)", root / "feature_extractor", "transformers"):
+            if not (root / "feature_extractor").is_dir():
+                raise CheckpointError(f"{root / 'feature_extractor'} does not exist")
+            processor = SiglipImageProcessor.from_pretrained(root / "feature_extractor")
+        return cls(model, processor)
 
     @torch.no_grad()
     def encode(self, image: np.ndarray) -> torch.Tensor:
@@ -171,9 +343,10 @@ class HunyuanVAE:
     def from_pretrained(cls, directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         tiling: bool = False) -> "HunyuanVAE":
         """From the ``vae`` folder itself."""
-        from diffusers import AutoencoderKLHunyuanVideo
+        with loading("VAE", directory, "diffusers"):
+            from diffusers import AutoencoderKLHunyuanVideo
 
-        return cls(AutoencoderKLHunyuanVideo.from_pretrained(directory, torch_dtype=dtype).to(device), tiling)
+            return cls(_hf_model(AutoencoderKLHunyuanVideo, Path(directory), dtype, device), tiling)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -284,6 +457,9 @@ HUNYUAN_FILES = _files_of("text_encoder", "tokenizer", "text_encoder_2", "tokeni
 REDUX_FILES = _files_of("image_encoder", "feature_extractor")
 
 
+LOAD_STEPS = ("transformer", "text encoders", "image encoder", "VAE")  # what on_step names, in order
+
+
 def load_components(
     source: ModelSource,
     dtype: torch.dtype = torch.float32,
@@ -291,31 +467,42 @@ def load_components(
     vae_tiling: bool = False,
     local_files_only: bool = False,
     cache_dir: str | Path | None = None,
+    on_step: Callable[[str], None] = lambda step: None,
 ) -> Components:
-    """Fetch (cached, resumable) or open each component and build it."""
+    """Fetch (cached, resumable) or open each component and build it.
+
+    Every failure is a :class:`ComponentError` (a ValueError) naming the component, in one line.
+    ``on_step`` is called with each name of :data:`LOAD_STEPS` as that part starts (progress).
+    """
     hub = dict(local_files_only=local_files_only, cache_dir=cache_dir)
-    try:
-        hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES, **hub)
-        redux = resolve_source(source.redux, allow_patterns=REDUX_FILES, **hub) if source.redux else None
-    except CheckpointError as exc:
-        raise ValueError(str(exc)) from None
+    on_step("transformer")
     log.info("loading transformer from %s", source.transformer)
-    transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device, **hub)
+    with loading("transformer", source.transformer):
+        transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device, **hub)
+    on_step("text encoders")
+    with loading("text encoders", source.hunyuan):
+        hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES, **hub)
     log.info("loading text encoders and VAE from %s", hunyuan)
     text = HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
-    image = SiglipImageEncoder.from_pretrained(redux, dtype, device) if redux else None
+    on_step("image encoder")
+    image = None
+    if source.redux:
+        with loading("image encoder", source.redux):
+            redux = resolve_source(source.redux, allow_patterns=REDUX_FILES, **hub)
+        image = SiglipImageEncoder.from_pretrained(redux, dtype, device)
+    on_step("VAE")
     vae = load_vae(Path(source.vae) if source.vae else hunyuan / "vae", dtype, device, vae_tiling)
     return Components(transformer, text, image, vae, source)
 
 
 def load_vae(directory: Path, dtype: torch.dtype, device: str | torch.device, tiling: bool) -> VideoAutoencoder:
     """The VAE named by the directory's config.json: HunyuanVideo's, or our small one."""
-    try:
+    with loading("VAE", directory):
         class_name = json.loads((directory / "config.json").read_text()).get("_class_name")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"no readable VAE config in {directory} ({exc})") from None
     if class_name == "SmallVideoAutoencoder":
         from .small_vae import SmallVideoAutoencoder
 
-        return SmallVideoAutoencoder.from_pretrained(directory).to(device=device)  # small: always fp32
+        with loading("VAE", directory):
+            check_weights(directory)
+            return SmallVideoAutoencoder.from_pretrained(directory).to(device=device)  # small: always fp32
     return HunyuanVAE.from_pretrained(directory, dtype, device, tiling=tiling)

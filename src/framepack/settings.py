@@ -13,8 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .planning import MODES, parse_timeline
-from .sampling import SAMPLERS
+from .planning import MODES, parse_timeline, real_seconds, section_count
+
+# Light on purpose: the CLI reads DEFAULT_SEED for its help, which must not import torch
+# (framepack.sampling does; its SAMPLERS are looked up only when settings are checked).
 
 MAX_SECONDS = 120.0  # the reference UI's limit; memory and time per section are flat, patience is not
 MAX_STEPS = 200
@@ -71,6 +73,8 @@ class GenerationSettings:
             yield f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}"
         if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
             yield f"shift must be a finite number > 0, got {self.shift}"
+        from .sampling import SAMPLERS
+
         if self.sampler not in SAMPLERS:
             yield f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}"
         if self.mode is not None and self.mode not in MODES:
@@ -89,6 +93,24 @@ class GenerationSettings:
             parse_timeline(self.prompt)
         except ValueError as exc:
             yield str(exc)
+        if self.section_prompts is not None:
+            yield from self._section_prompt_problems()
+
+    def _section_prompt_problems(self):
+        # checked here, not when the pipeline plans the sections: by then a job directory exists
+        # that --resume could never finish
+        if not isinstance(self.section_prompts, (tuple, list)):
+            yield f"section prompts must be a list of prompts, got {self.section_prompts!r}"
+            return
+        count = section_count(self.seconds, self.window)
+        given = len(self.section_prompts)
+        if given not in (1, count):
+            yield (f"{given} section prompts for a {real_seconds(self.seconds, self.window):.2f} s video of "
+                   f"{count} section{'s' if count > 1 else ''}: give one per section, or one for all")
+        for i, text in enumerate(self.section_prompts, 1):
+            if not isinstance(text, str) or not text.strip():
+                yield f"section prompt {i} is empty"
+                break
 
     def replace(self, **changes: Any) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

@@ -125,10 +125,29 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+# How pickles start: torch.save's zip archive, or a bare pickle (protocol 2+ opcode)
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def is_pickle(file: Path) -> bool:
+    """Whether ``file`` holds a torch/pickle checkpoint (whatever its name says)."""
+    try:
+        with open(file, "rb") as f:
+            return f.read(4).startswith(PICKLE_MAGIC)
+    except OSError:
+        return False
+
+
 def read_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
-    """name -> (shape, dtype tag, file) from the safetensors headers only (no tensor data)."""
+    """name -> (shape, dtype tag, file) from the safetensors headers only (no tensor data).
+
+    safetensors checks that the header's offsets cover the file exactly, so a truncated file
+    fails here, before any data is read."""
     entries: dict[str, tuple[tuple[int, ...], str, Path]] = {}
     for file in files:
+        if is_pickle(file):
+            raise CheckpointError(f"{file} is a pickle (torch.save) file, not safetensors; framepack does not "
+                                  "load pickles, since loading one can run code: convert it to safetensors")
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
