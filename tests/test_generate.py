@@ -182,3 +182,46 @@ def test_a_bad_cfg_is_named_and_none_means_the_models_own(cfg, message):
     with pytest.raises(ValueError, match=message):  # a ValueError that names it, not a TypeError
         GenerationSettings(image="a.png", prompt="p", cfg=cfg)
     assert GenerationSettings(image="a.png", prompt="p").cfg is None
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stores its pixels sideways and says so in EXIF; it must load upright."""
+    from PIL import Image
+
+    from framepack.images import load_image
+
+    stored = np.zeros((32, 64, 3), np.uint8)  # 64 wide, 32 high as stored
+    stored[:8, :8] = (255, 0, 0)  # a mark in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "phone.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    upright = load_image(path)
+    assert upright.shape == (64, 32, 3)
+    assert np.array_equal(upright, np.rot90(stored, k=-1))  # the mark is now top-right
+    assert (upright[:8, -8:] == (255, 0, 0)).all()
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming ``width`` x ``height`` (no pixel data: nothing may decode it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width, height", [(30000, 30000), (9000, 5000)])
+def test_an_oversized_image_names_its_size_and_the_limit(tmp_path, width, height):
+    """Past Pillow's own bomb limit (30000x30000) as below it: the size and our limit, one line."""
+    image = huge_png(tmp_path / "huge.png", width, height)
+    result = subprocess.run([FRAMEPACK, "generate", "--model", "tiny", "--image", str(image), "--prompt", "p",
+                             "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"framepack: error: image huge.png is {width}x{height} = {width * height / 1e6:.1f} MP; the limit is 40 MP"]
+    assert not list(tmp_path.glob("v.*"))

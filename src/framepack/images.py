@@ -35,12 +35,13 @@ def nearest_bucket(height: int, width: int, resolution: int = 640) -> tuple[int,
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB.
+    """Read an image file as (H, W, 3) uint8 RGB, upright.
 
-    CMYK, palette, greyscale and 16-bit images are converted; transparency is composited on white.
-    Raises ValueError with a one-line reason for missing, empty, corrupt or oversized files.
+    The EXIF orientation (how a phone held the camera) is applied. CMYK, palette, greyscale and
+    16-bit images are converted; transparency is composited on white. Raises ValueError with a
+    one-line reason for missing, empty, corrupt or oversized files.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -51,17 +52,47 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ValueError(f"image file is empty: {path}")
     try:
         with Image.open(path) as img:
-            if img.width * img.height > max_pixels:
-                raise ValueError(
-                    f"image {path.name} is {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP; "
-                    f"the limit is {max_pixels / 1e6:.0f} MP"
-                )
+            _check_size(path, img.width, img.height, max_pixels)
             img.load()
-            return to_rgb(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            return to_rgb(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError:
+        # Pillow refuses huge images before we see their size: read it from the header ourselves
+        size = declared_size(path)
+        if size is not None:
+            _check_size(path, *size, max_pixels)
+        raise ValueError(f"image {path.name} is larger than the limit of {max_pixels / 1e6:.0f} MP") from None
+    except UnidentifiedImageError as exc:
         raise ValueError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
     except OSError as exc:
         raise ValueError(f"not a readable image: {path} ({exc})") from None
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ValueError(f"image {path.name} is {width}x{height} = {width * height / 1e6:.1f} MP; "
+                         f"the limit is {max_pixels / 1e6:.0f} MP")
+
+
+def declared_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header through Pillow's format plugins, without the
+    decompression-bomb check that ``Image.open`` applies (it runs before we could name the size).
+    Nothing is decoded; None if no plugin reads the header."""
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for name in Image.ID:
+            factory, accept = Image.OPEN[name]
+            if accept is not None and not accept(prefix):
+                continue
+            fp.seek(0)
+            try:
+                header = factory(fp, str(path))
+            except Exception:  # noqa: BLE001  (a plugin that cannot read it: try the next one)
+                continue
+            return header.size
+    return None
 
 
 def to_rgb(img) -> np.ndarray:

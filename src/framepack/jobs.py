@@ -4,6 +4,7 @@ Layout::
 
     JOB/
       settings.json          the validated GenerationSettings (image paths point at the copies)
+      job.json               written once: the output path and the input images' own file names
       inputs/start.png       copies of the input images, so a resume never depends on them
       inputs/end.png
       sections/0000.safetensors   latents of section 0 (generation order) + CPU RNG state after it
@@ -11,33 +12,150 @@ Layout::
       video/pending-0000.npy      frames a later section will still blend into (after section 0)
       state.json             {"finished": k, "out": ...}: written last, so it is the commit point
       provisional.mp4        the video so far (in the job directory: never mistaken for a result)
+      lock                   held (flock) by the process computing the job; names its pid
 
-Every file is written to a temporary name and renamed, so a crash leaves either the old or the
-new version, never half a file.
+Every file is written to a temporary name, flushed to the disk and renamed, so a crash or a power
+loss leaves either the old or the new version, never half a file, and a committed section is on
+the disk before the state that counts it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .settings import GenerationSettings
 
+log = logging.getLogger(__name__)
+
 SETTINGS = "settings.json"
 STATE = "state.json"
+ORIGIN = "job.json"
+LOCK = "lock"
+_SECTION_NAME = re.compile(r"^(\d{4})\.safetensors$")
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+# ---- durable writes ------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the rename is then as durable as it gets
+        pass
+    finally:
+        os.close(fd)
+
+
+def no_space_error(path: Path) -> OSError:
+    """The one-line error for a full disk: names the file and says why."""
+    error = OSError(f"no space left on the device: could not write {path}")
+    error.errno = errno.ENOSPC
+    return error
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)``, fsync, rename over ``path``, fsync the directory.
+
+    On any failure the temporary file is removed; a full disk raises an OSError naming ``path``.
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise no_space_error(path) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_with(writer: Callable[[IO[bytes]], None]) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            writer(f)
+    return write
+
+
+def write_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, _write_with(lambda f: f.write(text.encode())))
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- the lock ----------------------------------------------------------------------------------------------
+
+
+class JobLock:
+    """An exclusive, non-blocking flock on ``JOB/lock``: the kernel drops it when the process dies."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK
+        self._file: IO[str] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        if self._file is not None:
+            return
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise ValueError(f"job {self.path.parent} is already being computed by another process (pid {pid})") from None
+        except BaseException:
+            f.close()
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+
+# ---- the job -------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -46,6 +164,9 @@ class JobDir:
     settings: GenerationSettings
     out: Path
     finished: int = 0
+    # the input images' own file names (the copies are inputs/start.*, inputs/end.*)
+    input_names: dict[str, str | None] = field(default_factory=dict)
+    _lock: JobLock | None = field(default=None, repr=False, compare=False)
 
     # ---- creation and opening ------------------------------------------------------------------
 
@@ -54,35 +175,94 @@ class JobDir:
         root = Path(root)
         if (root / STATE).exists():
             raise ValueError(f"{root} already holds a job; resume it with --resume {root}")
+        made_root = not root.exists()
+        try:
+            return cls._create(root, settings, Path(out).resolve())
+        except BaseException:
+            if made_root:  # nothing half-made is left that could be mistaken for a job
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _create(cls, root: Path, settings: GenerationSettings, out: Path) -> "JobDir":
         (root / "inputs").mkdir(parents=True, exist_ok=True)
         (root / "sections").mkdir(exist_ok=True)
         (root / "video").mkdir(exist_ok=True)
-        start = root / "inputs" / ("start" + Path(settings.image).suffix.lower())
-        shutil.copyfile(settings.image, start)
-        end = None
-        if settings.end_image is not None:
-            end = root / "inputs" / ("end" + Path(settings.end_image).suffix.lower())
-            shutil.copyfile(settings.end_image, end)
-        stored = settings.replace(image=str(start.resolve()), end_image=None if end is None else str(end.resolve()))
-        stored.save(root / SETTINGS)
-        job = cls(root, stored, Path(out).resolve(), 0)
-        job._write_state()
+
+        def copy(source: str, stem: str) -> Path:
+            target = root / "inputs" / (stem + Path(source).suffix.lower())
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+            return target.resolve()
+
+        start = copy(settings.image, "start")
+        end = None if settings.end_image is None else copy(settings.end_image, "end")
+        names = {"image": Path(settings.image).name,
+                 "end_image": None if settings.end_image is None else Path(settings.end_image).name}
+        stored = settings.replace(image=str(start), end_image=None if end is None else str(end))
+        write_json(root / ORIGIN, {"out": str(out), **names})
+        write_json(root / SETTINGS, stored.to_dict())
+        job = cls(root, stored, out, 0, names)
+        job._write_state()  # last: only now is it a job
         return job
 
     @classmethod
     def open(cls, root: Path) -> "JobDir":
+        """Open a job; a missing or damaged state.json is rebuilt (in memory) from the section files."""
         root = Path(root)
-        if not (root / STATE).is_file() or not (root / SETTINGS).is_file():
+        if not (root / SETTINGS).is_file():
+            if root.is_dir() and (root / STATE).is_file():
+                raise ValueError(f"{root / SETTINGS} is missing; a job cannot continue without its settings: "
+                                 "start a new one (framepack generate --from its video, if there is one)")
             raise ValueError(f"{root} is not a framepack job directory (no {STATE} / {SETTINGS})")
+        try:
+            settings = GenerationSettings.load(root / SETTINGS)
+        except (ValueError, OSError, TypeError, AttributeError) as exc:
+            reason = _first_line(exc).replace(f"{root / SETTINGS} ", "")
+            raise ValueError(f"{root / SETTINGS} is damaged ({reason}); a job cannot continue without its settings: "
+                             "start a new one (framepack generate --from its video, if there is one)") from None
+        origin = _read_json(root / ORIGIN) or {}
+        names = {"image": origin.get("image") if isinstance(origin.get("image"), str) else Path(settings.image).name,
+                 "end_image": origin.get("end_image") if isinstance(origin.get("end_image"), str) else
+                 None if settings.end_image is None else Path(settings.end_image).name}
         try:
             state = json.loads((root / STATE).read_text())
             finished, out = int(state["finished"]), Path(state["out"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{root / STATE} is damaged ({exc})") from None
-        return cls(root, GenerationSettings.load(root / SETTINGS), out, finished)
+            if finished < 0:
+                raise ValueError(f"finished = {finished}")
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            reason = "missing" if not (root / STATE).exists() else f"damaged ({exc.__class__.__name__}: {exc})"
+            out = _recorded_out(root, origin)
+            finished = len(_section_run(root))
+            log.warning("%s is %s: rebuilt from the %d section file(s) present; the video goes to %s",
+                        root / STATE, reason, finished, out)
+        return cls(root, settings, out, finished, names)
 
     def _write_state(self) -> None:
-        _atomic_json(self.root / STATE, {"finished": self.finished, "out": str(self.out)})
+        write_json(self.root / STATE, {"finished": self.finished, "out": str(self.out)})
+
+    # ---- the lock --------------------------------------------------------------------------------------
+
+    def acquire(self) -> "JobDir":
+        """Take the job's lock (ValueError naming the holder's pid if another process has it)."""
+        if self._lock is None:
+            self._lock = JobLock(self.root)
+        self._lock.acquire()
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    @contextmanager
+    def locked(self) -> Iterator["JobDir"]:
+        """Hold the lock for the block; a lock already held (``acquire``) is kept afterwards."""
+        already = self._lock is not None and self._lock.held
+        self.acquire()
+        try:
+            yield self
+        finally:
+            if not already:
+                self.release()
 
     # ---- sections ------------------------------------------------------------------------------------
 
@@ -100,31 +280,52 @@ class JobDir:
         return self.root / "provisional.mp4"
 
     def save_latents(self, step: int, latents: torch.Tensor, rng_state: torch.Tensor) -> None:
+        tensors = {"latents": latents.detach().float().cpu().contiguous(), "rng_state": rng_state.clone()}
+        data = save(tensors, metadata={"sha256": _checksum(tensors), "model": self.settings.model})
+        atomic_write(self.section_path(step), _write_with(lambda f: f.write(data)))
+
+    def read_section(self, step: int) -> dict[str, Any]:
+        """``{"latents", "rng_state", "model"}`` of a section; ValueError naming the file if it is damaged.
+
+        A missing file raises FileNotFoundError (the caller may recompute it).
+        """
         path = self.section_path(step)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"latents": latents.detach().float().cpu().contiguous(), "rng_state": rng_state.clone()}, str(tmp))
-        os.replace(tmp, path)
+        if not path.is_file():
+            raise FileNotFoundError(f"section file {path} is missing")
+        fix = f"delete it and resume again to recompute sections {step + 1} onwards"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"section file {path} is damaged ({_first_line(exc)}): {fix}") from None
+        if set(tensors) != {"latents", "rng_state"}:
+            raise ValueError(f"section file {path} is damaged (holds {', '.join(sorted(tensors)) or 'nothing'}): {fix}")
+        if "sha256" in meta and meta["sha256"] != _checksum(tensors):
+            raise ValueError(f"section file {path} is damaged (its checksum does not match its contents): {fix}")
+        return {**tensors, "model": meta.get("model")}
 
     def load_latents(self, step: int) -> torch.Tensor:
-        return load_file(str(self.section_path(step)))["latents"]
+        return self.read_section(step)["latents"]
 
     def rng_state(self, step: int) -> torch.Tensor:
-        return load_file(str(self.section_path(step)))["rng_state"]
+        return self.read_section(step)["rng_state"]
 
     def save_pending(self, step: int, frames: np.ndarray | None) -> None:
         if frames is None:
             return
-        path = self.pending_path(step)
-        tmp = path.with_name(path.stem + ".tmp.npy")
-        np.save(tmp, frames)
-        os.replace(tmp, path)
+        atomic_write(self.pending_path(step), _write_with(lambda f: np.save(f, frames)))
 
     def load_pending(self) -> np.ndarray | None:
-        """Pending frames after the last finished section (None before the first)."""
+        """Pending frames after the last finished section (None before the first, or if missing or unreadable)."""
         if self.finished == 0:
             return None
         path = self.pending_path(self.finished - 1)
-        return np.load(path) if path.exists() else None
+        try:
+            return np.load(path) if path.exists() else None
+        except (OSError, ValueError, EOFError) as exc:
+            log.warning("%s is unreadable (%s)", path, _first_line(exc))
+            return None
 
     def commit(self, step: int) -> None:
         """Mark sections 0..step finished: the single write that makes them count."""
@@ -135,6 +336,46 @@ class JobDir:
             if old != self.pending_path(step):
                 old.unlink(missing_ok=True)
 
+    def rollback(self, finished: int) -> None:
+        """Count only sections 0..finished-1 as done (the later ones will be computed again)."""
+        self.finished = finished
+        self._write_state()
+
     def segments(self) -> list[Path]:
         """Segments written so far, in arrival (generation) order."""
         return [self.segment_path(s) for s in range(self.finished) if self.segment_path(s).exists()]
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _section_run(root: Path) -> list[int]:
+    """Steps 0, 1, ... whose section files are present, up to the first gap."""
+    present = {int(m.group(1)) for p in (root / "sections").glob("*.safetensors") if (m := _SECTION_NAME.match(p.name))}
+    run: list[int] = []
+    while len(run) in present:
+        run.append(len(run))
+    return run
+
+
+def _recorded_out(root: Path, origin: dict) -> Path:
+    """Where the video goes when state.json cannot say: job.json, else the CLI's ``VIDEO.job`` naming."""
+    if isinstance(origin.get("out"), str):
+        return Path(origin["out"])
+    if root.name.endswith(".job") and len(root.name) > len(".job"):
+        return (root.parent / (root.name[: -len(".job")] + ".mp4")).resolve()
+    raise ValueError(f"{root / STATE} is damaged and the job does not record where its video goes: "
+                     f"write {{\"finished\": 0, \"out\": \"VIDEO.mp4\"}} into it and resume again")

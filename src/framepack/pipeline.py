@@ -31,6 +31,7 @@ from .planning import (
     START,
     SectionPlan,
     decode_span,
+    frame_count,
     parse_timeline,
     plan_sections,
     prompts_for_sections,
@@ -38,7 +39,19 @@ from .planning import (
 )
 from .sampling import TIMESTEP_SCALE, Step, get_sampler, guided_velocity, sigma_schedule, velocity_denoiser
 from .settings import GenerationSettings
-from .video import Assembler, concat_segments, fit_latent_to_rgb, overlap_frames, preview_frames, to_frames, to_uint8, write_segment
+from .video import (
+    Assembler,
+    assembly_layout,
+    concat_segments,
+    embedded_settings,
+    fit_latent_to_rgb,
+    overlap_frames,
+    preview_frames,
+    segment_frames,
+    to_frames,
+    to_uint8,
+    write_segment,
+)
 
 log = logging.getLogger(__name__)
 # The provisional video shows the newest sections only (about 10 s at 30 fps): remuxing every
@@ -91,6 +104,10 @@ class Cancelled(Exception):
     """Raised out of :meth:`FramePackPipeline.run` when ``should_stop`` turned true; the job is resumable."""
 
 
+class NonFiniteSection(ValueError):
+    """A section came out NaN/Inf (diverged weights); nothing of it was committed."""
+
+
 # ---- conditioning -------------------------------------------------------------------------------------
 
 
@@ -116,6 +133,11 @@ class _Run:
     generator: torch.Generator
     backwards: bool
     assembler: Assembler
+    layout: list[tuple[int, int]]  # per step: (frames it makes final, frames left pending)
+
+    def needed_segments(self, upto: int) -> list[int]:
+        """Steps before ``upto`` that wrote a segment (the others made no frame final)."""
+        return [step for step in range(upto) if self.layout[step][0] > 0]
 
 
 class LatentStore:
@@ -211,6 +233,11 @@ class FramePackPipeline:
             should_stop: Callable[[], bool] = lambda: False) -> Path:
         """Generate (or continue) the job's video; returns the final mp4 path."""
         began = time.perf_counter()
+        with job.locked():  # a second process on the same job is refused, not computing it twice
+            return self._run(job, on_event, should_stop, began)
+
+    def _run(self, job: JobDir, on_event: Callable[[Event], None], should_stop: Callable[[], bool],
+             began: float) -> Path:
         run = self._prepare(job)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-video") as video_writer:
             provisional: Future | None = None
@@ -228,35 +255,111 @@ class FramePackPipeline:
             if provisional is not None:
                 provisional.result()
 
-        segments = job.segments()
+        segments = [job.segment_path(step) for step in run.needed_segments(len(run.plans))]
         job.out.parent.mkdir(parents=True, exist_ok=True)
-        concat_segments(list(reversed(segments)) if run.backwards else segments, job.out, self._metadata(job.settings))
+        concat_segments(list(reversed(segments)) if run.backwards else segments, job.out, self._metadata(job))
         job.provisional_path.unlink(missing_ok=True)
         on_event(VideoUpdated(job.out, final=True))
         on_event(Done(job.out, time.perf_counter() - began))
         return job.out
 
     def _prepare(self, job: JobDir) -> "_Run":
+        """Everything a run carries; on a resume, first checks (and where it can, repairs) the job."""
         settings = job.settings
         plans = self.plans(settings)
         cond = self.condition(settings)
         timeline = list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt)
-        generator = torch.Generator("cpu").manual_seed(settings.seed)
-        if job.finished:
-            generator.set_state(job.rng_state(job.finished - 1))
         backwards = plans[0].mode == "inverted"
+        overlap = overlap_frames(settings.window)
         cfg = self.c.source.cfg(settings.cfg)
-        return _Run(
+        run = _Run(
             plans=plans,
             cond=cond,
             prompts=prompts_for_sections(timeline, plans),
             negative=self.encode_text(settings.negative_prompt) if cfg != 1.0 else None,
             cfg=cfg,
             store=LatentStore(job, plans, cond.start_latent, cond.end_latent),
-            generator=generator,
+            generator=torch.Generator("cpu").manual_seed(settings.seed),
             backwards=backwards,
-            assembler=Assembler(backwards, overlap_frames(settings.window), job.load_pending()),
+            assembler=Assembler(backwards, overlap),
+            layout=assembly_layout([frame_count(len(decode_span(plan))) for plan in plans], backwards, overlap),
         )
+        if job.finished > len(plans):
+            raise ValueError(f"{job.root} counts {job.finished} finished sections, but its settings make {len(plans)}")
+        if job.finished == len(plans) and not self._damaged_segments(job, run, job.finished):
+            return run  # finished and whole: only the final video is (re)made
+        self._check_sections(job, run)
+        if job.finished:
+            run.generator.set_state(job.rng_state(job.finished - 1))
+        self._restore_assembly(job, run)
+        return run
+
+    def _check_sections(self, job: JobDir, run: "_Run") -> None:
+        """Every finished section must be there, intact and of this model's shape.
+
+        A missing one is computed again (with the ones after it: sampling is deterministic, so
+        they come out the same); a damaged or foreign one is an error that names the file.
+        """
+        h, w = run.cond.start_latent.shape[-2:]
+        channels = self.c.transformer.config.in_channels
+        rng_size = run.generator.get_state().numel()
+        for plan in run.plans[: job.finished]:
+            path = job.section_path(plan.step)
+            try:
+                section = job.read_section(plan.step)
+            except FileNotFoundError:
+                log.warning("%s is missing: sections %d-%d will be computed again", path, plan.step + 1, plan.count)
+                job.rollback(plan.step)
+                return
+            if section["model"] is not None and section["model"] != job.settings.model:
+                raise ValueError(f"{path} was made by the model {section['model']!r}, not by this job's "
+                                 f"{job.settings.model!r}: a job cannot be continued with another model")
+            expected = (1, channels, len(plan.positions), h, w)
+            if tuple(section["latents"].shape) != expected:
+                raise ValueError(f"{path} holds latents of shape {tuple(section['latents'].shape)}, but this job's "
+                                 f"model and resolution make {expected}: it was made by another model or resolution")
+            if section["rng_state"].numel() != rng_size or section["rng_state"].dtype != torch.uint8:
+                raise ValueError(f"section file {path} is damaged (its random state is not a CPU generator's): "
+                                 f"delete it and resume again to recompute sections {plan.step + 1} onwards")
+            run.store.put(plan.step, section["latents"])
+
+    def _damaged_segments(self, job: JobDir, run: "_Run", upto: int) -> list[int]:
+        """Steps before ``upto`` whose segment is missing, unreadable or of the wrong length."""
+        damaged = []
+        for step in run.needed_segments(upto):
+            path = job.segment_path(step)
+            try:
+                ok = path.is_file() and segment_frames(path) == run.layout[step][0]
+            except ValueError:
+                ok = False
+            if not ok:
+                damaged.append(step)
+        return damaged
+
+    def _restore_assembly(self, job: JobDir, run: "_Run") -> None:
+        """The pending frames and segments of the finished sections: read back, or rebuilt from the latents."""
+        done = job.finished
+        pending = job.load_pending() if done else None
+        want = run.layout[done - 1][1] if done else 0
+        pending_ok = (want == 0 and pending is None) or (
+            pending is not None and pending.shape[0] == want and pending.shape[1:3] == run.cond.size)
+        damaged = self._damaged_segments(job, run, done)
+        if pending_ok and not damaged:
+            run.assembler.pending = pending
+            return
+        what = [str(job.segment_path(step)) for step in damaged] + ([] if pending_ok else [str(job.pending_path(done - 1))])
+        log.warning("missing or unreadable: %s; rebuilding from the saved latents", ", ".join(what))
+        # the same decode and blend as when the sections were made, so the pieces come out the same
+        assembler = Assembler(run.backwards, run.assembler.overlap)
+        for plan in run.plans[:done]:
+            clip = to_frames(self.c.vae.decode(run.store.gather(decode_span(plan))))
+            final = assembler.add(clip, last=plan.is_last)
+            if plan.step in damaged:
+                write_segment(job.segment_path(plan.step), to_uint8(final), job.settings.crf)
+            release_freed_memory()
+        if done and done < len(run.plans):
+            job.save_pending(done - 1, assembler.pending)
+        run.assembler.pending = assembler.pending
 
     def _section(self, plan: SectionPlan, job: JobDir, run: "_Run", on_event: Callable[[Event], None],
                  should_stop: Callable[[], bool]) -> None:
@@ -274,17 +377,20 @@ class FramePackPipeline:
                                 shift=self.c.source.shift(settings.shift))
 
         def progress(step: Step) -> None:
+            _check_finite(step.x0, plan, "latents")  # fail at the first step, not after all of them
             on_event(StepProgress(plan.step, plan.count, step.i, step.n, preview_frames(step.x0.cpu(), cond.rgb_map)))
             if should_stop():
                 raise Cancelled(f"stopped during section {plan.step + 1}/{plan.count}; resume with the job directory")
 
         sampler = get_sampler(settings.sampler)
         latents = sampler(denoise, noise.to(self.device), sigmas.to(self.device), callback=progress).float().cpu()
-        job.save_latents(plan.step, latents, run.generator.get_state())
+        _check_finite(latents, plan, "latents")
         run.store.put(plan.step, latents)
 
         release_freed_memory()  # start the decode, the largest transient, from a trimmed heap
         clip = to_frames(self.c.vae.decode(run.store.gather(decode_span(plan))))
+        _check_finite(clip, plan, "pixels")  # both checked before anything of the section is written
+        job.save_latents(plan.step, latents, run.generator.get_state())
         final = run.assembler.add(clip, last=plan.is_last)
         if len(final):
             write_segment(job.segment_path(plan.step), to_uint8(final), settings.crf)
@@ -363,5 +469,13 @@ class FramePackPipeline:
         on_event(VideoUpdated(job.provisional_path, final=False))
 
     @staticmethod
-    def _metadata(settings: GenerationSettings) -> dict:
-        return {"framepack": settings.to_dict()}
+    def _metadata(job: JobDir) -> dict:
+        return embedded_settings(job.settings.to_dict(), job.input_names)
+
+
+def _check_finite(values: torch.Tensor | np.ndarray, plan: SectionPlan, what: str) -> None:
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not finite:
+        part = "model" if what == "latents" else "VAE"
+        raise NonFiniteSection(f"section {plan.step + 1}/{plan.count} produced non-finite {what} (NaN/Inf): "
+                               f"the {part} weights may be diverged")

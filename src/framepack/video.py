@@ -10,20 +10,24 @@ memory and in the job directory. Provisional and final videos are made by remuxi
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 import torch
 
+from .jobs import atomic_write
 from .planning import TEMPORAL_RATIO
 
 FPS = 30
 DEFAULT_CRF = 16
 METADATA_KEY = "comment"  # mp4 udta tag that carries the generation settings (JSON)
+IMAGE_FIELDS = ("image", "end_image")  # settings that name an input file
 
 
 def overlap_frames(window: int) -> int:
@@ -84,6 +88,20 @@ class Assembler:
         return final
 
 
+def assembly_layout(clip_frames: list[int], backwards: bool, overlap: int) -> list[tuple[int, int]]:
+    """(frames made final, frames pending) after each decoded clip of ``clip_frames`` frames.
+
+    Runs the :class:`Assembler` itself on frames of zero pixels, so it cannot disagree with it:
+    which segments a job must have and how long its pending edge is.
+    """
+    assembler = Assembler(backwards, overlap)
+    layout = []
+    for i, n in enumerate(clip_frames):
+        final = assembler.add(np.zeros((n, 0, 0, 3), np.float32), last=i == len(clip_frames) - 1)
+        layout.append((len(final), 0 if assembler.pending is None else len(assembler.pending)))
+    return layout
+
+
 # ---- mp4 ----------------------------------------------------------------------------------------------
 
 
@@ -91,50 +109,87 @@ def write_segment(path: Path, frames: np.ndarray, crf: int = DEFAULT_CRF, fps: i
     """Encode (T, H, W, 3) uint8 as H.264 yuv420p (plays everywhere) atomically."""
     import av
 
-    tmp = path.with_name(path.name + ".tmp")
-    with av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1], frames.shape[2]
-        stream.pix_fmt = "yuv420p"
-        # no macroblock-tree rate control: with it, x264 in PyAV 18's wheels encoded the same frames
-        # to different pictures from run to run (measured: 4 results in 50 encodes; 1 without), and a
-        # resumed job must reproduce the uninterrupted video exactly
-        stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    def encode(tmp: Path) -> None:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.height, stream.width = frames.shape[1], frames.shape[2]
+            stream.pix_fmt = "yuv420p"
+            # no macroblock-tree rate control: with it, x264 in PyAV 18's wheels encoded the same frames
+            # to different pictures from run to run (measured: 4 results in 50 encodes; 1 without), and a
+            # resumed job must reproduce the uninterrupted video exactly
+            stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
+
+    atomic_write(path, encode)
+
+
+def segment_frames(path: Path) -> int:
+    """Frames in one of our segments, counted from its packets (no decoding); ValueError if unreadable."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return sum(1 for packet in container.demux(container.streams.video[0]) if packet.dts is not None)
+    except (av.FFmpegError, OSError, IndexError) as exc:
+        raise ValueError(f"video segment {path} is unreadable ({exc})") from None
 
 
 def concat_segments(segments: Iterable[Path], out: Path, metadata: dict | None = None) -> None:
-    """Remux H.264 segments (same size and settings) into one mp4, atomically; no re-encoding."""
+    """Remux H.264 segments (same size and settings) into one mp4, atomically; no re-encoding.
+
+    Every segment must exist and be readable: a missing one would silently shorten the video.
+    """
     import av
 
     segments = list(segments)
     if not segments:
         raise ValueError("no video segments to join")
-    tmp = out.with_name(out.name + ".tmp")
-    with av.open(str(tmp), "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}) as dst:
-        if metadata is not None:
-            dst.metadata[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
-        with av.open(str(segments[0])) as first:
-            out_stream = dst.add_stream_from_template(first.streams.video[0])
-        offset = 0
-        for segment in segments:
-            with av.open(str(segment)) as src:
-                end = offset
-                for packet in src.demux(src.streams.video[0]):
-                    if packet.dts is None:  # the demuxer's flush packet
-                        continue
-                    packet.pts += offset
-                    packet.dts += offset
-                    end = max(end, packet.pts + packet.duration)
-                    packet.stream = out_stream
-                    dst.mux(packet)
-                offset = end
-    os.replace(tmp, out)
+    for segment in segments:
+        if not Path(segment).is_file():
+            raise ValueError(f"video segment {segment} is missing")
+
+    def remux(tmp: Path) -> None:
+        with av.open(str(tmp), "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}) as dst:
+            if metadata is not None:
+                dst.metadata[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+            with _reading(segments[0]) as first:
+                out_stream = dst.add_stream_from_template(first.streams.video[0])
+            offset = 0
+            for segment in segments:
+                with _reading(segment) as src:
+                    end = offset
+                    for packet in src.demux(src.streams.video[0]):
+                        if packet.dts is None:  # the demuxer's flush packet
+                            continue
+                        packet.pts += offset
+                        packet.dts += offset
+                        end = max(end, packet.pts + packet.duration)
+                        packet.stream = out_stream
+                        dst.mux(packet)
+                    offset = end
+
+    atomic_write(out, remux)
+
+
+@contextmanager
+def _reading(segment: Path):
+    """Open a segment for demuxing; a damaged one is named in a ValueError."""
+    import av
+
+    try:
+        container = av.open(str(segment))
+    except (av.FFmpegError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise
+        raise ValueError(f"video segment {segment} is unreadable ({exc})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"video segment {segment} is unreadable (no video stream)")
+        yield container
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -149,9 +204,55 @@ def read_metadata(path: str | Path) -> dict:
     if not text:
         raise ValueError(f"{path} carries no framepack settings")
     try:
-        return json.loads(text)
+        meta = json.loads(text)
     except json.JSONDecodeError:
         raise ValueError(f"{path} carries metadata that is not framepack settings") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("framepack"), dict):
+        raise ValueError(f"{path} carries metadata that is not framepack settings")
+    return meta
+
+
+def embedded_settings(settings: dict, input_names: dict[str, str | None]) -> dict:
+    """What a finished mp4 records: the settings, with each input image by its file name only
+    (where it lived on the machine that made the video is nobody's business)."""
+    recorded = dict(settings)
+    for key in IMAGE_FIELDS:
+        if recorded.get(key) is not None:
+            recorded[key] = input_names.get(key) or Path(str(recorded[key])).name
+    return {"framepack": recorded}
+
+
+def settings_from_video(video: str | Path, image: str | None = None, end_image: str | None = None) -> dict:
+    """The settings embedded in a framepack mp4, with its input images found again.
+
+    An mp4 records each input image by file name only; it is looked for beside the video, then in
+    the current directory. ``image`` / ``end_image`` (e.g. ``--image``) replace the recorded ones.
+    ValueError with one line if the video carries no settings or an image cannot be found.
+    """
+    video = Path(video)
+    settings = dict(read_metadata(video)["framepack"])
+    given = {"image": image, "end_image": end_image}
+    for key in IMAGE_FIELDS:
+        if given[key] is not None:
+            settings[key] = given[key]
+        elif settings.get(key) is not None:
+            settings[key] = str(_find_input(video, key, settings[key]))
+    return settings
+
+
+def _find_input(video: Path, key: str, recorded: Any) -> Path:
+    option = "--" + key.replace("_", "-")
+    if not isinstance(recorded, str) or not recorded.strip():
+        raise ValueError(f"{video} records no usable {key.replace('_', ' ')}; give one with {option}")
+    if Path(recorded).is_absolute() and Path(recorded).is_file():
+        return Path(recorded)  # a video made before mp4s recorded names only, on this machine
+    name = PurePath(recorded.replace("\\", "/")).name
+    places = [video.parent / name, Path.cwd() / name]
+    for place in places:
+        if place.is_file():
+            return place
+    raise ValueError(f"{video} was made from the image {name!r}, which is neither beside the video nor in the "
+                     f"current directory; give it with {option}")
 
 
 def read_frames(path: str | Path) -> np.ndarray:
