@@ -14,12 +14,10 @@ from pathlib import Path
 from .components import asset
 from .packing import tokens_for
 from .planning import SectionPlan
-from .settings import GenerationSettings
-
-DEMO_SEED = 42
+from .settings import DEFAULT_SEED, GenerationSettings
 
 
-def demo_settings(seconds: float = 5.0, steps: int = 25, seed: int = DEMO_SEED, model: str = "tiny") -> GenerationSettings:
+def demo_settings(seconds: float = 5.0, steps: int = 25, seed: int = DEFAULT_SEED, model: str = "tiny") -> GenerationSettings:
     """The bundled start image and its prompt (a held-out scene of the training world)."""
     prompt = asset("demo", "prompt.txt").read_text().strip()
     return GenerationSettings(image=str(asset("demo", "start.png")), prompt=prompt, model=model,
