@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,9 +59,23 @@ def test_the_demo_timing_is_one_range_everywhere():
     phrase = r"(\d+-\d+) s of generation with real CFG and (\d+-\d+) s for the whole command, over several runs on (\d+) CPU cores"
     ranges = {found for name in ["README.md", "docs/demo-model.md"] for found in stated(phrase, name)}
     assert len(ranges) == 1, f"the demo's timing is stated as several ranges: {sorted(ranges)}"
-    (generation, command, _cores), = ranges
+    (generation, command, cores), = ranges
     low, high = (int(x) for x in generation.split("-"))
     assert low <= high and int(command.split("-")[0]) >= low  # the command includes the generation
+
+    # `framepack demo --help` and `framepack --help` state the same measurement
+    demo_help = re.sub(r"\s+", " ", cli("demo", "--help"))
+    assert re.search(rf"{cores} CPU cores: {generation} s of generation, {command} s for the whole command", demo_help), demo_help
+    top_help = re.sub(r"\s+", " ", cli("--help"))
+    assert re.search(rf"\({command} s for the whole command on {cores} CPU cores\)", top_help), top_help
+
+
+def cli(*args: str) -> str:
+    """stdout of the real `framepack` entry point (the one beside this Python)."""
+    exe = Path(sys.executable).with_name("framepack")
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def published_table(markdown: str) -> str:
