@@ -1,7 +1,7 @@
 """Building blocks of the HunyuanVideo backbone that FramePack packs its context into.
 
 Module and parameter names are those of the released checkpoints (see
-``shared/reference/framepack_13b_state_dict.json``): a block's attributes are named for the
+``tests/data/framepack_13b_state_dict.json``): a block's attributes are named for the
 state-dict keys they must produce, which is why a few look odd (``to_out.0``, ``ff.net.2``).
 
 Shapes: B batch, L tokens, D model width, H heads, d head dim.
