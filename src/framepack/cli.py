@@ -246,8 +246,8 @@ def _demo(args: argparse.Namespace) -> int:
     job_dir = out.with_name(out.stem + ".job")
     _check_out(out, args.overwrite)
     replace_job = _check_job_dir(job_dir, args.overwrite)
-    _announce_length(settings)
     pipeline = _open_pipeline(settings.model, args)
+    _announce_length(settings)
     plans = pipeline.plans(settings)
     job = _new_job(settings, out, job_dir, replace_job)
     with _job_kept(job.root):
@@ -350,9 +350,9 @@ def _generate(args: argparse.Namespace) -> int:
     if settings.end_image:
         load_image(settings.end_image)
     _warn_about_settings(settings)
-    _announce_length(settings)
 
     pipeline = _open_pipeline(settings.model, args)
+    _announce_length(settings)  # after loading: a model that fails to load is the only line then
     plans = pipeline.plans(settings)
     _warn_about_plans(settings, plans)
     job = _new_job(settings, out, job_dir, replace_job)
@@ -606,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", dest="max_steps", type=_positive,
                     help="stop after this many steps in this run (a checkpoint is written); run again to continue")
     tr.set_defaults(run=_train)
+    for sub in (demo, gen, ev, tr):
+        # -v after the command too (SUPPRESS: an absent flag must not reset one given before it)
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress at INFO level")
     from .ui import add_ui_command  # light: gradio is imported only when the app starts
 
     add_ui_command(commands)
