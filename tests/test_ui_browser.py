@@ -10,106 +10,28 @@ the README's.
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from ui_slow_server import Server
 from ui_tiny_model import write_image, write_tiny_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 DEMO = Path(__file__).resolve().parents[1] / "src" / "framepack" / "assets" / "demo"
-START_TIMEOUT_S = 240  # importing torch and gradio on a busy machine
 JOB_TIMEOUT_S = 180
-POLL_S = 0.25
-STEP_DELAY_S = 0.15  # at least this per transformer call, so a job lasts long enough to watch (ui_slow_server)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                                "(apt-get install chromium)")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
 pytest.importorskip("gradio", reason="needs gradio (pip install 'framepack[ui]')")
-
-
-# ---- the server ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, outputs: Path, model: Path | str, log: Path, extra: tuple[str, ...] = ()) -> None:
-        self.outputs, self.model, self.log, self.extra = outputs, model, log, extra
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "Server":
-        command = [sys.executable, str(Path(__file__).with_name("ui_slow_server.py")), str(STEP_DELAY_S),
-                   "-v", "--outputs", str(self.outputs), "--model", str(self.model), "--port", str(self.port),
-                   "--poll-seconds", str(POLL_S), "--device", "cpu", *self.extra]
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            return self._wait_until_serving()
-        except BaseException:
-            self.kill()
-            raise
-
-    def _wait_until_serving(self) -> "Server":
-        assert self.process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"the server did not start in {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
-
-    def restart(self) -> "Server":
-        """A new server process on the same outputs (and a new port)."""
-        self.stop()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        return self.start()
-
-    def kill(self) -> None:
-        """As a crash would: no shutdown code runs."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def jobs(self) -> dict[int, dict]:
-        """The job store, read directly (the test's view of what the server recorded)."""
-        with closing(sqlite3.connect(self.outputs / "jobs.sqlite")) as db:
-            db.row_factory = sqlite3.Row
-            return {r["id"]: dict(r) for r in db.execute("SELECT * FROM jobs")}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,11 @@ import pytest
 from framepack.jobs import JobDir
 from framepack.pipeline import Event, FramePackPipeline, SectionStarted, StepProgress
 from framepack.settings import GenerationSettings
-from framepack.ui.form import form_from_settings, settings_from_form
+from framepack.planning import real_seconds, section_count
+from framepack.settings import MAX_SECONDS
+from framepack.ui.files import payload_path
+from framepack.ui.form import (FormDefaults, form_from_settings, history_limit, job_number, length_note,
+                               section_seconds, settings_from_form, snap_seconds)
 from framepack.ui.service import JobService
 from framepack.ui.store import JobStore
 from framepack.ui.worker import preview_strip
@@ -129,6 +133,14 @@ def test_claims_are_exclusive_across_threads(tmp_path):
 # ---- form --------------------------------------------------------------------------------------------------
 
 
+MODELS = {"m": "m"}
+
+
+def any_file(label: str, value) -> str | None:
+    """The form's own tests take any path; which files pass the app's gate is tests/test_ui_security.py's."""
+    return payload_path(label, value)
+
+
 def form(start: Path | None, **changes) -> dict:
     base = dict(image={"path": str(start)} if start else None, prompt="a red circle", seconds=1, seed=3,
                 random_seed=False, steps=2, distilled_guidance=10, cfg=1, sampler="unipc", mode="auto",
@@ -152,16 +164,50 @@ def form(start: Path | None, **changes) -> dict:
 ])
 def test_form_rejects_bad_input_with_one_line(changes, message, image):
     with pytest.raises(ValueError) as err:
-        settings_from_form(form(image, **changes), models=("m",))
+        settings_from_form(form(image, **changes), MODELS, accept_file=any_file)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_form_round_trip_and_random_seed(image):
-    s = settings_from_form(form(image, random_seed=True, resolution="64", mode="forward"), models=("m",))
+    s = settings_from_form(form(image, random_seed=True, resolution="64", mode="forward", seconds=2.4), MODELS,
+                           accept_file=any_file)
     assert 0 <= s.seed < 2**32 and s.resolution == 64 and s.mode == "forward"
     values = form_from_settings(s.to_dict())
-    assert values["seed"] == s.seed and not values["random_seed"] and values["image"] == str(image)
-    assert settings_from_form({**values, "image": {"path": values["image"]}}, models=("m",)) == s
+    assert values["seed"] == s.seed and not values["random_seed"]
+    assert values["image"] is None  # settings never hand out an image path: the caller does, for its own jobs
+    assert settings_from_form({**values, "image": {"path": str(image)}}, MODELS, accept_file=any_file) == s
+
+
+@pytest.mark.parametrize("job", [1e30, float("inf"), float("nan"), 10**30, "abc", -1, 0, True, [1], {"a": 1}, "1e30"])
+def test_job_numbers_are_checked_with_a_message(job):
+    with pytest.raises(ValueError) as err:
+        job_number(job)
+    assert "job" in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 120
+
+
+@pytest.mark.parametrize("limit", ["abc", None, float("nan"), 0, 10**30, 2.5, True])
+def test_history_limit_is_checked_with_a_message(limit):
+    with pytest.raises(ValueError, match="limit"):
+        history_limit(limit)
+
+
+def test_the_length_control_moves_in_sections_and_shows_the_real_length():
+    step = section_seconds()
+    assert section_count(step) == 1 and section_count(2 * step) == 2  # one step of the control = one section
+    for asked in (1, 2, 3, 5, 7.7, 60, 120):
+        snapped = snap_seconds(asked)
+        assert real_seconds(snapped) == real_seconds(asked)  # the control's position makes the same video
+        assert 0 < snapped <= MAX_SECONDS and abs(snapped / step - round(snapped / step)) < 1e-6
+        assert f"{real_seconds(asked):.2f} s" in length_note(asked)
+    assert "must be a number" in length_note("x")
+
+
+def test_settings_from_an_mp4_are_not_trusted():
+    values = form_from_settings({"image": "/etc/passwd", "end_image": "/etc/hosts", "seed": "x", "steps": [1],
+                                 "cfg": "lots", "model": {"a": 1}, "prompt": 5, "seconds": float("nan")})
+    assert values["image"] is None and values["end_image"] is None and values["model"] is None
+    assert values["seed"] == FormDefaults().seed and values["steps"] == FormDefaults().steps
+    assert values["prompt"] == "" and values["seconds"] == snap_seconds(FormDefaults().seconds)
 
 
 def test_preview_strip_is_enlarged_side_by_side():
@@ -193,7 +239,7 @@ def test_jobs_run_in_order_with_progress(tmp_path, model, image):
             assert read_frames(record.out).shape[0] > 0
             assert read_metadata(record.out)["framepack"]["seed"] == record.seed
         assert [j.id for j in service.history()] == [b.id, a.id]
-        assert service.view(b.id).to_dict()["video"] == str(rb.out)
+        assert service.view(b.id).to_dict(service.outputs)["video"] == rb.out.name  # relative to outputs
     finally:
         service.stop(TIMEOUT_S)
 

@@ -88,6 +88,9 @@ def main_ui(args: argparse.Namespace) -> int:
     from .service import JobService
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
+    jobs_log = logging.getLogger("framepack.ui.jobs")  # one line per job started/finished/failed
+    if jobs_log.getEffectiveLevel() > logging.INFO:
+        jobs_log.setLevel(logging.INFO)
     auth = parse_auth(args.auth)
     if not 0.1 <= args.poll_seconds <= 60:
         raise ValueError(f"--poll-seconds must be between 0.1 and 60, got {args.poll_seconds:g}")

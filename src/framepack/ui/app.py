@@ -8,36 +8,48 @@ is exposed as named API endpoints (``/submit``, ``/status``, ``/cancel``, ``/res
 
 from __future__ import annotations
 
+import functools
 import html
 import inspect
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
-from .form import AUTO, MODES, RESOLUTIONS, FormDefaults, file_path, form_from_settings, settings_from_form
-from .service import JobService, JobView
+from .files import FileGate, FileReferenceGuard, model_names, public_text
+from .form import (AUTO, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit, job_number,
+                   length_note, section_seconds, settings_from_form, snap_seconds)
+from .service import JobService, JobView, public_settings
 from .store import JobRecord
+from .worker import one_line
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a page asks for progress
 PROMPT_CHARS = 60  # prompt shown in tables
+LIVE_PREVIEW = "Section being denoised"
+IDLE_PREVIEW = "Preview (while a section is denoised)"
 FORM_FIELDS: tuple[str, ...] = ("image", "end_image", "prompt", "negative_prompt", "seconds", "seed", "random_seed",
                                 "steps", "distilled_guidance", "cfg", "sampler", "mode", "model", "resolution", "crf")
-QUEUE_HEADERS = ["job", "status", "place", "prompt", "seconds", "seed"]
-HISTORY_HEADERS = ["job", "status", "finished", "prompt", "seconds", "seed", "steps", "model", "video / error"]
+QUEUE_HEADERS = ["job", "status", "place", "prompt", "s", "seed"]
+HISTORY_HEADERS = ["job", "status", "finished", "prompt", "s", "seed", "steps", "model", "video / error"]
+# the tables wrap their text in these widths, so every column stays on screen at 1400 px
+QUEUE_WIDTHS = ["9%", "14%", "10%", "41%", "9%", "17%"]
+HISTORY_WIDTHS = ["5%", "7%", "10%", "30%", "4%", "9%", "5%", "8%", "22%"]
 CSS = """
 #fp-progress progress { width: 100%; height: 1.2em; }
-#fp-message p, #fp-history-message p { margin: 0; }
+#fp-message p, #fp-history-message p, #fp-length p { margin: 0; }
 .fp-error { color: #b91c1c; font-weight: 600; }
 """
+T = TypeVar("T")
 
 
 # ---- small views ---------------------------------------------------------------------------------------------
@@ -94,10 +106,11 @@ def queue_rows(service: JobService) -> list[list[Any]]:
     return rows
 
 
-def history_rows(records: Sequence[JobRecord]) -> list[list[Any]]:
-    return [[r.id, r.status, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.updated)),
+def history_rows(records: Sequence[JobRecord], outputs: Path) -> list[list[Any]]:
+    return [[r.id, r.status, time.strftime("%m-%d %H:%M", time.localtime(r.updated)),
              _short(str(r.settings.get("prompt", ""))), r.settings.get("seconds"), r.seed, r.settings.get("steps"),
-             Path(str(r.settings.get("model", ""))).name, r.out.name if r.status == "done" else (r.error or "")]
+             Path(str(r.settings.get("model", ""))).name,
+             r.out.name if r.status == "done" else public_text(r.error or "", outputs)]
             for r in records]
 
 
@@ -105,39 +118,83 @@ def _table(rows: list[list[Any]], headers: list[str]) -> dict[str, Any]:
     return {"data": rows, "headers": headers}
 
 
-def _job_id(value: Any) -> int:
-    if value is None or value == "":
-        raise ValueError("no job selected: submit one or pick one in the history")
+def uses_distilled_guidance(model: str) -> bool:
+    """Whether a model reads the distilled-guidance scale (its transformer embeds it); the demo
+    model does not. A model on the hub (the 13B ones) does."""
+    from ..components import resolve_model
+
+    transformer = Path(resolve_model(model).transformer)
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a job number: {value!r}") from None
-    if number != int(number):
-        raise ValueError(f"not a job number: {value!r}")
-    return int(number)
+        config = json.loads((transformer / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("guidance_embeds", True)) if isinstance(config, dict) else True
+
+
+def model_cfg(model: str) -> float:
+    """The CFG scale a model is made for (1 = off): what the CFG field shows for it."""
+    from ..components import resolve_model
+
+    return resolve_model(model).cfg(None)
+
+
+def field_updates(model: str, cfg: float | None = None, guidance: float | None = None) -> tuple[Any, Any]:
+    """The CFG and distilled-guidance fields for ``model``: its own CFG unless ``cfg`` is given; the
+    guidance field only where the model reads it."""
+    guidance_update = gr.update(visible=uses_distilled_guidance(model))
+    if guidance is not None:
+        guidance_update = gr.update(value=guidance, visible=uses_distilled_guidance(model))
+    return gr.update(value=model_cfg(model) if cfg is None else cfg), guidance_update
+
+
+def endpoint(outputs: Path) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Every handler's error translation: a bad argument (ValueError, OSError, LookupError) becomes
+    a ``gr.Error`` with its one-line reason, paths shown relative to ``outputs``; anything else is
+    logged and answered with a message too, never with Gradio's generic 'upstream app' error."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> T:
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except (ValueError, OSError, LookupError, TypeError) as exc:
+                raise gr.Error(public_text(one_line(exc), outputs), print_exception=False) from None
+            except Exception as exc:
+                log.exception("%s failed", fn.__name__)
+                raise gr.Error(f"the server failed to answer ({type(exc).__name__}); its log has the details",
+                               print_exception=False) from None
+
+        return call
+
+    return wrap
 
 
 # ---- the app ---------------------------------------------------------------------------------------------------
 
 
-def _default_cfg(defaults: FormDefaults, model: str) -> float:
-    """What the CFG field shows on a fresh page: the default model's own scale (a Number field
-    cannot stay empty: Gradio shows and submits 0, unconditional generation)."""
-    from ..components import resolve_model
-
-    return defaults.cfg if defaults.cfg is not None else resolve_model(model).cfg(None)
-
-
 def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults = FormDefaults(),
-              poll_s: float = POLL_S) -> gr.Blocks:
-    """The page and its API; ``service`` must be started by the caller (see :func:`launch`)."""
-    models = tuple(models)
+              poll_s: float = POLL_S, gate: FileGate | None = None) -> gr.Blocks:
+    """The page and its API; ``service`` must be started by the caller (see :func:`launch`).
+
+    ``gate`` decides which files clients may name (by default: this app's uploads); :func:`launch`
+    shares it with the request guard in front of Gradio.
+    """
     if not models:
         raise ValueError("the app needs at least one model")
+    names = model_names(models)  # the page shows names; a model directory's path stays on the server
+    shown_name = {model: name for name, model in names.items()}
+    first = next(iter(names.values()))
+    outputs = service.outputs
+    checked = endpoint(outputs)
 
     with gr.Blocks(title="FramePack", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        if gate is None:  # only files Gradio received as uploads for this app, or that the app handed out
+            gate = FileGate(outputs, lambda: app.upload_file_set)
         watched = gr.State(None)  # the job this page follows
         shown = gr.State({})  # what the page shows now, so a poll only sends what changed
+        cancelling = gr.State(None)  # a job this page asked to cancel, until the poll sees it stop
         gr.Markdown("## FramePack\nA start image and a prompt in, a video out, section by section. "
                     "Jobs wait in a queue that survives restarts.")
         with gr.Tab("Generate"):
@@ -151,14 +208,16 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                     prompt = gr.Textbox(label="Prompt", lines=3, value=defaults.prompt, elem_id="fp-prompt",
                                         placeholder="a prompt, or a timeline: "
                                                     "[0s-2s: a cat sits] [2s-5s: the cat jumps]")
-                    seconds = gr.Slider(1, MAX_SECONDS, value=defaults.seconds, step=0.1, label="Length (seconds)",
-                                        elem_id="fp-seconds")
+                    step = section_seconds()
+                    seconds = gr.Slider(step, MAX_SECONDS, value=snap_seconds(defaults.seconds), step=step,
+                                        label=f"Length (seconds, in sections of {step:g} s)", elem_id="fp-seconds")
+                    length = gr.Markdown(length_note(snap_seconds(defaults.seconds)), elem_id="fp-length")
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="fp-seed")
                         random_seed = gr.Checkbox(label="Random seed (the one used is shown with the job)",
                                                   value=defaults.random_seed, elem_id="fp-random-seed")
                     with gr.Accordion("Advanced", open=False, elem_id="fp-advanced"):
-                        model = gr.Dropdown(list(models), value=models[0], label="Model", elem_id="fp-model")
+                        model = gr.Dropdown(list(names), value=next(iter(names)), label="Model", elem_id="fp-model")
                         negative = gr.Textbox(label="Negative prompt (used when CFG > 1)",
                                               value=defaults.negative_prompt, elem_id="fp-negative")
                         with gr.Row():
@@ -167,10 +226,13 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                             sampler = gr.Dropdown(list(SAMPLERS), value=defaults.sampler, label="Sampler",
                                                   elem_id="fp-sampler")
                         with gr.Row():
+                            # shown only for models that read it (the demo model does not)
                             guidance = gr.Number(label="Distilled guidance", value=defaults.distilled_guidance,
-                                                 elem_id="fp-guidance")
-                            cfg = gr.Number(label="CFG (1 = off)", value=_default_cfg(defaults, models[0]),
-                                            elem_id="fp-cfg")
+                                                 visible=uses_distilled_guidance(first), elem_id="fp-guidance")
+                            # a Number field cannot stay empty (Gradio shows and submits 0, unconditional
+                            # generation): it shows the chosen model's own scale
+                            cfg = gr.Number(label="CFG (1 = off)", elem_id="fp-cfg",
+                                            value=defaults.cfg if defaults.cfg is not None else model_cfg(first))
                         with gr.Row():
                             mode = gr.Dropdown([("model's own", AUTO)] + [(m, m) for m in MODES if m != AUTO],
                                                value=defaults.mode, label="Mode", elem_id="fp-mode")
@@ -187,17 +249,17 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 with gr.Column(scale=1):
                     info = gr.Markdown("No job yet.", elem_id="fp-job")
                     bar = gr.HTML(progress_bar(None), elem_id="fp-progress")
-                    preview = gr.Image(label="Section being denoised", interactive=False, format="png",
-                                       height=120, elem_id="fp-preview")
-                    video = gr.Video(label="Video (provisional until the job is done)", interactive=False,
-                                     height=360, elem_id="fp-video")
-                    queue_table = gr.Dataframe(_table([], QUEUE_HEADERS), label="Queue", interactive=False,
-                                               elem_id="fp-queue")
+                    preview = gr.Image(label=IDLE_PREVIEW, interactive=False, format="png", height=120,
+                                       elem_id="fp-preview")
+                    video = gr.Video(label="Video", interactive=False, height=360, elem_id="fp-video")
+                    queue_table = gr.Dataframe(_table([], QUEUE_HEADERS), label="Queue", interactive=False, wrap=True,
+                                               column_widths=QUEUE_WIDTHS, elem_id="fp-queue")
         with gr.Tab("History", elem_id="fp-history-tab"):
             history_table = gr.Dataframe(_table([], HISTORY_HEADERS), label="Finished jobs (click a row)",
-                                         interactive=False, elem_id="fp-history")
+                                         interactive=False, wrap=True, column_widths=HISTORY_WIDTHS,
+                                         elem_id="fp-history")
             with gr.Row():
-                picked = gr.Number(label="Job", precision=0, elem_id="fp-history-job")
+                picked = gr.Number(label="Job", value=None, precision=0, elem_id="fp-history-job")
                 show = gr.Button("Show", elem_id="fp-history-show")
                 use = gr.Button("Use these settings", elem_id="fp-use-settings")
                 refresh = gr.Button("Refresh", elem_id="fp-history-refresh")
@@ -216,30 +278,43 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         private: dict[str, Any] = {"api_visibility": "private"}
 
         # ---- handlers -----------------------------------------------------------------------------------------
+        # Every handler that takes what a client typed gets it raw (preprocess=False) and reads it through
+        # the parsers of .form and the FileGate, as the API does.
 
         def on_submit(*values: Any) -> tuple[str, Any]:
             try:
-                settings = settings_from_form(dict(zip(FORM_FIELDS, values)), models)
+                settings = settings_from_form(dict(zip(FORM_FIELDS, values)), names, accept_file=gate.upload)
                 record = service.submit(settings)
             except (ValueError, OSError) as exc:
-                return _error(str(exc)), gr.skip()
+                return _error(public_text(one_line(exc), outputs)), gr.skip()
             place = service.store.queue_place(record.id)
             where = f"place {place} in the queue" if place else "starting"
             return f"Job {record.id} submitted (seed {record.seed}, {where}).", record.id
 
-        def on_cancel(job: Any, seen: dict[str, Any]) -> str:
+        def on_cancel(job: Any, seen: dict[str, Any]) -> tuple[str, Any]:
             try:
-                return service.cancel(_job_id(job if job is not None else seen.get("follow")))
+                number = job_number(job if job is not None else seen.get("follow"))
+                answer = service.cancel(number)
             except ValueError as exc:
-                return _error(str(exc))
+                return _error(str(exc)), gr.skip()
+            return answer, number if "cancelling" in answer else gr.skip()
 
         def on_resume(job: Any, seen: dict[str, Any]) -> str:
             try:
-                return service.resume(_job_id(job if job is not None else seen.get("follow")))
+                return service.resume(job_number(job if job is not None else seen.get("follow")))
             except ValueError as exc:
                 return _error(str(exc))
 
-        def on_poll(job: Any, seen: dict[str, Any]) -> tuple[Any, ...]:
+        def on_length(value: Any) -> str:
+            return length_note(value)
+
+        def on_model(name: Any) -> tuple[Any, Any]:
+            try:
+                return field_updates(names[name]) if name in names else (gr.skip(), gr.skip())
+            except ValueError:
+                return gr.skip(), gr.skip()
+
+        def on_poll(job: Any, seen: dict[str, Any], stopping: Any) -> tuple[Any, ...]:
             # only submit writes `watched`; a page that submitted nothing follows the running job
             # (remembered in `shown`, so that a poll in flight never overwrites a submission)
             if job is None:
@@ -249,7 +324,6 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             except ValueError:  # the job is gone from the store (another outputs directory)
                 job, view = None, None
             now: dict[str, Any] = dict(seen, follow=job)
-            updates: dict[str, Any] = {}
 
             def changed(key: str, value: Any) -> bool:
                 if seen.get(key) == value:
@@ -258,34 +332,51 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 return True
 
             line = job_line(view) if view else "No job yet: upload a start image, type a prompt, press Generate."
-            updates["info"] = line if changed("info", line) else gr.skip()
+            info_update = line if changed("info", line) else gr.skip()
             bar_html = progress_bar(view)
-            updates["bar"] = bar_html if changed("bar", bar_html) else gr.skip()
+            bar_update = bar_html if changed("bar", bar_html) else gr.skip()
             p = view.progress if view else None
-            preview_key = (job, p.preview_version) if p is not None and p.preview is not None else (job, None)
+            sampling = p is not None and p.phase == "sampling" and p.preview is not None
+            preview_key = (job, p.preview_version if sampling else None)
+            preview_update: Any = gr.skip()
             if changed("preview", preview_key):
-                updates["preview"] = p.preview if preview_key[1] is not None else gr.skip()
-            else:
-                updates["preview"] = gr.skip()
+                # the preview and its label belong to the running section only: cleared when it ends
+                preview_update = (gr.update(value=p.preview, label=LIVE_PREVIEW) if sampling
+                                  else gr.update(value=None, label=IDLE_PREVIEW))
             clip: Path | None = None
-            if view and view.record.status == "done" and view.record.out.is_file():
+            status = view.record.status if view else None
+            if view and status == "done" and view.record.out.is_file():
                 clip = view.record.out
             elif p is not None and p.video is not None and p.video.is_file():
                 clip = p.video
-            video_key = (job, view.record.status if view else None, p.video_version if p else None)
-            if clip is not None and changed("video", video_key):
-                updates["video"] = str(clip)
-            else:
-                updates["video"] = gr.skip()
+            video_key = (job, status, p.video_version if p else None, clip is not None)
+            video_update: Any = gr.skip()
+            if changed("video", video_key):
+                # another job's video never stays under this one: no clip of its own clears the player
+                label = "Video" if status == "done" or clip is None else "Video (provisional: the sections so far)"
+                try:
+                    value = gate.publish(video, clip) if clip is not None else None
+                except ValueError:
+                    value = None
+                video_update = gr.update(value=value, label=label)
             rows = queue_rows(service)
-            updates["queue"] = _table(rows, QUEUE_HEADERS) if changed("queue", rows) else gr.skip()
-            past = history_rows(service.history())
-            updates["history"] = _table(past, HISTORY_HEADERS) if changed("history", past) else gr.skip()
-            return (updates["info"], updates["bar"], updates["preview"], updates["video"], updates["queue"],
-                    updates["history"], now)
+            queue_update = _table(rows, QUEUE_HEADERS) if changed("queue", rows) else gr.skip()
+            past = history_rows(service.history(), outputs)
+            history_update = _table(past, HISTORY_HEADERS) if changed("history", past) else gr.skip()
+            note_update, stopping_update = gr.skip(), gr.skip()
+            if stopping is not None:  # the "cancelling" note stays until that job has stopped
+                try:
+                    stopped = service.view(stopping).record
+                except ValueError:
+                    stopped = None
+                if stopped is None or stopped.status != "running":
+                    note_update = f"Job {stopping} {stopped.status if stopped else 'is gone'}."
+                    stopping_update = None
+            return (info_update, bar_update, preview_update, video_update, queue_update, history_update, now,
+                    note_update, stopping_update)
 
         def on_history() -> dict[str, Any]:
-            return _table(history_rows(service.history()), HISTORY_HEADERS)
+            return _table(history_rows(service.history(), outputs), HISTORY_HEADERS)
 
         def on_pick(evt: gr.SelectData) -> Any:
             row = evt.row_value
@@ -293,21 +384,36 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_show(job: Any) -> tuple[Any, Any, str]:
             try:
-                record = service.view(_job_id(job)).record
+                record = service.view(job_number(job)).record
             except ValueError as exc:
                 return None, None, _error(str(exc))
-            clip = str(record.out) if record.status == "done" and record.out.is_file() else None
-            note = f"Job {record.id}: {record.status}" + (f" ({record.error})" if record.error else "")
-            return clip, record.settings, note
+            clip = None
+            if record.status == "done" and gate.made_here(record.out):
+                clip = gate.publish(history_video, record.out)
+            error = f" ({public_text(record.error, outputs)})" if record.error else ""
+            return clip, public_settings(record.settings, outputs), f"Job {record.id}: {record.status}{error}"
 
-        def fill_form(settings: dict[str, Any], source: str) -> tuple[Any, ...]:
+        def fill_form(settings: Mapping[str, Any], source: str, record: JobRecord | None = None) -> tuple[Any, ...]:
+            """Form values from settings; images only from a job of ours (``record``), never from an mp4."""
             values = form_from_settings(settings)
             notes = []
+            if record is not None:
+                for name, block in (("image", start), ("end_image", end)):
+                    path = record.settings.get(name)
+                    if isinstance(path, str) and gate.made_here(Path(path)):
+                        values[name] = gate.publish(block, Path(path))
             if values["image"] is None:
-                notes.append("its start image is gone: upload one")
-            if values["model"] not in models:
-                notes.append(f"model {values['model']!r} is not served here: kept {models[0]!r}")
+                notes.append("its start image is not kept: upload one" if record is None
+                             else "its start image is gone: upload one")
+            model_name = shown_name.get(values["model"]) or (values["model"] if values["model"] in names else None)
+            if model_name is None:
+                notes.append(f"model {Path(str(values['model'])).name!r} is not served here: kept the chosen one")
                 values["model"] = gr.skip()
+                values["cfg"] = gr.skip() if values["cfg"] is None else values["cfg"]
+            else:
+                values["model"] = model_name
+                values["cfg"], values["distilled_guidance"] = field_updates(
+                    names[model_name], values["cfg"], values["distilled_guidance"])
             for name in ("image", "end_image"):
                 if values[name] is None:
                     values[name] = gr.skip() if name == "image" else None
@@ -316,103 +422,98 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_use(job: Any) -> tuple[Any, ...]:
             try:
-                record = service.view(_job_id(job)).record
+                record = service.view(job_number(job)).record
             except ValueError as exc:
                 return (*[gr.skip()] * len(FORM_FIELDS), _error(str(exc)))
-            return fill_form(record.settings, f"job {record.id}")
+            return fill_form(record.settings, f"job {record.id}", record)
 
         def on_use_mp4(upload: Any) -> tuple[Any, ...]:
-            path = file_path(upload)
             try:
+                path = gate.upload("video", upload)
                 if path is None:
                     raise ValueError("upload a framepack mp4 first")
-                meta = read_metadata(path)
-                if not isinstance(meta, dict) or not isinstance(meta.get("framepack"), dict):
-                    raise ValueError(f"{Path(path).name} carries no framepack settings")
+                name = Path(path).name
+                try:
+                    meta = read_metadata(path)
+                except ValueError as exc:  # the reason names the upload by its name, not where it lies
+                    raise ValueError(str(exc).replace(path, name)) from None
             except ValueError as exc:
-                reason = str(exc).replace(str(path), Path(str(path)).name)  # no server paths on the page
-                return (*[gr.skip()] * len(FORM_FIELDS), _error(reason))
-            return fill_form(meta["framepack"], Path(path).name)
+                return (*[gr.skip()] * len(FORM_FIELDS), _error(public_text(str(exc), outputs)))
+            return fill_form(meta["framepack"], name)
 
         # ---- wiring ---------------------------------------------------------------------------------------------
 
-        # raw values (preprocess=False): a broken upload reaches our checks and gets an inline message
-        generate.click(on_submit, form, [message, watched], preprocess=False, show_progress="minimal", **private)
-        cancel.click(on_cancel, [watched, shown], message, show_progress="hidden", **private)
-        resume.click(on_resume, [watched, shown], message, show_progress="hidden", **private)
+        raw: dict[str, Any] = dict(private, preprocess=False)  # raw values: a broken payload reaches our checks
+        generate.click(checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
+        cancel.click(checked(on_cancel), [watched, shown], [message, cancelling], show_progress="hidden", **raw)
+        resume.click(checked(on_resume), [watched, shown], message, show_progress="hidden", **raw)
+        seconds.change(checked(on_length), seconds, length, show_progress="hidden", queue=False, **raw)
+        model.input(checked(on_model), model, [cfg, guidance], show_progress="hidden", **raw)
         timer = gr.Timer(poll_s)
-        timer.tick(on_poll, [watched, shown], [info, bar, preview, video, queue_table, history_table, shown],
-                   show_progress="hidden", concurrency_limit=None, **private)
-        refresh.click(on_history, None, history_table, **private)
-        history_table.select(on_pick, None, picked, **private)
-        show.click(on_show, picked, [history_video, history_settings, history_message], **private)
-        use.click(on_use, picked, [*form, history_message], **private)
-        use_mp4.click(on_use_mp4, mp4, [*form, history_message], preprocess=False, **private)
+        timer.tick(checked(on_poll), [watched, shown, cancelling],
+                   [info, bar, preview, video, queue_table, history_table, shown, message, cancelling],
+                   show_progress="hidden", concurrency_limit=None, **raw)
+        refresh.click(checked(on_history), None, history_table, **private)
+        history_table.select(checked(on_pick), None, picked, **private)
+        show.click(checked(on_show), picked, [history_video, history_settings, history_message], **raw)
+        use.click(checked(on_use), picked, [*form, history_message], **raw)
+        use_mp4.click(checked(on_use_mp4), mp4, [*form, history_message], **raw)
 
-        _api(service, models, defaults)
+        _api(service, names, defaults, gate, video)
     return app
 
 
-def _api(service: JobService, models: tuple[str, ...], defaults: FormDefaults) -> None:
-    """Named endpoints for gradio_client; errors come back as gr.Error with the one-line reason."""
+def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gate: FileGate, cache: Any) -> None:
+    """Named endpoints for gradio_client. Each reads its arguments through the parsers of .form (files
+    through ``gate``) and answers bad ones with a gr.Error carrying the one-line reason."""
+    checked = endpoint(service.outputs)
+    first = next(iter(names))
+
+    def public(view: JobView) -> dict:
+        return view.to_dict(service.outputs)
 
     def submit(image: gr.FileData, prompt: str, end_image: gr.FileData | None = None, negative_prompt: str = "",
                seconds: float = defaults.seconds, seed: int = defaults.seed, random_seed: bool = False,
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
-               model: str = models[0], resolution: str = defaults.resolution, crf: int = defaults.crf) -> dict:
+               model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf) -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
                     resolution=resolution, crf=crf)
-        try:
-            record = service.submit(settings_from_form(form, models))
-        except (ValueError, OSError) as exc:
-            raise gr.Error(str(exc)) from None
-        return service.view(record.id).to_dict()
+        record = service.submit(settings_from_form(form, names, accept_file=gate.upload))
+        return public(service.view(record.id))
 
     def status(job: int) -> dict:
         """A job's status, settings and, while it runs, section/step/ETA; 'video' is set once done."""
-        try:
-            return service.view(_job_id(job)).to_dict()
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+        return public(service.view(job_number(job)))
 
     def cancel(job: int) -> str:
         """Cancel a queued job, or stop a running one within a step (it stays resumable)."""
-        try:
-            return service.cancel(_job_id(job))
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+        return service.cancel(job_number(job))
 
     def resume(job: int) -> str:
         """Queue a cancelled or failed job again; it continues from its last finished section."""
-        try:
-            return service.resume(_job_id(job))
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+        return service.resume(job_number(job))
 
     def video(job: int) -> gr.FileData:
         """The finished video of a done job (gradio_client downloads it and returns a local path)."""
-        try:
-            record = service.view(_job_id(job)).record
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        if record.status != "done" or not record.out.is_file():
-            raise gr.Error(f"job {record.id} is {record.status}: no video yet")
-        return gr.FileData(path=str(record.out), orig_name=record.out.name)
+        record = service.view(job_number(job)).record
+        if record.status != "done" or not gate.made_here(record.out):
+            raise ValueError(f"job {record.id} is {record.status}: no video yet")
+        return gr.FileData(path=gate.publish(cache, record.out), orig_name=record.out.name)
 
     def history(limit: int = 50) -> list:
-        """Finished jobs (done, failed, cancelled), newest first."""
-        return [service.view(r.id).to_dict() for r in service.history(max(1, min(int(limit), 1000)))]
+        """Finished jobs (done, failed, cancelled), newest first; at most ``limit`` (1 to 1000)."""
+        return [public(service.view(r.id)) for r in service.history(history_limit(limit))]
 
     def queue() -> list:
         """The running job, then the queued ones in order."""
-        return [service.view(r.id).to_dict() for r in service.queue()]
+        return [public(service.view(r.id)) for r in service.queue()]
 
     for fn in (submit, status, cancel, resume, video, history, queue):
-        gr.api(fn, api_name=fn.__name__, concurrency_limit=None)
+        gr.api(checked(fn), api_name=fn.__name__, concurrency_limit=None)
 
 
 # ---- launching -----------------------------------------------------------------------------------------------
@@ -428,7 +529,8 @@ def launch(service: JobService, models: Sequence[str], host: str = "127.0.0.1", 
            auth: tuple[str, str] | None = None, share: bool = False, max_file_size: str = "50mb",
            poll_s: float = POLL_S) -> None:
     """Serve until interrupted; the running job is then put back in the queue (it resumes next start)."""
-    app = build_app(service, models, poll_s=poll_s)
+    gate = FileGate(service.outputs, lambda: app.upload_file_set)
+    app = build_app(service, models, poll_s=poll_s, gate=gate)
     app.queue(default_concurrency_limit=4)
     extra: dict[str, Any] = {}
     if "_frontend" in inspect.signature(app.launch).parameters:
@@ -436,9 +538,15 @@ def launch(service: JobService, models: Sequence[str], host: str = "127.0.0.1", 
         # the first render takes longer and the app would refuse to start
         extra["_frontend"] = False
     try:
-        app.launch(server_name=host, server_port=port, auth=auth, share=share, allowed_paths=[str(service.outputs)],
+        # outputs/ is never served as it is (it holds the job store and the job directories): the
+        # app copies each video it shows into Gradio's cache (FileGate.publish) and serves that copy
+        # a request naming a file that is not an upload is refused before Gradio copies that file
+        guard = Middleware(FileReferenceGuard, gate=gate)
+        # show_error: what Gradio itself refuses (too few arguments) is answered with its reason, not
+        # with "the upstream app has raised an exception"; our own handlers only raise gr.Error
+        app.launch(server_name=host, server_port=port, auth=auth, share=share, blocked_paths=[str(service.outputs)],
                    max_file_size=max_file_size, theme=theme(), css=CSS, prevent_thread_lock=True, quiet=True,
-                   **extra)
+                   app_kwargs={"middleware": [guard]}, show_error=True, **extra)
         log.warning("framepack ui: serving on %s (outputs in %s)", app.local_url, service.outputs)
         # the worker starts once the server is up: a job left over from the last run then loads
         # its model (and imports its libraries) without racing Gradio's own start-up imports

@@ -1,25 +1,32 @@
-"""The web form <-> GenerationSettings, in both directions, as pure functions (no Gradio here).
+"""The web form and the API's arguments <-> GenerationSettings, as pure functions (no Gradio here).
 
 Values arrive as the browser (or an API client) sent them: numbers may be missing, fractional,
-huge or of the wrong type, files may be absent. Every problem becomes a one-line ``ValueError``
-that the app shows next to the button.
+huge, infinite or of the wrong type, files may be absent or name anything. Every endpoint and
+every page handler reads its arguments through the parsers here, and every problem becomes a
+one-line ``ValueError`` that the app shows next to the button (or raises as ``gr.Error``).
+File references are checked by the caller's ``accept_file`` (the app's :class:`FileGate`).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..settings import DEFAULT_SEED, GenerationSettings
+from ..planning import DEFAULT_WINDOW, FPS, TEMPORAL_RATIO, real_seconds, section_count
+from ..settings import DEFAULT_SEED, MAX_SECONDS, GenerationSettings
 
 AUTO = "auto"  # "the model's own" for mode and resolution
 SEED_LIMIT = 2**32  # random seeds are drawn below this
 RESOLUTIONS: tuple[int, ...] = (64, 128, 256, 384, 512, 640, 768)
 MODES: tuple[str, ...] = (AUTO, "inverted", "forward")
+JOB_LIMIT = 2**63 - 1  # SQLite's largest integer: no job number is above it
+HISTORY_LIMIT = 1000
+SHOWN_CHARS = 40  # a bad value is quoted in a message up to this length
+
+AcceptFile = Callable[[str, Any], "str | None"]  # (label, payload) -> an accepted path, or None
 
 
 @dataclass(frozen=True)
@@ -40,34 +47,61 @@ class FormDefaults:
     crf: int = 16
 
 
-def file_path(value: Any) -> str | None:
-    """A Gradio file payload (dict or FileData), a path string, or nothing -> a path or None."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (str, Path)):
-        return str(value)
-    if isinstance(value, Mapping):
-        path = value.get("path")
-    else:
-        path = getattr(value, "path", None)
-    return None if path in (None, "") else str(path)
+# ---- lengths: the steps the model can make -------------------------------------------------------------------
+
+
+def section_seconds(window: int = DEFAULT_WINDOW, fps: int = FPS) -> float:
+    """How much video one section adds (1.2 s): the length control moves in these steps."""
+    return window * TEMPORAL_RATIO / fps
+
+
+def snap_seconds(seconds: float, window: int = DEFAULT_WINDOW, fps: int = FPS) -> float:
+    """The length control's position for a requested length: whole sections, as the model makes them."""
+    step = section_seconds(window, fps)
+    sections = min(section_count(seconds, window, fps), int(MAX_SECONDS / step + 1e-9))
+    return round(sections * step, 6)
+
+
+def length_note(seconds: Any) -> str:
+    """What the length control shows beside it: the length the video really has."""
+    try:
+        value = _number("length (seconds)", seconds)
+    except ValueError as exc:
+        return str(exc)
+    if not 0 < value <= MAX_SECONDS:
+        return f"the length must be > 0 and <= {MAX_SECONDS:g} s"
+    sections = section_count(value)
+    plural = "s" if sections > 1 else ""
+    return (f"makes a {real_seconds(value):.2f} s video ({sections} section{plural} of "
+            f"{section_seconds():g} s, plus the start frame)")
+
+
+# ---- argument parsers ------------------------------------------------------------------------------------------
+
+
+def shown(value: Any) -> str:
+    """A client's value quoted in a message: short, one line."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
 
 def _number(label: str, value: Any) -> float:
     if value is None or value == "":
         raise ValueError(f"{label} is empty")
-    if isinstance(value, bool):
-        raise ValueError(f"{label} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{label} must be a number, got {shown(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{label} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{label} must be a number, got {shown(value)}") from None
     if not math.isfinite(number):
-        raise ValueError(f"{label} must be a finite number, got {value!r}")
+        raise ValueError(f"{label} must be a finite number, got {shown(value)}")
     return number
 
 
 def _whole(label: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, even beyond float precision (a seed near 2**63)
     number = _number(label, value)
     if number != int(number):
         raise ValueError(f"{label} must be a whole number, got {number:g}")
@@ -75,39 +109,88 @@ def _whole(label: str, value: Any) -> int:
 
 
 def _choice(label: str, value: Any, choices: tuple[str, ...]) -> str:
-    text = str(value) if value is not None else ""
+    text = value if isinstance(value, str) else ""
     if text not in choices:
-        raise ValueError(f"unknown {label} {text!r}; choose from {', '.join(choices)}")
+        raise ValueError(f"unknown {label} {shown(value)}; choose from {', '.join(choices)}")
     return text
 
 
-def settings_from_form(form: Mapping[str, Any], models: tuple[str, ...]) -> GenerationSettings:
-    """Validate one submission; the seed is drawn here when ``random_seed`` is set."""
-    image = file_path(form.get("image"))
+def _text(label: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{label} must be text, got {shown(value)}")
+    return value
+
+
+def _flag(label: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"{label} must be true or false, got {shown(value)}")
+    return value
+
+
+def job_number(value: Any) -> int:
+    """A job id as a client sent it (a number, a numeric string) -> the job number."""
+    if value is None or value == "":
+        raise ValueError("no job selected: submit one or pick one in the history")
+    try:
+        number = _whole("job", value)
+    except ValueError:
+        raise ValueError(f"not a job number: {shown(value)}") from None
+    if not 1 <= number <= JOB_LIMIT:
+        raise ValueError(f"no job {shown(value)}: job numbers start at 1")
+    return number
+
+
+def history_limit(value: Any) -> int:
+    """How many finished jobs a history request lists."""
+    number = _whole("limit", value)
+    if not 1 <= number <= HISTORY_LIMIT:
+        raise ValueError(f"limit must be between 1 and {HISTORY_LIMIT}, got {number}")
+    return number
+
+
+def model_choice(value: Any, models: Mapping[str, str]) -> str:
+    """The model a form names, by its shown name (or by the argument it stands for)."""
+    if isinstance(value, str) and value in models.values():
+        return value
+    return models[_choice("model", value or next(iter(models)), tuple(models))]
+
+
+def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
+                       accept_file: AcceptFile) -> GenerationSettings:
+    """Validate one submission; the seed is drawn here when ``random_seed`` is set.
+
+    ``models`` maps the names the page shows to model arguments; ``accept_file`` checks each
+    file reference (only uploads pass) and returns its path.
+    """
+    image = accept_file("start image", form.get("image"))
     if image is None:
         raise ValueError("upload a start image first")
-    seed = secrets.randbelow(SEED_LIMIT) if form.get("random_seed") else _whole("seed", form.get("seed"))
+    end_image = accept_file("end image", form.get("end_image"))
+    random_seed = _flag("random seed", form.get("random_seed"))
+    seed = secrets.randbelow(SEED_LIMIT) if random_seed else _whole("seed", form.get("seed"))
     mode = _choice("mode", form.get("mode") or AUTO, MODES)
-    resolution = str(form.get("resolution") or AUTO)
-    if resolution != AUTO:
-        resolution_value: int | None = _whole("resolution", resolution)
-    else:
-        resolution_value = None
-    prompt = str(form.get("prompt") or "").strip()
+    resolution = form.get("resolution")
+    resolution_value = None if resolution is None or resolution in ("", AUTO) else _whole("resolution", resolution)
+    prompt = _text("prompt", form.get("prompt")).strip()
     if not prompt:
         raise ValueError("type a prompt (or a timeline such as '[0s-2s: a cat sits] [2s-4s: it jumps]')")
+    cfg = form.get("cfg")
     return GenerationSettings(
         image=image,
-        end_image=file_path(form.get("end_image")),
+        end_image=end_image,
         prompt=prompt,
-        negative_prompt=str(form.get("negative_prompt") or ""),
-        model=_choice("model", form.get("model") or models[0], models),
+        negative_prompt=_text("negative prompt", form.get("negative_prompt")),
+        model=model_choice(form.get("model"), models),
         seconds=_number("length (seconds)", form.get("seconds")),
         seed=seed,
         steps=_whole("steps", form.get("steps")),
         distilled_guidance=_number("distilled guidance", form.get("distilled_guidance")),
-        cfg=None if form.get("cfg") in (None, "") else _number("CFG", form.get("cfg")),
-        sampler=str(form.get("sampler") or "unipc"),
+        cfg=None if cfg is None or cfg == "" else _number("CFG", cfg),
+        sampler=_text("sampler", form.get("sampler")) or "unipc",
         mode=None if mode == AUTO else mode,
         resolution=resolution_value,
         crf=_whole("mp4 quality (CRF)", form.get("crf")),
@@ -115,27 +198,39 @@ def settings_from_form(form: Mapping[str, Any], models: tuple[str, ...]) -> Gene
 
 
 def form_from_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored or embedded settings dict -> form values (missing keys keep the defaults).
+    """A stored or embedded settings dict -> form values; a missing or ill-typed value keeps the default.
 
-    Image paths are returned only when the file still exists.
+    Settings read from an uploaded mp4 are the client's words: no value is taken on trust (a wrong
+    type falls back to the default) and no image path is returned at all. A job's own images are
+    the caller's to hand out.
     """
     defaults = FormDefaults()
-    values: dict[str, Any] = {
-        "prompt": settings.get("prompt", defaults.prompt),
-        "negative_prompt": settings.get("negative_prompt", defaults.negative_prompt),
-        "seconds": settings.get("seconds", defaults.seconds),
-        "seed": settings.get("seed", defaults.seed),
+
+    def pick(key: str, default: Any, parse: Callable[[str, Any], Any]) -> Any:
+        try:
+            return parse(key, settings[key]) if key in settings else default
+        except ValueError:
+            return default
+
+    seconds = snap_seconds(pick("seconds", defaults.seconds, _number))
+    cfg = settings.get("cfg")
+    mode = settings.get("mode") or AUTO
+    resolution = settings.get("resolution")
+    return {
+        "prompt": pick("prompt", defaults.prompt, _text),
+        "negative_prompt": pick("negative_prompt", defaults.negative_prompt, _text),
+        "seconds": seconds,
+        "seed": pick("seed", defaults.seed, _whole),
         "random_seed": False,  # "use these settings" means this seed
-        "steps": settings.get("steps", defaults.steps),
-        "distilled_guidance": settings.get("distilled_guidance", defaults.distilled_guidance),
-        "cfg": settings.get("cfg", defaults.cfg),
-        "sampler": settings.get("sampler", defaults.sampler),
-        "mode": settings.get("mode") or AUTO,
-        "resolution": str(settings["resolution"]) if settings.get("resolution") else AUTO,
-        "crf": settings.get("crf", defaults.crf),
-        "model": settings.get("model"),
+        "steps": pick("steps", defaults.steps, _whole),
+        "distilled_guidance": pick("distilled_guidance", defaults.distilled_guidance, _number),
+        "cfg": None if cfg is None else pick("cfg", defaults.cfg, _number),
+        "sampler": pick("sampler", defaults.sampler, _text),
+        "mode": mode if mode in MODES else AUTO,
+        "resolution": str(resolution) if isinstance(resolution, int) and str(resolution) in map(str, RESOLUTIONS)
+        else AUTO,
+        "crf": pick("crf", defaults.crf, _whole),
+        "model": settings.get("model") if isinstance(settings.get("model"), str) else None,
+        "image": None,
+        "end_image": None,
     }
-    for key in ("image", "end_image"):
-        path = settings.get(key)
-        values[key] = path if path and Path(path).is_file() else None
-    return values

@@ -17,12 +17,14 @@ from typing import Any
 from ..images import load_image
 from ..jobs import JobDir
 from ..settings import GenerationSettings
+from .files import public_text
 from .store import FINISHED, STORE_NAME, JobRecord, JobStore
 from .worker import PipelineLoader, Progress, Worker
 
 log = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
+PATH_SETTINGS = ("image", "end_image", "model")  # the settings that hold server paths
 
 
 @dataclass(frozen=True)
@@ -33,19 +35,30 @@ class JobView:
     progress: Progress | None  # None unless this job is the one running
     queue_place: int | None  # 1 = next, while queued
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON for the API: no arrays, paths as strings."""
+    def to_dict(self, outputs: Path) -> dict[str, Any]:
+        """JSON for the API: no arrays, and no absolute server paths (files relative to ``outputs``)."""
         r, p = self.record, self.progress
+
+        def where(path: Path) -> str:
+            return public_text(str(path), outputs)
+
         data: dict[str, Any] = {
-            "job": r.id, "status": r.status, "seed": r.seed, "error": r.error, "queue_place": self.queue_place,
-            "video": str(r.out) if r.status == "done" else None, "job_dir": str(r.job_dir),
-            "created": r.created, "settings": r.settings,
+            "job": r.id, "status": r.status, "seed": r.seed, "queue_place": self.queue_place,
+            "error": None if r.error is None else public_text(r.error, outputs),
+            "video": where(r.out) if r.status == "done" else None, "job_dir": where(r.job_dir),
+            "created": r.created, "settings": public_settings(r.settings, outputs),
         }
         if p is not None:
             data.update(phase=p.phase, section=p.section, sections=p.sections, step=p.step, steps=p.steps,
                         done_steps=p.done, total_steps=p.total, eta_s=p.eta_s,
-                        provisional_video=None if p.video is None else str(p.video))
+                        provisional_video=None if p.video is None else where(p.video))
         return data
+
+
+def public_settings(settings: dict[str, Any], outputs: Path) -> dict[str, Any]:
+    """A job's settings as a client sees them: its files relative to ``outputs``, a model directory by name."""
+    return {key: public_text(value, outputs) if key in PATH_SETTINGS and isinstance(value, str) else value
+            for key, value in settings.items()}
 
 
 def _check_image(label: str, path: str) -> None:

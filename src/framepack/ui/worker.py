@@ -25,6 +25,9 @@ from ..pipeline import Cancelled, Done, Event, FramePackPipeline, SectionStarted
 from .store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
+# one line per job started, finished, failed or stopped: `framepack ui` shows this logger at INFO
+# even when everything else is at WARNING, so the server's console tells what it did
+job_log = logging.getLogger("framepack.ui.jobs")
 
 IDLE_RECHECK_S = 5.0  # an idle worker looks at the store this often even without a wake-up
 PREVIEW_HEIGHT = 96  # latent previews are tiny (h = H/8): enlarged to about this height
@@ -158,6 +161,8 @@ class Worker:
 
     def _run(self, record: JobRecord) -> None:
         self.status.reset(job_id=record.id, phase="loading")
+        began = time.perf_counter()
+        job_log.info("job %d started (seed %d)", record.id, record.seed)
         try:
             job = JobDir.open(record.job_dir)
             pipeline = self._pipeline(job.settings.model)
@@ -165,16 +170,17 @@ class Worker:
         except Cancelled:
             if self._cancel.is_set():
                 self.store.mark_cancelled(record.id)
-                log.info("job %d cancelled; resumable from %s", record.id, record.job_dir)
+                job_log.info("job %d cancelled after %.0f s; resumable", record.id, time.perf_counter() - began)
             else:  # the server is stopping: the job continues at the next start
                 self.store.requeue(record.id)
-                log.info("job %d interrupted by shutdown; queued again", record.id)
+                job_log.info("job %d interrupted by shutdown; queued again", record.id)
         except Exception as exc:  # any failure belongs to this job only; the worker goes on
-            log.exception("job %d failed", record.id)
+            log.info("job %d failed", record.id, exc_info=True)  # the traceback, with -v
             self.store.fail(record.id, one_line(exc))
+            job_log.warning("job %d failed: %s", record.id, one_line(exc))
         else:
             self.store.finish(record.id)
-            log.info("job %d done: %s", record.id, record.out)
+            job_log.info("job %d done in %.0f s: %s", record.id, time.perf_counter() - began, record.out.name)
 
     def _pipeline(self, model: str) -> FramePackPipeline:
         if model not in self._pipelines:

@@ -1,0 +1,242 @@
+"""Which files a request may name, which files the app hands out, and how paths are shown.
+
+Every file reference that arrives from a page or an API client (a path string, a ``{"path": ...}``
+dict, a Gradio ``FileData``) goes through :meth:`FileGate.upload`: only files that Gradio itself
+received as uploads for this app, or that the app handed out itself, are accepted. Anything else (a server
+path, a path with ``..``, a symlink out of the cache, a file that does not exist) is refused with
+one message that says nothing about the path, so the answer never tells whether a file exists.
+
+The app's own files (videos, job inputs) live under ``outputs/``, which is never served directly:
+:meth:`FileGate.publish` copies one of them into Gradio's cache, and only that copy is served.
+Replies show paths relative to the outputs folder, or bare file names (:func:`public_text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+REFUSED = ("not a file uploaded to this server: upload it through the page, "
+           "or pass it with gradio_client.handle_file")
+
+# an absolute POSIX path of at least two parts, not glued to a word (so "and/or" is left alone)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"`,;:()\[\]{}<>]+/)+[^\s/'\"`,;:()\[\]{}<>]*")
+
+
+class Cache(Protocol):
+    """The one Gradio method the gate uses to hand a file out (any component of the app has it)."""
+
+    def move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None: ...
+
+
+def payload_path(label: str, value: Any) -> str | None:
+    """A file payload as a client sent it -> the path it names, or None when there is none.
+
+    Accepts a path string, a mapping with a ``path`` key, or an object with a ``path`` attribute
+    (Gradio's ``FileData``). Whether that path may be used is :meth:`FileGate.upload`'s business.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        path: Any = value
+    elif isinstance(value, Mapping):
+        path = value.get("path")
+    elif hasattr(value, "path"):
+        path = value.path
+    else:
+        raise ValueError(f"{label}: expected an uploaded file, got {type(value).__name__}")
+    if path is None or path == "":
+        return None
+    if not isinstance(path, str):
+        raise ValueError(f"{label}: expected an uploaded file, got a path of type {type(path).__name__}")
+    return path
+
+
+def _real(path: str) -> str | None:
+    """The file a path finally names (symlinks and ``..`` resolved), or None if it names no file."""
+    try:
+        real = os.path.realpath(path, strict=True)
+        return real if os.path.isfile(real) else None
+    except (OSError, ValueError):  # missing, a loop, too long, an embedded NUL byte
+        return None
+
+
+class FileGate:
+    """The app's single check on file references from clients, and its way of serving its own files.
+
+    ``uploads`` returns the files Gradio received through its upload route for this app
+    (``Blocks.upload_file_set``). Not the whole cache: Gradio copies into its cache whatever a
+    payload with file metadata names, so a file's presence there proves nothing.
+    """
+
+    def __init__(self, outputs: Path, uploads: Callable[[], Iterable[str]]) -> None:
+        self.outputs = Path(outputs).resolve()
+        self._uploads = uploads
+        self._published: set[str] = set()  # copies of the app's own files that it handed out
+
+    def known(self, path: str) -> bool:
+        """Whether ``path`` names an upload of this app, or a copy the app handed out."""
+        real = _real(path)
+        if real is None:
+            return False
+        # resolve the recorded names too: a request naming an upload through a symlink or ".." still
+        # names that upload, and nothing else resolves into the set
+        known = [*list(self._uploads()), *list(self._published)]
+        return any(real == _real(p) for p in known)
+
+    def upload(self, label: str, value: Any) -> str | None:
+        """The path of an uploaded file, or None if ``value`` names none; anything else is refused."""
+        path = payload_path(label, value)
+        if path is None:
+            return None
+        if not self.known(path):
+            raise ValueError(f"{label}: {REFUSED}")
+        return path
+
+    def made_here(self, path: Path) -> bool:
+        """True for an existing file under the outputs folder (after resolving symlinks and ``..``)."""
+        real = _real(str(path))
+        return real is not None and Path(real).is_relative_to(self.outputs)
+
+    def publish(self, cache: Cache, path: Path) -> str:
+        """A servable copy of one of the app's own files (a video, a job's input image)."""
+        if not self.made_here(path):
+            raise ValueError(f"{Path(path).name} is gone")
+        copy = cache.move_resource_to_block_cache(str(path))
+        if copy is None:
+            raise ValueError(f"{Path(path).name} could not be served")
+        self._published.add(copy)  # a page may send it back (a job's image in the form)
+        return copy
+
+    def relative(self, path: Path | str) -> str:
+        """A path as replies show it: relative to the outputs folder, else its file name."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.outputs))
+        except (ValueError, OSError):
+            return path.name
+
+
+def public_text(text: str, outputs: Path) -> str:
+    """``text`` with every absolute path replaced: relative to ``outputs`` when inside it, else its name."""
+    root = Path(outputs).resolve()
+
+    def shown(match: re.Match[str]) -> str:
+        path = Path(match.group(0))
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            return path.name or match.group(0)
+
+    return _ABSOLUTE_PATH.sub(shown, text)
+
+
+def model_names(models: Iterable[str]) -> dict[str, str]:
+    """The name each model is shown by -> the model argument: a model directory by its own name,
+    so the page never shows where it lives (``tiny`` stays ``tiny``)."""
+    names: dict[str, str] = {}
+    for model in models:
+        name = Path(model).name if os.sep in model else model
+        base, n = name, 2
+        while name in names:  # two directories of the same name: number the later ones
+            name, n = f"{base} ({n})", n + 1
+        names[name] = model
+    return names
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+
+MAX_JSON_BYTES = 8 * 2**20  # a form's JSON is a few kB; files travel through /upload, not in JSON
+
+
+def file_references(data: Any) -> list[Any]:
+    """The ``path`` of every object in a request's JSON that Gradio treats as a file to copy into its
+    cache (``{"path": ..., "meta": {"_type": "gradio.FileData"}}``), however deeply nested.
+
+    Other ``{"path": ...}`` objects reach the handlers as they are, and the gate checks them there.
+    """
+    found: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            meta = item.get("meta")
+            if "path" in item and isinstance(meta, dict) and meta.get("_type") == "gradio.FileData":
+                found.append(item["path"])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+class FileReferenceGuard:
+    """ASGI middleware: a request whose JSON names a file that is not an upload of this app (or a
+    file the app handed out) is answered 400 with :data:`REFUSED`, before Gradio sees it.
+
+    Gradio copies into its cache any file a ``{"path": ..., "meta": {"_type": "gradio.FileData"}}``
+    payload names, before any handler runs: the server would read a file it was not given, and
+    what that copy step raises (a directory, an unreadable file) would tell which paths exist.
+    """
+
+    def __init__(self, app: Any, gate: FileGate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = dict(scope.get("headers") or [])
+        # every POST but an upload (multipart): FastAPI reads a body without a content type as JSON too
+        if (scope.get("type") != "http" or scope.get("method") != "POST"
+                or headers.get(b"content-type", b"").lower().startswith(b"multipart/")):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > MAX_JSON_BYTES:
+                await _answer(send, 413, f"request too large (over {MAX_JSON_BYTES // 2**20} MB of JSON)")
+                return
+        body = b"".join(chunks)
+        problem = self.problem(body)
+        if problem is not None:
+            await _answer(send, 400, problem)
+            return
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    def problem(self, body: bytes) -> str | None:
+        """None when every file the JSON names is an upload of this app; else the one refusal message."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None  # not JSON after all: Gradio answers that itself
+        for path in file_references(data):
+            if not isinstance(path, str) or not self.gate.known(path):
+                return f"file: {REFUSED}"
+        return None
+
+
+async def _answer(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message, "detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,299 @@
+"""The web app against a hostile but fair client, over HTTP and gradio_client against a running server.
+
+- Only files uploaded to this server (or made by the app) are ever used: a path string, a
+  ``{"path": ...}`` dict, a FileData naming a server file, ``..`` and a symlink out of the upload
+  folder all get one message that does not depend on whether the file exists, no job is made, and
+  the file's bytes never reach Gradio's cache or any reply.
+- outputs/ is not served (the job store, the job directories, even the videos there: the page gets
+  copies), and no reply carries an absolute server path.
+- Job ids and limits of any type and size get a one-line message, never Gradio's generic error.
+- A fuzz over every named endpoint: never the generic error, never the planted secret, and the
+  server still serves afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ui_slow_server import Server
+from ui_tiny_model import write_image, write_tiny_model
+
+pytest.importorskip("gradio", reason="needs gradio (pip install 'framepack[ui]')")
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+JOB_TIMEOUT_S = 180
+GENERIC = "upstream"  # Gradio's "The upstream Gradio app has raised an exception ..."
+ENDPOINTS = ("submit", "status", "cancel", "resume", "video", "history", "queue")
+SUBMIT_DEFAULTS = [None, "a red circle", None, "", 1.2, 1, False, 1, 10.0, 1.0, "unipc", "auto", None, "auto", 16]
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """A server with its own Gradio cache folder, and a secret image beside it that it must never read."""
+    root = tmp_path_factory.mktemp("security")
+    model = write_tiny_model(root / "model")
+    secret_dir = root / "private"
+    secret_dir.mkdir()
+    secret = write_image(secret_dir / "secret.png", size=(64, 64), seed=123)  # a valid image: only the gate stops it
+    cache = root / "gradio"
+    server = Server(root / "outputs", model, root / "server.log", env={"GRADIO_TEMP_DIR": str(cache)}).start()
+    try:
+        yield {"server": server, "secret": secret, "cache": cache, "root": root, "start": write_image(root / "s.png")}
+    finally:
+        server.stop()
+
+
+def call(server: Server, name: str, data: list[Any]) -> tuple[str, Any]:
+    """One call through Gradio's REST API: ("complete", output), ("error", message) or ("http <code>", body)."""
+    request = urllib.request.Request(f"{server.url}gradio_api/call/{name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            event = json.loads(response.read())["event_id"]
+    except urllib.error.HTTPError as exc:
+        return f"http {exc.code}", exc.read().decode(errors="replace")
+    with urllib.request.urlopen(f"{server.url}gradio_api/call/{name}/{event}", timeout=120) as response:
+        text = response.read().decode(errors="replace")
+    kind, payload = "", None
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            payload = json.loads(line[len("data: "):])
+    if kind == "error":
+        return "error", (payload or {}).get("error") if isinstance(payload, dict) else payload
+    return kind, payload
+
+
+def upload(server: Server, path: Path) -> str:
+    """Upload a file as the page does; the server's path of the upload."""
+    import httpx
+
+    with path.open("rb") as f:
+        response = httpx.post(f"{server.url}gradio_api/upload", files={"files": (path.name, f)}, timeout=60)
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def answer_text(kind: str, payload: Any) -> str:
+    return payload if isinstance(payload, str) else json.dumps(payload)
+
+
+def assert_clean_answer(kind: str, payload: Any) -> None:
+    """A reply or a message with its reason: never Gradio's generic error."""
+    if kind == "complete":
+        return
+    assert kind in ("error", "http 400"), (kind, payload)
+    assert payload, f"an error without a message: {kind} {payload!r}"
+    assert GENERIC not in answer_text(kind, payload)
+
+
+def cached_copies(cache: Path, content: bytes) -> list[Path]:
+    """Files in Gradio's cache folder whose bytes are ``content``."""
+    return [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size == len(content)
+            and p.read_bytes() == content]
+
+
+def submit_data(image: Any) -> list[Any]:
+    return [image, *SUBMIT_DEFAULTS[1:]]
+
+
+# ---- point 1: only uploads ------------------------------------------------------------------------------------------
+
+
+def test_only_uploaded_files_are_used(site):
+    server, secret, cache = site["server"], site["secret"], site["cache"]
+    content = secret.read_bytes()
+    missing = secret.with_name("missing.png")
+    link_dir = cache / "planted"
+    link_dir.mkdir(parents=True, exist_ok=True)
+    (link_dir / "link.png").symlink_to(secret)  # a symlink in the upload folder, pointing out of it
+    before = set(server.jobs())
+
+    def refs(path: Path) -> list[Any]:
+        meta = {"_type": "gradio.FileData"}
+        return [str(path), {"path": str(path)}, {"path": str(path), "orig_name": "x.png"},
+                {"path": str(path), "meta": meta}, {"path": f"{cache}/../{path.parent.name}/{path.name}", "meta": meta},
+                f"{cache}/../{path.parent.name}/{path.name}"]
+
+    answers: dict[str, list[str]] = {}
+    for label, path in (("secret", secret), ("missing", missing)):
+        answers[label] = []
+        for ref in refs(path):
+            kind, payload = call(server, "submit", submit_data(ref))
+            assert kind != "complete", f"{ref!r} was accepted"
+            assert_clean_answer(kind, payload)
+            text = answer_text(kind, payload)
+            assert str(path.parent) not in text and path.name not in text and "\n" not in text
+            answers[label].append(f"{kind}: {text}")
+    # the same answers whether the file exists or not: the replies tell nothing about the server's files
+    assert answers["secret"] == answers["missing"]
+    kind, payload = call(server, "submit", submit_data(str(link_dir / "link.png")))
+    assert kind == "error" and "not a file uploaded" in payload
+    # the page's own endpoint is guarded the same way (the request guard stands in front of every route)
+    request = urllib.request.Request(
+        f"{server.url}gradio_api/queue/join",
+        data=json.dumps({"data": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}], "fn_index": 0,
+                         "session_hash": "fuzz"}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400 and "not a file uploaded" in refused.value.read().decode()
+
+    assert set(server.jobs()) == before  # no job was made from any of them
+    assert cached_copies(cache, content) == [link_dir / "link.png"]  # never copied into Gradio's cache
+    (link_dir / "link.png").unlink()
+
+    # the control: an uploaded image is accepted, also when named through ".." inside the upload folder
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False)
+    uploaded = upload(server, site["start"])
+    job = client.predict(image=handle_file(str(site["start"])), prompt="a red circle", seconds=1.2, steps=1,
+                         api_name="/submit")
+    assert job["status"] in ("queued", "running", "done")
+    client.predict(job=job["job"], api_name="/cancel")
+    roundabout = f"{Path(uploaded).parent}/../{Path(uploaded).parent.name}/{Path(uploaded).name}"
+    kind, payload = call(server, "submit", submit_data(roundabout))
+    assert kind == "complete", payload
+    client.predict(job=payload[0]["job"], api_name="/cancel")
+
+
+# ---- point 2: what is served, and how paths are shown ------------------------------------------------------------
+
+
+def strings(data: Any) -> Iterator[str]:
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, dict):
+        for value in data.values():
+            yield from strings(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from strings(value)
+
+
+def test_outputs_are_not_served_and_replies_name_no_server_path(site, tmp_path):
+    from gradio_client import Client, handle_file
+
+    server = site["server"]
+    client = Client(server.url, verbose=False, download_files=str(tmp_path))
+    job = client.predict(image=handle_file(str(site["start"])), prompt="a red circle", seconds=1.2, steps=1, seed=4,
+                         api_name="/submit")
+    replies = [job]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.predict(job=job["job"], api_name="/status"))["status"] != "done":
+        replies.append(status)
+        assert status["status"] in ("queued", "running") and time.monotonic() < deadline, status
+        time.sleep(0.3)
+    replies += [status, client.predict(api_name="/history"), client.predict(api_name="/queue")]
+    for text in strings(replies):
+        assert not text.startswith("/") and str(server.outputs) not in text and str(site["root"]) not in text, text
+
+    record = server.jobs()[job["job"]]
+    video = Path(record["out"])
+    assert status["video"] == video.relative_to(server.outputs).as_posix()  # relative to the outputs folder
+    # nothing under outputs/ is served as it is: the store, the job directory, the video itself
+    for path in (server.outputs / "jobs.sqlite", server.outputs / "jobs.sqlite-wal", video,
+                 *[p for p in Path(record["job_dir"]).rglob("*") if p.is_file()]):
+        if not path.exists():
+            continue
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{server.url}gradio_api/file={path}", timeout=30)
+        assert refused.value.code == 403, path
+    # the video comes through /video (a copy the app hands out), byte for byte
+    assert Path(client.predict(job=job["job"], api_name="/video")).read_bytes() == video.read_bytes()
+
+
+# ---- point 3: every argument is checked, with a message --------------------------------------------------------------
+
+
+BAD_JOBS = [1e30, "1e30", "inf", "-inf", "nan", 10**30, -(10**30), "abc", -1, 0, True, False, 2.5, "", [1], {"job": 1},
+            "1; DROP TABLE jobs"]
+
+
+def test_bad_job_ids_and_limits_get_a_message(site):
+    server = site["server"]
+    for name in ("status", "cancel", "resume", "video"):
+        for job in BAD_JOBS:
+            kind, payload = call(server, name, [job])
+            assert kind == "error", (name, job, kind, payload)
+            assert_clean_answer(kind, payload)
+            assert "job" in payload and "\n" not in payload, (name, job, payload)
+    for limit in ("abc", "nan", 1e30, 0, -5, 10**30, True, [3], {"a": 1}):
+        kind, payload = call(server, "history", [limit])
+        assert kind == "error" and "limit" in payload and "\n" not in payload, (limit, kind, payload)
+    assert call(server, "history", [2])[0] == "complete"
+
+
+# ---- point 4: fuzz ---------------------------------------------------------------------------------------------
+
+
+def hostile(site: dict[str, Any]) -> Any:
+    """Values a hostile client might send for any argument."""
+    server, secret = site["server"], site["secret"]
+    paths = [str(secret), "/etc/passwd", "/etc/shadow", "/etc/nope", str(server.outputs / "jobs.sqlite"),
+             "../../../../etc/passwd", str(server.outputs), "~/.bashrc", "file:///etc/passwd", "\x00", "/" * 5000,
+             "http://127.0.0.1:1/x.png"]
+    path = st.sampled_from(paths)
+    meta = st.just({"_type": "gradio.FileData"})
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+        st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(["nan", "inf", "-inf", "1e30", "", " "]),
+        st.text(max_size=30), path)
+    files = st.one_of(st.fixed_dictionaries({"path": path}), st.fixed_dictionaries({"path": path, "meta": meta}),
+                      st.fixed_dictionaries({"path": st.one_of(st.integers(), st.none(), st.lists(path, max_size=2))}))
+    return st.one_of(scalars, files, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=5), scalars,
+                                                                                    max_size=3))
+
+
+def test_fuzz_every_endpoint(site):
+    server, secret, cache = site["server"], site["secret"], site["cache"]
+    content = secret.read_bytes()
+    before = set(server.jobs())
+    arity = {"submit": len(SUBMIT_DEFAULTS), "status": 1, "cancel": 1, "resume": 1, "video": 1, "history": 1,
+             "queue": 0}
+    seen: list[tuple[str, list[Any], str, Any]] = []
+    secret_text = content.decode("latin-1")
+
+    # no shrinking: each example is a request to a live server, and the first failure says enough
+    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                         phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(name=st.sampled_from(ENDPOINTS), data=st.data())
+    def one(name: str, data) -> None:
+        count = arity[name]
+        # some calls with too few arguments, as a careless client sends them
+        n = data.draw(st.sampled_from([count, count, count, max(0, count - 1)]), label="arguments")
+        args = [data.draw(hostile(site), label=f"arg{i}") for i in range(n)]
+        kind, payload = call(server, name, args)
+        seen.append((name, args, kind, payload))
+        text = answer_text(kind, payload)
+        assert secret_text not in text  # (its name may come back: Gradio quotes what a client sent)
+        assert_clean_answer(kind, payload)
+        if n < count:  # refused, with Gradio's own reason (too few arguments) or the gate's
+            assert kind != "complete", (name, args, kind, payload)
+
+    started = time.monotonic()
+    one()
+    assert time.monotonic() - started < 90
+    names = {name for name, *_ in seen}
+    assert names == set(ENDPOINTS)
+    assert set(server.jobs()) == before  # not one job from hostile input
+    assert cached_copies(cache, content) == []  # the secret was never read into Gradio's cache
+    # still serving, the page and the API
+    with urllib.request.urlopen(server.url, timeout=30) as response:
+        assert response.status == 200
+    kind, payload = call(server, "history", [5])
+    assert kind == "complete" and isinstance(payload[0], list)
