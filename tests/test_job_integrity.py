@@ -107,13 +107,16 @@ def test_nan_weights_fail_the_first_section_and_commit_nothing(tiny_model, image
 # ---- point 11: missing pieces are rebuilt, damaged state is recovered -----------------------------------
 
 
-def test_a_missing_segment_is_rebuilt_from_the_latents(pipeline, reference, tmp_path):
+def test_a_missing_segment_is_rebuilt_from_the_latents(pipeline, reference, tmp_path, caplog):
     job = copy_job(reference, tmp_path)
     present = sorted(job.root.glob("video/segment-*.mp4"))
     assert len(present) >= 2
     removed = present[len(present) // 2]
     removed.unlink()
-    pipeline.run(job)
+    with caplog.at_level("WARNING"):
+        pipeline.run(job)
+    named = [p.name for p in present if p.name in caplog.text]
+    assert named == [removed.name]  # the intact segments were recognised as such
     frames = read_frames(job.out)
     assert frames.shape[0] == FRAMES
     assert np.array_equal(frames, read_frames(reference.out))
@@ -129,17 +132,23 @@ def test_a_missing_pending_edge_is_rebuilt_on_resume(pipeline, tiny_model, image
     assert np.array_equal(read_frames(job.out), read_frames(reference.out))
 
 
-def test_a_finished_job_without_its_last_section_and_state_is_recovered(pipeline, reference, tmp_path, caplog):
+@pytest.mark.parametrize("torn_state", [False, True])
+def test_a_finished_job_without_its_last_section_is_recovered(pipeline, reference, tmp_path, caplog, torn_state):
     job = copy_job(reference, tmp_path)
     job.section_path(SECTIONS - 1).unlink()
     (job.root / "video" / f"segment-{SECTIONS - 1:04d}.mp4").unlink(missing_ok=True)
-    (job.root / jobs.STATE).write_text('{"finished": ')  # torn
+    if torn_state:
+        (job.root / jobs.STATE).write_text('{"finished": ')
     with caplog.at_level("WARNING"):
         repaired = JobDir.open(job.root)
-    assert "state.json is damaged" in caplog.text
-    assert repaired.finished == SECTIONS - 1 and repaired.out == reference.out  # out from job.json
-    repaired.out = tmp_path / "out.mp4"
-    pipeline.run(repaired)
+        counted, recorded_out = repaired.finished, repaired.out
+        repaired.out = tmp_path / "out.mp4"
+        pipeline.run(repaired)
+    if torn_state:  # rebuilt from the section files present, the video's place from job.json
+        assert "state.json is damaged" in caplog.text
+        assert counted == SECTIONS - 1 and recorded_out == reference.out
+    else:
+        assert f"{SECTIONS - 1:04d}.safetensors is missing: sections {SECTIONS}-{SECTIONS} will be computed again" in caplog.text
     assert torch.equal(repaired.load_latents(SECTIONS - 1), reference.load_latents(SECTIONS - 1))
     assert np.array_equal(read_frames(repaired.out), read_frames(reference.out))
     assert JobDir.open(job.root).finished == SECTIONS  # state.json is whole again
@@ -307,7 +316,14 @@ def test_every_writer_reports_a_full_disk_the_same_way(tmp_path, monkeypatch, wr
         import av
 
         real_open = av.open
-        monkeypatch.setattr(av, "open", lambda path, mode="r", **kw: full() if mode == "w" else real_open(path, mode, **kw))
+
+        def av_open(path, mode="r", **kwargs):
+            if mode != "w":
+                return real_open(path, mode, **kwargs)
+            Path(path).write_bytes(b"\0" * 1000)  # what the muxer had written when the disk filled up
+            full()
+
+        monkeypatch.setattr(av, "open", av_open)
     elif writer == "pending":
         monkeypatch.setattr(np, "save", full)
         target = tmp_path / "video" / "pending-0000.npy"

@@ -72,3 +72,17 @@ def test_read_metadata_errors(tmp_path):
     write_segment(plain, np.zeros((2, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="no framepack settings"):
         read_metadata(plain)
+
+
+def test_concat_refuses_a_missing_or_unreadable_segment(tmp_path):
+    """A segment that is not there would make a video silently short: it is named instead."""
+    good = tmp_path / "good.mp4"
+    write_segment(good, np.zeros((3, 16, 16, 3), np.uint8))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\0" * 100)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(ValueError, match=r"video segment .*missing\.mp4 is missing"):
+        concat_segments([good, tmp_path / "missing.mp4"], out)
+    with pytest.raises(ValueError, match=r"video segment .*broken\.mp4 is unreadable"):
+        concat_segments([good, broken], out)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))

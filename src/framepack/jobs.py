@@ -166,6 +166,7 @@ class JobDir:
     finished: int = 0
     # the input images' own file names (the copies are inputs/start.*, inputs/end.*)
     input_names: dict[str, str | None] = field(default_factory=dict)
+    state_rebuilt: bool = False  # state.json was missing or damaged: write it again before going on
     _lock: JobLock | None = field(default=None, repr=False, compare=False)
 
     # ---- creation and opening ------------------------------------------------------------------
@@ -224,6 +225,7 @@ class JobDir:
         names = {"image": origin.get("image") if isinstance(origin.get("image"), str) else Path(settings.image).name,
                  "end_image": origin.get("end_image") if isinstance(origin.get("end_image"), str) else
                  None if settings.end_image is None else Path(settings.end_image).name}
+        rebuilt = False
         try:
             state = json.loads((root / STATE).read_text())
             finished, out = int(state["finished"]), Path(state["out"])
@@ -232,13 +234,19 @@ class JobDir:
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = "missing" if not (root / STATE).exists() else f"damaged ({exc.__class__.__name__}: {exc})"
             out = _recorded_out(root, origin)
-            finished = len(_section_run(root))
+            finished, rebuilt = len(_section_run(root)), True
             log.warning("%s is %s: rebuilt from the %d section file(s) present; the video goes to %s",
                         root / STATE, reason, finished, out)
-        return cls(root, settings, out, finished, names)
+        return cls(root, settings, out, finished, names, rebuilt)
 
     def _write_state(self) -> None:
         write_json(self.root / STATE, {"finished": self.finished, "out": str(self.out)})
+        self.state_rebuilt = False
+
+    def repair_state(self) -> None:
+        """Write a state.json that :meth:`open` had to rebuild (call it holding the lock)."""
+        if self.state_rebuilt:
+            self._write_state()
 
     # ---- the lock --------------------------------------------------------------------------------------
 

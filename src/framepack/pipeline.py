@@ -284,6 +284,7 @@ class FramePackPipeline:
             assembler=Assembler(backwards, overlap),
             layout=assembly_layout([frame_count(len(decode_span(plan))) for plan in plans], backwards, overlap),
         )
+        job.repair_state()
         if job.finished > len(plans):
             raise ValueError(f"{job.root} counts {job.finished} finished sections, but its settings make {len(plans)}")
         if job.finished == len(plans) and not self._damaged_segments(job, run, job.finished):
