@@ -278,6 +278,16 @@ def test_a_signal_mid_run_stops_cleanly_and_the_job_resumes(signum, image, tmp_p
     refused = framepack("generate", "--resume", str(job), "--seed", "5", "--model", "tiny", "--prompt", "x",
                         "--out", str(tmp_path / "other.mp4"))
     assert_one_line_error(refused, "--seed", "--model", "--prompt", "--out")
+    # stopped again while the model loads: the job exists now, and the message says so
+    again = _start(["generate", "--resume", str(job)])
+    try:
+        seen = _read_until(again, "loading transformer")
+        again.send_signal(signum)
+        err = seen + again.stderr.read()
+        assert again.wait(timeout=120) == 128 + signum, err
+    finally:
+        again.kill()
+    assert f"finished sections are kept in {job}" in err and "Traceback" not in err, err
     resumed = framepack("generate", "-v", "--resume", str(job), "--device", "cpu", "--dtype", "fp32")
     assert resumed.returncode == 0, resumed.stderr
     assert read_frames(out).shape[0] == frame_count(latent_count(section_count(seconds)))
