@@ -179,9 +179,10 @@ class FileReferenceGuard:
     """ASGI middleware: a request whose JSON names a file that is not an upload of this app (or a
     file the app handed out) is answered 400 with :data:`REFUSED`, before Gradio sees it.
 
-    Gradio copies into its cache any file a ``{"path": ..., "meta": {"_type": "gradio.FileData"}}``
-    payload names, before any handler runs: the server would read a file it was not given, and
-    what that copy step raises (a directory, an unreadable file) would tell which paths exist.
+    Gradio moves every file a ``{"path": ..., "meta": {"_type": "gradio.FileData"}}`` payload names
+    into its cache before any handler runs. Its own check on that step answers a file outside its
+    upload folder with a message quoting the path, and it accepts files other Gradio apps on the
+    machine received; the guard answers first, with the gate's one message, for this app's uploads only.
     """
 
     def __init__(self, app: Any, gate: FileGate) -> None:
