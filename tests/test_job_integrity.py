@@ -104,6 +104,23 @@ def test_nan_weights_fail_the_first_section_and_commit_nothing(tiny_model, image
     assert not list(job.root.glob("sections/*")) and not list(job.root.glob("video/*"))
 
 
+def test_a_diverged_vae_fails_the_section_before_anything_is_written(pipeline, tiny_model, image, tmp_path):
+    """Finite latents decoded to NaN pixels would be a black 'finished' video just the same."""
+    job = JobDir.create(tmp_path / "job", settings_for(tiny_model, image, seconds=2.4, steps=1), tmp_path / "out.mp4")
+    weight = next(p for name, p in pipeline.c.vae.vae.named_parameters() if name.startswith("decoder") and p.ndim > 1)
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("inf"))
+    try:
+        with pytest.raises(ValueError, match=r"section 1/2 produced non-finite pixels \(NaN/Inf\): the VAE weights"):
+            pipeline.run(job)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+    assert JobDir.open(job.root).finished == 0
+    assert not list(job.root.glob("sections/*")) and not list(job.root.glob("video/*"))
+
+
 # ---- point 11: missing pieces are rebuilt, damaged state is recovered -----------------------------------
 
 
@@ -278,17 +295,19 @@ def test_every_commit_is_fsynced_before_its_rename(pipeline, tiny_model, image, 
 # ---- point 13: a full disk ------------------------------------------------------------------------------------
 
 
-def test_a_full_disk_names_the_file_and_leaves_no_tmp(pipeline, tiny_model, image, tmp_path, monkeypatch):
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+
+
+def fill_the_disk_at(path: Path) -> None:
+    """Writes to ``path``'s temporary name fail with a real ENOSPC: it is made a link to /dev/full."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".tmp").symlink_to("/dev/full")
+
+
+@needs_dev_full
+def test_a_full_disk_names_the_file_and_leaves_no_tmp(pipeline, tiny_model, image, tmp_path):
     job = JobDir.create(tmp_path / "job", settings_for(tiny_model, image, seconds=SECONDS, steps=1), tmp_path / "out.mp4")
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        if target.endswith("0001.safetensors.tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(jobs.os, "fsync", fsync)
+    fill_the_disk_at(job.section_path(1))
     with pytest.raises(OSError, match=r"^no space left on the device: could not write .*0001\.safetensors$") as caught:
         pipeline.run(job)
     assert caught.value.errno == errno.ENOSPC
@@ -296,46 +315,30 @@ def test_a_full_disk_names_the_file_and_leaves_no_tmp(pipeline, tiny_model, imag
     assert JobDir.open(job.root).finished == 1 and not job.section_path(1).exists()
 
 
-@pytest.mark.parametrize("writer", ["segment", "concat", "pending", "json"])
+@needs_dev_full
+@pytest.mark.parametrize("writer", ["segment", "concat", "pending", "section", "json", "fsync"])
 def test_every_writer_reports_a_full_disk_the_same_way(tmp_path, monkeypatch, writer):
-    """The write itself fails (not the fsync): PyAV's, numpy's and our own file writes."""
+    """PyAV's, numpy's, safetensors' and our own writes, and an fsync that finds the disk full."""
     frames = np.zeros((3, 16, 16, 3), np.uint8)
     video.write_segment(tmp_path / "a.mp4", frames)
-    target = tmp_path / "target"
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
+    job = JobDir(tmp_path, settings_for("tiny", tmp_path / "a.png"), tmp_path / "out.mp4")
+    target = {"pending": job.pending_path(0), "section": job.section_path(0)}.get(writer, tmp_path / "target")
     write = {
         "segment": lambda: video.write_segment(target, frames),
         "concat": lambda: video.concat_segments([tmp_path / "a.mp4"], target),
-        "pending": lambda: JobDir.save_pending(JobDir(tmp_path, None, tmp_path), 0, frames),  # type: ignore[arg-type]
+        "pending": lambda: job.save_pending(0, frames.astype(np.float32)),
+        "section": lambda: job.save_latents(0, torch.zeros(1, 16, 9, 8, 8), torch.Generator().get_state()),
         "json": lambda: jobs.write_json(target, {"a": 1}),
+        "fsync": lambda: jobs.write_json(target, {"a": 1}),
     }[writer]
-    if writer in ("segment", "concat"):
-        import av
+    if writer == "fsync":  # delayed allocation: the write succeeded, the flush to the disk does not
+        def fsync(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        real_open = av.open
-
-        def av_open(path, mode="r", **kwargs):
-            if mode != "w":
-                return real_open(path, mode, **kwargs)
-            Path(path).write_bytes(b"\0" * 1000)  # what the muxer had written when the disk filled up
-            full()
-
-        monkeypatch.setattr(av, "open", av_open)
-    elif writer == "pending":
-        monkeypatch.setattr(np, "save", full)
-        target = tmp_path / "video" / "pending-0000.npy"
-        target.parent.mkdir()
+        monkeypatch.setattr(jobs.os, "fsync", fsync)
     else:
-        def open_full(path, mode="r", *args, **kwargs):
-            f = open(path, mode, *args, **kwargs)
-            f.write = full  # the first write hits the full disk
-            return f
-
-        monkeypatch.setattr(jobs, "open", open_full, raising=False)
-    with pytest.raises(OSError, match=f"no space left on the device: could not write {target}"):
+        fill_the_disk_at(target)
+    with pytest.raises(OSError, match=f"^no space left on the device: could not write {target}$"):
         write()
     assert not target.exists()
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
