@@ -275,13 +275,11 @@ def _settings_from_args(args: argparse.Namespace):
 
     base: dict = {}
     if args.from_video:
-        from .video import read_metadata
+        from .video import settings_from_video
 
-        meta = read_metadata(args.from_video)
-        embedded = meta.get("framepack") if isinstance(meta, dict) else None
-        if not isinstance(embedded, dict):  # e.g. a comment that is JSON but not framepack's object
-            raise ValueError(f"{args.from_video} carries no framepack settings")
-        base = dict(embedded)
+        # one line if the video carries no framepack settings (any other JSON included); the
+        # inputs it records by file name are found beside it, unless --image / --end-image say
+        base = settings_from_video(args.from_video, image=args.image, end_image=args.end_image)
     for flag, field in _SETTING_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
