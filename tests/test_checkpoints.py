@@ -330,6 +330,19 @@ def test_file_that_is_not_safetensors(content, tmp_path):
     assert "not a readable safetensors file" in message and str(file) in message
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch.save", "legacy-pickle"])
+def test_pickle_renamed_safetensors_is_refused_unread(model, tmp_path, zipped, monkeypatch):
+    """A pickle under a .safetensors name is named as one and never unpickled (unpickling runs code)."""
+    import pickle
+
+    file = tmp_path / "model.safetensors"
+    torch.save(model.state_dict(), file, _use_new_zipfile_serialization=zipped)
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    message = load_error(file, config="tiny")
+    assert str(file) in message and "is a pickle" in message
+
+
 def test_file_with_other_extension(model, tmp_path):
     file = tmp_path / "model.bin"
     torch.save(model.state_dict(), file)
