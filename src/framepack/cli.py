@@ -131,9 +131,9 @@ def _job_kept(job: Path) -> Iterator[None]:
         raise
 
 
-def _interrupted_message(job: Path | None) -> str:
+def _interrupted_message(job: Path | None, command: str) -> str:
     if job is None:
-        return "interrupted before a job was started; nothing was written"
+        return "interrupted before a job was started; nothing was written" if command in _MAKES_JOBS else "interrupted"
     return f"interrupted; finished sections are kept in {job} (resume with: framepack generate --resume {job})"
 
 
@@ -615,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # commands whose SIGTERM ends like Ctrl-C (a message, a consistent job) instead of a silent kill
 _GRACEFUL = ("demo", "generate", "eval")
+_MAKES_JOBS = ("demo", "generate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (KeyboardInterrupt, _Interrupted) as exc:
         stop = exc if isinstance(exc, _Interrupted) else _Interrupted(signal.SIGINT)
-        _say(_interrupted_message(stop.job))
+        _say(_interrupted_message(stop.job, args.command))
         return EXIT_SIGNAL_BASE + stop.signum
     except (ValueError, OSError) as exc:
         _say(f"error: {exc}")
