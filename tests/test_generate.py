@@ -123,6 +123,16 @@ def test_cli_generate_resume_and_from(tiny_model, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_frames(out), read_frames(again))
+    # the video records its image by name only: moved away from it, it asks for it in one line
+    moved = tmp_path / "elsewhere" / "video.mp4"
+    moved.parent.mkdir()
+    out.rename(moved)
+    result = subprocess.run([FRAMEPACK, "generate", "--from", str(moved), "--out", str(tmp_path / "third.mp4")],
+                            capture_output=True, text=True, timeout=300, cwd=moved.parent)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"framepack: error: {moved} was made from the image 'start.png', which is neither beside the video nor in "
+        "the current directory; give it with --image"]
 
 
 def test_components_load_from_hub_ids(tiny_model, tmp_path, monkeypatch):

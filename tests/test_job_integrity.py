@@ -364,3 +364,11 @@ def test_the_mp4_records_input_names_not_paths(reference, image, tmp_path, monke
     assert Path(settings_from_video(video_copy)["image"]) == tmp_path / "photo.png"
     shutil.copyfile(image, video_copy.parent / "photo.png")  # beside the video comes first
     assert Path(settings_from_video(video_copy)["image"]) == video_copy.parent / "photo.png"
+
+
+def test_a_job_without_its_copy_of_the_start_image_says_how_to_recover(interrupted, tmp_path):
+    job = copy_job(interrupted, tmp_path)
+    copy = next(job.root.glob("inputs/start.*"))
+    copy.unlink()
+    line = one_line_error(cli("generate", "--resume", str(job.root)))
+    assert f"{copy}, the job's copy of its start image, is missing: put that image back" in line

@@ -3,7 +3,7 @@
 Layout::
 
     JOB/
-      settings.json          the validated GenerationSettings (image paths point at the copies)
+      settings.json          the validated GenerationSettings (images: the copies, relative to JOB)
       job.json               written once: the output path and the input images' own file names
       inputs/start.png       copies of the input images, so a resume never depends on them
       inputs/end.png
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SETTINGS = "settings.json"
 STATE = "state.json"
 ORIGIN = "job.json"
+INPUTS = "inputs"
 LOCK = "lock"
 _SECTION_NAME = re.compile(r"^(\d{4})\.safetensors$")
 
@@ -190,19 +191,19 @@ class JobDir:
         (root / "sections").mkdir(exist_ok=True)
         (root / "video").mkdir(exist_ok=True)
 
-        def copy(source: str, stem: str) -> Path:
-            target = root / "inputs" / (stem + Path(source).suffix.lower())
-            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
-            return target.resolve()
+        def copy(source: str, stem: str) -> str:
+            target = Path(INPUTS) / (stem + Path(source).suffix.lower())
+            atomic_write(root / target, lambda tmp: shutil.copyfile(source, tmp))
+            return target.as_posix()
 
         start = copy(settings.image, "start")
         end = None if settings.end_image is None else copy(settings.end_image, "end")
         names = {"image": Path(settings.image).name,
                  "end_image": None if settings.end_image is None else Path(settings.end_image).name}
-        stored = settings.replace(image=str(start), end_image=None if end is None else str(end))
+        stored = settings.replace(image=start, end_image=end)  # relative: a job directory can be moved
         write_json(root / ORIGIN, {"out": str(out), **names})
         write_json(root / SETTINGS, stored.to_dict())
-        job = cls(root, stored, out, 0, names)
+        job = cls(root, _inputs_in(root, stored), out, 0, names)
         job._write_state()  # last: only now is it a job
         return job
 
@@ -216,7 +217,7 @@ class JobDir:
                                  "start a new one (framepack generate --from its video, if there is one)")
             raise ValueError(f"{root} is not a framepack job directory (no {STATE} / {SETTINGS})")
         try:
-            settings = GenerationSettings.load(root / SETTINGS)
+            settings = _inputs_in(root, GenerationSettings.load(root / SETTINGS))
         except (ValueError, OSError, TypeError, AttributeError) as exc:
             reason = _first_line(exc).replace(f"{root / SETTINGS} ", "")
             raise ValueError(f"{root / SETTINGS} is damaged ({reason}); a job cannot continue without its settings: "
@@ -355,6 +356,23 @@ class JobDir:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _inputs_in(root: Path, settings: GenerationSettings) -> GenerationSettings:
+    """The settings with the input images at this job directory's own copies (absolute paths).
+
+    settings.json names them relative to the job; jobs written before that named them absolutely,
+    in an ``inputs`` folder: they are taken from this job's, so a moved or copied job uses its own.
+    """
+    def own(path: str | None) -> str | None:
+        if path is None:
+            return None
+        stored = Path(path)
+        if not stored.is_absolute() or stored.parent.name == INPUTS:
+            return str((root / INPUTS / stored.name).resolve())
+        return path
+
+    return settings.replace(image=own(settings.image), end_image=own(settings.end_image))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -266,6 +266,12 @@ class FramePackPipeline:
     def _prepare(self, job: JobDir) -> "_Run":
         """Everything a run carries; on a resume, first checks (and where it can, repairs) the job."""
         settings = job.settings
+        for label, path in (("start", settings.image), ("end", settings.end_image)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{path}, the job's copy of its {label} image, is missing: put that image back "
+                                 "under this name and resume again")
+        for folder in ("sections", "video"):
+            (job.root / folder).mkdir(exist_ok=True)  # an emptied job has lost these too: its sections are recomputed
         plans = self.plans(settings)
         cond = self.condition(settings)
         timeline = list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt)
