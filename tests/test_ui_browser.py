@@ -1,8 +1,8 @@
 """The web app in a real browser: Debian's chromium, headless, driven by Playwright.
 
 The server runs as a subprocess (``python -m framepack.ui``, through ``ui_slow_server.py``, which
-holds every denoising call back by STEP_DELAY_S so that no job ends between two looks of the page)
-on a free port with a tiny random model at 64 px, so a 1-second video takes a few seconds on a CPU.
+holds every denoising call back so that no job ends between two looks of the page) on a free port
+with a tiny random model at 64 px, so a 1.2-second video takes a few seconds on a CPU.
 Screenshots go to a temporary directory; ``make screenshots`` sets
 FRAMEPACK_SCREENSHOTS=docs/screenshots and FRAMEPACK_UI_TEST_MODEL=tiny (the demo model) to retake
 the README's.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,8 +57,9 @@ def images(tmp_path_factory) -> dict[str, Path]:
     Image.new("RGB", (7000, 6000), (10, 20, 30)).save(huge)  # 42 MP: over the 40 MP limit, small file
     fake = root / "notes.png"
     fake.write_text("this is not an image")
+    (root / "private").mkdir()
     return {"start": write_image(root / "start.png", size=(96, 128)), "demo": DEMO / "start.png", "huge": huge,
-            "fake": fake}
+            "fake": fake, "secret": write_image(root / "private" / "secret.png", seed=7)}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +112,14 @@ def fill_form(page, image: Path | None, prompt: str, seconds: float, steps: int,
 
 def submit(page) -> int:
     """Press Generate; returns the job number from the inline message."""
-    page.click("#fp-generate")
     message = page.locator("#fp-message")
-    playwright_api.expect(message).to_contain_text("submitted", timeout=60_000)
-    return int(message.inner_text().split()[1])
+    before = re.findall(r"Job (\d+) submitted", message.inner_text())
+    page.click("#fp-generate")
+    deadline = time.monotonic() + 60
+    while (found := re.findall(r"Job (\d+) submitted", message.inner_text())) in ([], before):
+        assert time.monotonic() < deadline, f"no submission: {message.inner_text()!r}"
+        time.sleep(0.1)
+    return int(found[0])
 
 
 def expect_message(page, text: str) -> None:
@@ -150,7 +156,7 @@ def test_generate_a_one_second_video(server, browser, images, screenshots):
         assert float(page.locator("#fp-cfg input").input_value()) == resolve_model(str(server.model)).cfg(None)
         page.click("#fp-advanced")
         # the demo's own start image and caption (what the screenshots show with the demo model)
-        fill_form(page, images["demo"], (DEMO / "prompt.txt").read_text().strip(), seconds=1, steps=12)
+        fill_form(page, images["demo"], (DEMO / "prompt.txt").read_text().strip(), seconds=1.2, steps=12)
         job = submit(page)
         seen: list[tuple[float, str]] = []
         deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -176,7 +182,7 @@ def test_generate_a_one_second_video(server, browser, images, screenshots):
 
 def test_cancel_then_resume(server, browser, images):
     with open_page(browser, server.url) as page:
-        fill_form(page, images["start"], "a red circle moves to the right", seconds=3, steps=10, seed=11)
+        fill_form(page, images["start"], "a red circle moves to the right", seconds=2.4, steps=10, seed=11)
         job = submit(page)
         playwright_api.expect(page.locator("#fp-progress")).to_contain_text("step", timeout=JOB_TIMEOUT_S * 1000)
         page.click("#fp-cancel")
@@ -191,8 +197,8 @@ def test_cancel_then_resume(server, browser, images):
 
 def test_two_users_submit_and_both_finish_in_order(server, browser, images):
     with open_page(browser, server.url) as first, open_page(browser, server.url) as second:
-        fill_form(first, images["start"], "a red circle moves to the right", seconds=1, steps=3, seed=1)
-        fill_form(second, images["start"], "[0s-0.5s: a red circle] [0.5s-1s: it moves right]", seconds=1, steps=3,
+        fill_form(first, images["start"], "a red circle moves to the right", seconds=1.2, steps=3, seed=1)
+        fill_form(second, images["start"], "[0s-0.5s: a red circle] [0.5s-1s: it moves right]", seconds=1.2, steps=3,
                   seed=2)
         a = submit(first)
         b = submit(second)
@@ -207,7 +213,7 @@ def test_two_users_submit_and_both_finish_in_order(server, browser, images):
 
 def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser, images, screenshots):
     with open_page(browser, server.url) as page:
-        fill_form(page, None, "a red circle", seconds=1, steps=2)
+        fill_form(page, None, "a red circle", seconds=1.2, steps=2)
         expect_message(page, "upload a start image first")
         page.locator("#fp-start input[type=file]").set_input_files(str(images["fake"]))
         expect_message(page, "not a readable image: notes.png")
@@ -217,9 +223,9 @@ def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser
         page.wait_for_selector("#fp-start img")
         expect_message(page, "the limit is 40 MP")
         page.click("#fp-start button[aria-label='Remove Image']")
-        fill_form(page, images["start"], "[0s-1s: a red circle] and then", seconds=1, steps=2)
+        fill_form(page, images["start"], "[0s-1s: a red circle] and then", seconds=1.2, steps=2)
         expect_message(page, "malformed prompt timeline")
-        fill_form(page, None, "a red circle", seconds=1, steps=100000)
+        fill_form(page, None, "a red circle", seconds=1.2, steps=100000)
         expect_message(page, "steps must be between 1 and 200")
         page.locator("#fp-cfg input").fill("-5")
         page.locator("#fp-steps input").fill("2")
@@ -266,7 +272,7 @@ def test_api_from_gradio_client(server, images, tmp_path):
     client = Client(server.url, verbose=False, download_files=str(tmp_path))
     with pytest.raises(Exception, match="malformed prompt timeline"):
         client.predict(image=handle_file(str(images["start"])), prompt="[0s-1s: x] y", api_name="/submit")
-    job = client.predict(image=handle_file(str(images["start"])), prompt="a red circle", seconds=1, steps=2,
+    job = client.predict(image=handle_file(str(images["start"])), prompt="a red circle", seconds=1.2, steps=2,
                          random_seed=True, api_name="/submit")
     assert job["status"] in ("queued", "running") and 0 <= job["seed"] < 2**32
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -306,10 +312,102 @@ def test_auth_login_is_required(tmp_path, model, browser, images):
         server.stop()
 
 
+def test_a_server_path_in_place_of_an_upload_is_refused(server, browser, images):
+    """The page's own request, rewritten on its way out: the image becomes a path on the server
+    (a plain string, then a {"path": ...} object) instead of the upload. One message, the same for a
+    file that exists and one that does not, no path in it, and no job."""
+    before = set(server.jobs())
+    secret = images["secret"]
+    messages = []
+    with open_page(browser, server.url) as page:
+        fill_form(page, images["start"], "a red circle", seconds=1.2, steps=1)
+        for swap in (str(secret), {"path": str(secret)}, str(secret.with_name("nope.png")),
+                     {"path": str(secret.with_name("nope.png"))}):
+            def rewrite(route, request, swap=swap):
+                body = json.loads(request.post_data or "{}")
+                data = body.get("data") or []
+                # the form's first value is the start image
+                if data and isinstance(data[0], dict) and "path" in data[0]:
+                    data[0] = swap
+                route.continue_(post_data=json.dumps(body))
+
+            page.route("**/gradio_api/queue/join*", rewrite)
+            expect_message(page, "not a file uploaded to this server")
+            text = page.locator("#fp-message").inner_text()
+            text = text[text.index("⚠"):].strip()  # the message, without the progress timer beside it
+            assert str(secret.parent) not in text and "secret" not in text and "nope" not in text
+            messages.append(text)
+            page.unroute("**/gradio_api/queue/join*")
+            # another message in between (the page shows a message again only when it changes)
+            page.locator("#fp-prompt textarea").fill("")
+            expect_message(page, "type a prompt")
+            page.locator("#fp-prompt textarea").fill("a red circle")
+    assert len(set(messages)) == 1  # the same message whether the file exists or not
+    assert set(server.jobs()) == before
+
+
+def test_page_state_follows_the_model_the_length_and_the_job(server, browser, images):
+    """Point 16 and the length control: the fields the model ignores are hidden, CFG follows the model,
+    the length moves in sections and shows the real length, History's job field starts empty, the
+    tables fit at 1400 px, and after a cancel nothing of the previous job or of the running state stays."""
+    from framepack.planning import real_seconds
+
+    from framepack.ui.app import model_cfg, uses_distilled_guidance
+
+    with open_page(browser, server.url) as page:
+        # the length control: steps of one section, and the length the video really has
+        step = float(page.locator("#fp-seconds input[type=range]").get_attribute("step"))
+        assert step == pytest.approx(1.2)
+        number = page.locator("#fp-seconds input[type=number]")
+        number.fill("5")
+        number.press("Enter")
+        playwright_api.expect(page.locator("#fp-length")).to_contain_text(f"{real_seconds(5):.2f} s")
+        # fields of the chosen model
+        page.click("#fp-advanced")
+        model = str(server.model)
+        assert page.locator("#fp-guidance").is_visible() == uses_distilled_guidance(model)
+        assert float(page.locator("#fp-cfg input").input_value()) == model_cfg(model)
+        page.click("#fp-advanced")
+
+        # a finished job, then a cancelled one: the first one's video must not stay under the second
+        fill_form(page, images["start"], "a red circle", seconds=1.2, steps=2, seed=3)
+        first = submit(page)
+        wait_status(page, first, "done")
+        assert video_duration(page) > 0
+        fill_form(page, None, "a red circle moves to the right", seconds=2.4, steps=12, seed=4)
+        second = submit(page)
+        playwright_api.expect(page.locator("#fp-progress")).to_contain_text("step", timeout=JOB_TIMEOUT_S * 1000)
+        page.click("#fp-cancel")
+        wait_status(page, second, "cancelled", timeout_s=60)
+        playwright_api.expect(page.locator("#fp-message")).not_to_contain_text("cancelling", timeout=10_000)
+        playwright_api.expect(page.locator("#fp-video video")).to_have_count(0, timeout=10_000)
+        playwright_api.expect(page.locator("#fp-preview img")).to_have_count(0, timeout=10_000)
+        labels = page.locator("#fp-preview").inner_text() + page.locator("#fp-video").inner_text()
+        assert "being denoised" not in labels and "provisional" not in labels
+
+        # History: the job field starts empty; the tables keep every column on screen at 1400 px
+        page.click("button[role=tab]:has-text('History')")
+        assert page.locator("#fp-history-job input").input_value() == ""
+        page.click("#fp-history-show")
+        playwright_api.expect(page.locator("#fp-history-message")).to_contain_text("no job selected")
+        playwright_api.expect(page.locator("#fp-history")).to_contain_text("cancelled")
+        for table in ("#fp-history", "#fp-queue"):
+            if table == "#fp-queue":
+                page.click("button[role=tab]:has-text('Generate')")
+            overflow = page.evaluate(f"""() => {{
+                const root = document.querySelector('{table}');
+                const right = root.getBoundingClientRect().right;
+                return [...root.querySelectorAll('th')].filter(th => th.getBoundingClientRect().right > right + 1)
+                    .map(th => th.innerText); }}""")
+            assert overflow == [], f"{table}: columns off screen: {overflow}"
+    log = server.log.read_text()
+    assert f"job {first} started" in log and f"job {first} done" in log and f"job {second} cancelled" in log
+
+
 def test_killed_server_finishes_the_job_after_a_restart(server, browser, images):
     """Last in this file: it kills the shared server and leaves a restarted one behind."""
     with open_page(browser, server.url) as page:
-        fill_form(page, images["start"], "a red circle moves to the right", seconds=3, steps=20, seed=5)
+        fill_form(page, images["start"], "a red circle moves to the right", seconds=2.4, steps=20, seed=5)
         job = submit(page)
         # section 2 of 2 has begun: section 1 is on disk
         playwright_api.expect(page.locator("#fp-progress")).to_contain_text("section 2/2",

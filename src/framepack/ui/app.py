@@ -259,7 +259,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                                          interactive=False, wrap=True, column_widths=HISTORY_WIDTHS,
                                          elem_id="fp-history")
             with gr.Row():
-                picked = gr.Number(label="Job", value=None, precision=0, elem_id="fp-history-job")
+                # text, not a Number field: that would start at 0 ("no job 0"); empty until a row is picked
+                picked = gr.Textbox(label="Job", value="", placeholder="click a row, or type a job number",
+                                    max_lines=1, elem_id="fp-history-job")
                 show = gr.Button("Show", elem_id="fp-history-show")
                 use = gr.Button("Use these settings", elem_id="fp-use-settings")
                 refresh = gr.Button("Refresh", elem_id="fp-history-refresh")
@@ -380,7 +382,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_pick(evt: gr.SelectData) -> Any:
             row = evt.row_value
-            return row[0] if row else gr.skip()
+            return str(row[0]) if row else gr.skip()
 
         def on_show(job: Any) -> tuple[Any, Any, str]:
             try:
@@ -519,6 +521,13 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
 # ---- launching -----------------------------------------------------------------------------------------------
 
 
+def file_inputs(app: gr.Blocks) -> dict[int, list[int]]:
+    """For each of the page's handlers (by fn_index), the positions of its file inputs."""
+    kinds = (gr.Image, gr.File, gr.Video)
+    return {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, kinds)]
+            for index, fn in app.fns.items() if any(isinstance(block, kinds) for block in fn.inputs)}
+
+
 def theme() -> gr.themes.Base:
     """The default look with system fonts: the page makes no request outside this server."""
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -541,7 +550,7 @@ def launch(service: JobService, models: Sequence[str], host: str = "127.0.0.1", 
         # outputs/ is never served as it is (it holds the job store and the job directories): the
         # app copies each video it shows into Gradio's cache (FileGate.publish) and serves that copy
         # a request naming a file that is not an upload is refused before Gradio copies that file
-        guard = Middleware(FileReferenceGuard, gate=gate)
+        guard = Middleware(FileReferenceGuard, gate=gate, file_slots=file_inputs(app))
         # show_error: what Gradio itself refuses (too few arguments) is answered with its reason, not
         # with "the upstream app has raised an exception"; our own handlers only raise gr.Error
         app.launch(server_name=host, server_port=port, auth=auth, share=share, blocked_paths=[str(service.outputs)],

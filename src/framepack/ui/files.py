@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,9 +185,10 @@ class FileReferenceGuard:
     machine received; the guard answers first, with the gate's one message, for this app's uploads only.
     """
 
-    def __init__(self, app: Any, gate: FileGate) -> None:
+    def __init__(self, app: Any, gate: FileGate, file_slots: Mapping[int, Sequence[int]] | None = None) -> None:
         self.app = app
         self.gate = gate
+        self.file_slots = file_slots or {}  # page handler (fn_index) -> positions of its file inputs
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or [])
@@ -213,6 +214,7 @@ class FileReferenceGuard:
         if problem is not None:
             await _answer(send, 400, problem)
             return
+        body = self.as_file_payloads(body)
         sent = False
 
         async def replay() -> dict[str, Any]:
@@ -233,7 +235,35 @@ class FileReferenceGuard:
         for path in file_references(data):
             if not isinstance(path, str) or not self.gate.known(path):
                 return f"file: {REFUSED}"
+        if isinstance(data, dict) and isinstance(data.get("data"), list) and isinstance(data.get("fn_index"), int):
+            values = data["data"]
+            for i in self.file_slots.get(data["fn_index"], ()):
+                value = values[i] if i < len(values) else None
+                # a page's file input holds nothing, an upload's object, or (rewritten below) a path string
+                if not (value is None or isinstance(value, str)
+                        or (isinstance(value, dict) and isinstance(value.get("path", ""), str))):
+                    return f"file: {REFUSED}"
         return None
+
+
+    def as_file_payloads(self, body: bytes) -> bytes:
+        """A page handler's file input sent as a bare path string becomes ``{"path": ...}``: Gradio
+        would otherwise refuse the string with a validation error that quotes it, and the handler's
+        gate answers it with the one message instead."""
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(request, dict) or not isinstance(request.get("data"), list):
+            return body
+        slots = self.file_slots.get(request.get("fn_index")) if isinstance(request.get("fn_index"), int) else None
+        data = request["data"]
+        changed = False
+        for i in slots or ():
+            if i < len(data) and isinstance(data[i], str) and data[i]:
+                data[i] = {"path": data[i]}
+                changed = True
+        return json.dumps(request).encode() if changed else body
 
 
 async def _answer(send: Any, status: int, message: str) -> None:
