@@ -84,6 +84,8 @@ def test_video_has_the_expected_frames_and_metadata(pipeline, tiny_model, tmp_pa
     assert sum(isinstance(e, StepProgress) for e in events) == n * settings.steps
     assert [e.final for e in events if isinstance(e, VideoUpdated)] == [False] * (n - 1) + [True]
     assert not job.provisional_path.exists()
+    assert sorted(p.name for p in job.root.glob("video/*")) == [job.segment_path(s).name for s in range(n)
+                                                               if job.segment_path(s).exists()]
 
 
 def test_resume_is_bit_identical(pipeline, tiny_model, tmp_path):

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # The provisional video shows the newest sections only (about 10 s at 30 fps): remuxing every
 # segment after every section would make the per-section cost grow with the video's length.
 PROVISIONAL_SECTIONS = 8
+PENDING_PREVIEW = "pending-preview.mp4"  # the provisional video's not-yet-final frames (in JOB/video)
 
 
 # ---- events -------------------------------------------------------------------------------------------
@@ -259,6 +260,7 @@ class FramePackPipeline:
         job.out.parent.mkdir(parents=True, exist_ok=True)
         concat_segments(list(reversed(segments)) if run.backwards else segments, job.out, self._metadata(job))
         job.provisional_path.unlink(missing_ok=True)
+        (job.root / "video" / PENDING_PREVIEW).unlink(missing_ok=True)
         on_event(VideoUpdated(job.out, final=True))
         on_event(Done(job.out, time.perf_counter() - began))
         return job.out
@@ -469,7 +471,7 @@ class FramePackPipeline:
         """The newest part of the video: recent segments plus the frames a later blend will still touch."""
         parts = list(reversed(segments)) if backwards else list(segments)
         if pending is not None and len(pending):
-            preview = job.root / "video" / "pending-preview.mp4"
+            preview = job.root / "video" / PENDING_PREVIEW
             write_segment(preview, to_uint8(pending), job.settings.crf)
             parts = [preview] + parts if backwards else parts + [preview]
         concat_segments(parts, job.provisional_path)
