@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from framepack.pipeline import Event, FramePackPipeline, SectionStarted, StepPro
 from framepack.settings import GenerationSettings
 from framepack.planning import real_seconds, section_count
 from framepack.settings import MAX_SECONDS
-from framepack.ui.files import payload_path
+from framepack.ui.files import model_names, payload_path, public_text
 from framepack.ui.form import (FormDefaults, form_from_settings, history_limit, job_number, length_note,
                                section_seconds, settings_from_form, snap_seconds)
 from framepack.ui.service import JobService
@@ -293,7 +294,8 @@ def test_restart_continues_the_interrupted_job_from_its_last_section(tmp_path, m
         second.stop(TIMEOUT_S)
 
 
-def test_a_failing_job_does_not_stop_the_queue(tmp_path, model, image):
+def test_a_failing_job_does_not_stop_the_queue(tmp_path, model, image, caplog):
+    caplog.set_level(logging.INFO, logger="framepack.ui.jobs")
     service = JobService(tmp_path / "out", loader(model)).start()
     try:
         bad = service.submit(settings(model, image).replace(model=str(tmp_path / "missing-model")))
@@ -301,8 +303,25 @@ def test_a_failing_job_does_not_stop_the_queue(tmp_path, model, image):
         wait_for(lambda: service.view(good.id).record.status == "done", what="the good job")
         failed = service.view(bad.id).record
         assert failed.status == "failed" and "unknown model" in failed.error and "\n" not in failed.error
+        # what a client sees of the reason names no server path
+        shown = service.view(bad.id).to_dict(service.outputs)["error"]
+        assert "missing-model" in shown and str(tmp_path) not in shown
     finally:
         service.stop(TIMEOUT_S)
+    # the server's console: one line per job started and ended
+    lines = [r.getMessage() for r in caplog.records if r.name == "framepack.ui.jobs"]
+    assert f"job {bad.id} started (seed 1)" in lines and any(line.startswith(f"job {bad.id} failed: unknown model")
+                                                            for line in lines)
+    assert any(line.startswith(f"job {good.id} done in") for line in lines)
+
+
+def test_public_text_hides_server_paths(tmp_path):
+    outputs = tmp_path / "out"
+    text = f"cannot read {outputs}/jobs/a/inputs/start.png nor /etc/ssl/secret.key; and/or keep 1/2 as it is"
+    shown = public_text(text, outputs)
+    assert shown == "cannot read jobs/a/inputs/start.png nor secret.key; and/or keep 1/2 as it is"
+    assert model_names(["tiny", "/srv/models/mine", "/other/mine"]) == {"tiny": "tiny", "mine": "/srv/models/mine",
+                                                                        "mine (2)": "/other/mine"}
 
 
 def test_submit_rejects_a_non_image_before_queueing(tmp_path, model):

@@ -402,8 +402,10 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             if record is not None:
                 for name, block in (("image", start), ("end_image", end)):
                     path = record.settings.get(name)
-                    if isinstance(path, str) and gate.made_here(Path(path)):
-                        values[name] = gate.publish(block, Path(path))
+                    if isinstance(path, str):
+                        where = path if Path(path).is_absolute() else record.job_dir / path  # relative: to the job
+                        if gate.made_here(Path(where)):
+                            values[name] = gate.publish(block, Path(where))
             if values["image"] is None:
                 notes.append("its start image is not kept: upload one" if record is None
                              else "its start image is gone: upload one")
