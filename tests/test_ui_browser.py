@@ -369,6 +369,14 @@ def test_page_state_follows_the_model_the_length_and_the_job(server, browser, im
         model = str(server.model)
         assert page.locator("#fp-guidance").is_visible() == uses_distilled_guidance(model)
         assert float(page.locator("#fp-cfg input").input_value()) == model_cfg(model)
+        if model != "tiny":  # the demo model is offered too: choosing it brings its own CFG
+            page.locator("#fp-model input").click()
+            page.get_by_role("option", name="tiny").click()
+            playwright_api.expect(page.locator("#fp-cfg input")).to_have_value(f"{model_cfg('tiny'):g}")
+            assert page.locator("#fp-guidance").is_visible() == uses_distilled_guidance("tiny")
+            page.locator("#fp-model input").click()
+            page.get_by_role("option", name=Path(model).name).click()
+            playwright_api.expect(page.locator("#fp-cfg input")).to_have_value(f"{model_cfg(model):g}")
         page.click("#fp-advanced")
 
         # a finished job, then a cancelled one: the first one's video must not stay under the second

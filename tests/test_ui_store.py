@@ -355,3 +355,20 @@ def test_importing_the_ui_package_is_light():
     code = "import sys, framepack.ui; print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"]  # gradio is imported when the app starts, not before
+
+
+def test_fields_follow_the_model(tmp_path, model):
+    """The page shows a model's own CFG and hides distilled guidance for a model that does not read it."""
+    import json
+    import shutil
+
+    from framepack.ui.app import model_cfg, uses_distilled_guidance
+
+    assert not uses_distilled_guidance(str(model))  # the tiny test model has no guidance embedding
+    guided = shutil.copytree(model, tmp_path / "guided")
+    config = guided / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": True}))
+    manifest = guided / "framepack.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "cfg": 2.5}))
+    assert uses_distilled_guidance(str(guided)) and model_cfg(str(guided)) == 2.5
+    assert model_cfg(str(model)) == 1.0  # no cfg in its manifest: off
