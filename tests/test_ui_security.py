@@ -202,7 +202,7 @@ def test_outputs_are_not_served_and_replies_name_no_server_path(site, tmp_path):
         assert not text.startswith("/") and str(server.outputs) not in text and str(site["root"]) not in text, text
 
     # nor does the page: its HTML and its config (the model directory is offered by its name)
-    for address in (server.url, f"{server.url}config"):
+    for address in (server.url, f"{server.url}config", f"{server.url}gradio_api/info"):
         with urllib.request.urlopen(address, timeout=30) as response:
             page = response.read().decode(errors="replace")
         assert str(server.outputs) not in page and str(server.model) not in page, address

@@ -70,7 +70,7 @@ def _eta(seconds: float | None) -> str:
     return f"ETA {seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"ETA {seconds} s"
 
 
-def job_line(view: JobView) -> str:
+def job_line(view: JobView, outputs: Path) -> str:
     r = view.record
     parts = [f"**Job {r.id}**", r.status, f"seed {r.seed}"]
     if view.queue_place is not None:
@@ -80,7 +80,7 @@ def job_line(view: JobView) -> str:
     if r.status == "cancelled":
         parts.append("resumable: press Resume")
     line = " · ".join(parts)
-    return line + ("\n\n" + _error(r.error) if r.error else "")
+    return line + ("\n\n" + _error(public_text(r.error, outputs)) if r.error else "")
 
 
 def progress_bar(view: JobView | None) -> str:
@@ -333,7 +333,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 now[key] = value
                 return True
 
-            line = job_line(view) if view else "No job yet: upload a start image, type a prompt, press Generate."
+            line = job_line(view, outputs) if view else "No job yet: upload a start image, type a prompt, press Generate."
             info_update = line if changed("info", line) else gr.skip()
             bar_html = progress_bar(view)
             bar_update = bar_html if changed("bar", bar_html) else gr.skip()
