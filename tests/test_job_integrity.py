@@ -124,12 +124,22 @@ def test_a_diverged_vae_fails_the_section_before_anything_is_written(pipeline, t
 # ---- point 11: missing pieces are rebuilt, damaged state is recovered -----------------------------------
 
 
-def test_a_missing_segment_is_rebuilt_from_the_latents(pipeline, reference, tmp_path, caplog):
+def flip_a_byte(path: Path) -> None:
+    """Damage that keeps the file's length and, for an mp4 or npy, its readability."""
+    data = bytearray(path.read_bytes())
+    at = len(data) * 3 // 4
+    at += 3 - at % 4  # in an npy of float32 (data 4-aligned), the byte with the sign and exponent
+    data[at] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [Path.unlink, flip_a_byte])
+def test_a_missing_or_damaged_segment_is_rebuilt_from_the_latents(pipeline, reference, tmp_path, caplog, damage):
     job = copy_job(reference, tmp_path)
     present = sorted(job.root.glob("video/segment-*.mp4"))
     assert len(present) >= 2
     removed = present[len(present) // 2]
-    removed.unlink()
+    damage(removed)
     with caplog.at_level("WARNING"):
         pipeline.run(job)
     named = [p.name for p in present if p.name in caplog.text]
@@ -140,11 +150,12 @@ def test_a_missing_segment_is_rebuilt_from_the_latents(pipeline, reference, tmp_
     assert removed.read_bytes() == (reference.root / "video" / removed.name).read_bytes()
 
 
-def test_a_missing_pending_edge_is_rebuilt_on_resume(pipeline, interrupted, reference, tmp_path):
+@pytest.mark.parametrize("damage", [Path.unlink, flip_a_byte])
+def test_a_missing_or_damaged_pending_edge_is_rebuilt_on_resume(pipeline, interrupted, reference, tmp_path, damage):
     job = copy_job(interrupted, tmp_path)
     pending = list(job.root.glob("video/pending-*.npy"))
     assert len(pending) == 1
-    pending[0].unlink()
+    damage(pending[0])
     pipeline.run(job)
     assert np.array_equal(read_frames(job.out), read_frames(reference.out))
 

@@ -168,6 +168,8 @@ class JobDir:
     # the input images' own file names (the copies are inputs/start.*, inputs/end.*)
     input_names: dict[str, str | None] = field(default_factory=dict)
     state_rebuilt: bool = False  # state.json was missing or damaged: write it again before going on
+    # sha256 of the segments and pending frames written (JOB-relative names): a damaged one is rebuilt
+    checksums: dict[str, str] = field(default_factory=dict)
     _lock: JobLock | None = field(default=None, repr=False, compare=False)
 
     # ---- creation and opening ------------------------------------------------------------------
@@ -204,7 +206,7 @@ class JobDir:
         write_json(root / ORIGIN, {"out": str(out), **names})
         write_json(root / SETTINGS, stored.to_dict())
         job = cls(root, _inputs_in(root, stored), out, 0, names)
-        job._write_state()  # last: only now is it a job
+        job.write_state()  # last: only now is it a job
         return job
 
     @classmethod
@@ -232,22 +234,24 @@ class JobDir:
             finished, out = int(state["finished"]), Path(state["out"])
             if finished < 0:
                 raise ValueError(f"finished = {finished}")
+            sums = state.get("checksums", {})
+            checksums = {k: v for k, v in sums.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(sums, dict) else {}
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = "missing" if not (root / STATE).exists() else f"damaged ({exc.__class__.__name__}: {exc})"
             out = _recorded_out(root, origin)
-            finished, rebuilt = len(_section_run(root)), True
+            finished, rebuilt, checksums = len(_section_run(root)), True, {}
             log.warning("%s is %s: rebuilt from the %d section file(s) present; the video goes to %s",
                         root / STATE, reason, finished, out)
-        return cls(root, settings, out, finished, names, rebuilt)
+        return cls(root, settings, out, finished, names, rebuilt, checksums)
 
-    def _write_state(self) -> None:
-        write_json(self.root / STATE, {"finished": self.finished, "out": str(self.out)})
+    def write_state(self) -> None:
+        write_json(self.root / STATE, {"finished": self.finished, "out": str(self.out), "checksums": self.checksums})
         self.state_rebuilt = False
 
     def repair_state(self) -> None:
         """Write a state.json that :meth:`open` had to rebuild (call it holding the lock)."""
         if self.state_rebuilt:
-            self._write_state()
+            self.write_state()
 
     # ---- the lock --------------------------------------------------------------------------------------
 
@@ -323,7 +327,9 @@ class JobDir:
     def save_pending(self, step: int, frames: np.ndarray | None) -> None:
         if frames is None:
             return
-        atomic_write(self.pending_path(step), _write_with(lambda f: np.save(f, frames)))
+        path = self.pending_path(step)
+        atomic_write(path, _write_with(lambda f: np.save(f, frames)))
+        self.checksums[self._name(path)] = _array_checksum(frames)
 
     def load_pending(self) -> np.ndarray | None:
         """Pending frames after the last finished section (None before the first, or if missing or unreadable)."""
@@ -331,24 +337,45 @@ class JobDir:
             return None
         path = self.pending_path(self.finished - 1)
         try:
-            return np.load(path) if path.exists() else None
+            frames = np.load(path) if path.exists() else None
         except (OSError, ValueError, EOFError) as exc:
             log.warning("%s is unreadable (%s)", path, _first_line(exc))
             return None
+        recorded = self.checksums.get(self._name(path))
+        if frames is not None and recorded is not None and recorded != _array_checksum(frames):
+            log.warning("%s is damaged (its checksum does not match its contents)", path)
+            return None
+        return frames
+
+    def note(self, path: Path) -> None:
+        """Record the checksum of a piece just written (it is saved with the next state)."""
+        self.checksums[self._name(path)] = _file_checksum(path)
+
+    def intact(self, path: Path) -> bool:
+        """The piece is there and, if its checksum was recorded, unchanged."""
+        if not path.is_file():
+            return False
+        recorded = self.checksums.get(self._name(path))
+        return recorded is None or recorded == _file_checksum(path)
+
+    def _name(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
 
     def commit(self, step: int) -> None:
         """Mark sections 0..step finished: the single write that makes them count."""
         self.finished = step + 1
-        self._write_state()
         # pending frames of older sections are no longer needed by any resume
-        for old in self.root.glob("video/pending-*.npy"):
-            if old != self.pending_path(step):
-                old.unlink(missing_ok=True)
+        older = [p for p in self.root.glob("video/pending-*.npy") if p != self.pending_path(step)]
+        for old in older:
+            self.checksums.pop(self._name(old), None)
+        self.write_state()
+        for old in older:
+            old.unlink(missing_ok=True)
 
     def rollback(self, finished: int) -> None:
         """Count only sections 0..finished-1 as done (the later ones will be computed again)."""
         self.finished = finished
-        self._write_state()
+        self.write_state()
 
     def segments(self) -> list[Path]:
         """Segments written so far, in arrival (generation) order."""
@@ -373,6 +400,15 @@ def _inputs_in(root: Path, settings: GenerationSettings) -> GenerationSettings:
         return path
 
     return settings.replace(image=own(settings.image), end_image=own(settings.end_image))
+
+
+def _file_checksum(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _array_checksum(frames: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -338,7 +338,7 @@ class FramePackPipeline:
         for step in run.needed_segments(upto):
             path = job.segment_path(step)
             try:
-                ok = path.is_file() and segment_frames(path) == run.layout[step][0]
+                ok = job.intact(path) and segment_frames(path) == run.layout[step][0]
             except ValueError:
                 ok = False
             if not ok:
@@ -365,9 +365,11 @@ class FramePackPipeline:
             final = assembler.add(clip, last=plan.is_last)
             if plan.step in damaged:
                 write_segment(job.segment_path(plan.step), to_uint8(final), job.settings.crf)
+                job.note(job.segment_path(plan.step))
             release_freed_memory()
         if done and done < len(run.plans):
             job.save_pending(done - 1, assembler.pending)
+        job.write_state()  # the rebuilt pieces' checksums
         run.assembler.pending = assembler.pending
 
     def _section(self, plan: SectionPlan, job: JobDir, run: "_Run", on_event: Callable[[Event], None],
@@ -403,6 +405,7 @@ class FramePackPipeline:
         final = run.assembler.add(clip, last=plan.is_last)
         if len(final):
             write_segment(job.segment_path(plan.step), to_uint8(final), settings.crf)
+            job.note(job.segment_path(plan.step))
         job.save_pending(plan.step, run.assembler.pending)
         job.commit(plan.step)
         release_freed_memory()
