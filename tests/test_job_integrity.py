@@ -176,7 +176,7 @@ def test_a_finished_job_without_its_last_section_is_recovered(pipeline, referenc
         assert "state.json is damaged" in caplog.text
         assert counted == SECTIONS - 1 and recorded_out == reference.out
     else:
-        assert f"{SECTIONS - 1:04d}.safetensors is missing: sections {SECTIONS}-{SECTIONS} will be computed again" in caplog.text
+        assert f"{SECTIONS - 1:04d}.safetensors is missing: sections {SECTIONS}/{SECTIONS} onwards will be computed again" in caplog.text
     assert torch.equal(repaired.load_latents(SECTIONS - 1), reference.load_latents(SECTIONS - 1))
     assert np.array_equal(read_frames(repaired.out), read_frames(reference.out))
     assert JobDir.open(job.root).finished == SECTIONS  # state.json is whole again

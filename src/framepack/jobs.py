@@ -225,17 +225,15 @@ class JobDir:
             raise ValueError(f"{root / SETTINGS} is damaged ({reason}); a job cannot continue without its settings: "
                              "start a new one (framepack generate --from its video, if there is one)") from None
         origin = _read_json(root / ORIGIN) or {}
-        names = {"image": origin.get("image") if isinstance(origin.get("image"), str) else Path(settings.image).name,
-                 "end_image": origin.get("end_image") if isinstance(origin.get("end_image"), str) else
-                 None if settings.end_image is None else Path(settings.end_image).name}
+        names = {key: _recorded_name(origin.get(key), getattr(settings, key)) for key in ("image", "end_image")}
         rebuilt = False
         try:
             state = json.loads((root / STATE).read_text())
             finished, out = int(state["finished"]), Path(state["out"])
             if finished < 0:
                 raise ValueError(f"finished = {finished}")
-            sums = state.get("checksums", {})
-            checksums = {k: v for k, v in sums.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(sums, dict) else {}
+            sums = state.get("checksums") or {}
+            checksums = {k: v for k, v in sums.items() if isinstance(v, str)} if isinstance(sums, dict) else {}
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = "missing" if not (root / STATE).exists() else f"damaged ({exc.__class__.__name__}: {exc})"
             out = _recorded_out(root, origin)
@@ -414,6 +412,13 @@ def _array_checksum(frames: np.ndarray) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
+
+
+def _recorded_name(recorded: object, copy: str | None) -> str | None:
+    """An input's own file name from job.json; jobs made before it have only the copy's name."""
+    if copy is None:
+        return None
+    return recorded if isinstance(recorded, str) else Path(copy).name
 
 
 def _read_json(path: Path) -> dict | None:

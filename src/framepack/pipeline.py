@@ -317,7 +317,8 @@ class FramePackPipeline:
             try:
                 section = job.read_section(plan.step)
             except FileNotFoundError:
-                log.warning("%s is missing: sections %d-%d will be computed again", path, plan.step + 1, plan.count)
+                log.warning("%s is missing: sections %d/%d onwards will be computed again", path, plan.step + 1,
+                            plan.count)
                 job.rollback(plan.step)
                 return
             if section["model"] is not None and section["model"] != job.settings.model:
