@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MAX_PIXELS = 40_000_000  # refuse larger inputs: decoding them alone would take gigabytes
 SPATIAL_MULTIPLE = 16  # 8x VAE times the 2x2 patch
@@ -41,7 +44,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     16-bit images are converted; transparency is composited on white. Raises ValueError with a
     one-line reason for missing, empty, corrupt or oversized files.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -54,7 +57,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         with Image.open(path) as img:
             _check_size(path, img.width, img.height, max_pixels)
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(_upright(img))
     except Image.DecompressionBombError:
         # Pillow refuses huge images before we see their size: read it from the header ourselves
         size = declared_size(path)
@@ -65,6 +68,17 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ValueError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
     except OSError as exc:
         raise ValueError(f"not a readable image: {path} ({exc})") from None
+
+
+def _upright(img):
+    """The image as it is meant to be seen: its EXIF orientation applied (phones store pixels sideways)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # noqa: BLE001  (malformed EXIF: Pillow raises many kinds; the pixels are fine)
+        log.warning("ignoring the unreadable EXIF orientation of %s (%s)", img.filename or "the image", exc)
+        return img
 
 
 def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
