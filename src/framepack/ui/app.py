@@ -530,6 +530,13 @@ def file_inputs(app: gr.Blocks) -> dict[int, list[int]]:
             for index, fn in app.fns.items() if any(isinstance(block, kinds) for block in fn.inputs)}
 
 
+def arities(app: gr.Blocks) -> dict[int | str, int]:
+    """How many values each handler takes, by fn_index and by API name."""
+    by_index: dict[int | str, int] = {index: len(fn.inputs) for index, fn in app.fns.items()}
+    by_name = {fn.api_name: len(fn.inputs) for fn in app.fns.values() if isinstance(fn.api_name, str)}
+    return {**by_index, **by_name}
+
+
 def theme() -> gr.themes.Base:
     """The default look with system fonts: the page makes no request outside this server."""
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -552,7 +559,7 @@ def launch(service: JobService, models: Sequence[str], host: str = "127.0.0.1", 
         # outputs/ is never served as it is (it holds the job store and the job directories): the
         # app copies each video it shows into Gradio's cache (FileGate.publish) and serves that copy
         # a request naming a file that is not an upload is refused before Gradio copies that file
-        guard = Middleware(FileReferenceGuard, gate=gate, file_slots=file_inputs(app))
+        guard = Middleware(FileReferenceGuard, gate=gate, file_slots=file_inputs(app), arity=arities(app))
         # show_error: what Gradio itself refuses (too few arguments) is answered with its reason, not
         # with "the upstream app has raised an exception"; our own handlers only raise gr.Error
         app.launch(server_name=host, server_port=port, auth=auth, share=share, blocked_paths=[str(service.outputs)],

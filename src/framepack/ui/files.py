@@ -152,6 +152,7 @@ def model_names(models: Iterable[str]) -> dict[str, str]:
 
 # ---- requests ------------------------------------------------------------------------------------------------
 
+_API_ROUTE = re.compile(r"/(?:call|run|api)/([^/]+)/?$")  # a named endpoint called over REST
 MAX_JSON_BYTES = 8 * 2**20  # a form's JSON is a few kB; files travel through /upload, not in JSON
 
 
@@ -185,10 +186,12 @@ class FileReferenceGuard:
     machine received; the guard answers first, with the gate's one message, for this app's uploads only.
     """
 
-    def __init__(self, app: Any, gate: FileGate, file_slots: Mapping[int, Sequence[int]] | None = None) -> None:
+    def __init__(self, app: Any, gate: FileGate, file_slots: Mapping[int, Sequence[int]] | None = None,
+                 arity: Mapping[int | str, int] | None = None) -> None:
         self.app = app
         self.gate = gate
         self.file_slots = file_slots or {}  # page handler (fn_index) -> positions of its file inputs
+        self.arity = arity or {}  # handler (fn_index or API name) -> how many values it takes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or [])
@@ -210,7 +213,7 @@ class FileReferenceGuard:
                 await _answer(send, 413, f"request too large (over {MAX_JSON_BYTES // 2**20} MB of JSON)")
                 return
         body = b"".join(chunks)
-        problem = self.problem(body)
+        problem = self.problem(body, scope.get("path", ""))
         if problem is not None:
             await _answer(send, 400, problem)
             return
@@ -226,12 +229,16 @@ class FileReferenceGuard:
 
         await self.app(scope, replay, send)
 
-    def problem(self, body: bytes) -> str | None:
-        """None when every file the JSON names is an upload of this app; else the one refusal message."""
+    def problem(self, body: bytes, route: str = "") -> str | None:
+        """None when every file the JSON names is an upload of this app and a handler gets all its
+        values; else a one-line reason."""
         try:
             data = json.loads(body)
         except ValueError:
             return None  # not JSON after all: Gradio answers that itself
+        short = self._too_few(data, route)
+        if short is not None:
+            return short
         for path in file_references(data):
             if not isinstance(path, str) or not self.gate.known(path):
                 return f"file: {REFUSED}"
@@ -245,6 +252,19 @@ class FileReferenceGuard:
                     return f"file: {REFUSED}"
         return None
 
+    def _too_few(self, data: Any, route: str) -> str | None:
+        """Gradio answers a call with too few values in several lines naming its own objects;
+        this says it in one (gradio_client fills in the defaults itself)."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            return None
+        named = _API_ROUTE.search(route)
+        key: int | str | None = named.group(1) if named else data.get("fn_index")
+        needed = self.arity.get(key) if isinstance(key, (int, str)) else None
+        if needed is None or len(data["data"]) >= needed:
+            return None
+        what = f"/{key}" if isinstance(key, str) else "this handler"
+        values = "value" if needed == 1 else "values"
+        return f"{what} takes {needed} {values}, got {len(data['data'])} (gradio_client fills in the defaults)"
 
     def as_file_payloads(self, body: bytes) -> bytes:
         """A page handler's file input sent as a bare path string becomes ``{"path": ...}``: Gradio
