@@ -48,7 +48,8 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     secret_dir.mkdir()
     secret = write_image(secret_dir / "secret.png", size=(64, 64), seed=123)  # a valid image: only the gate stops it
     cache = root / "gradio"
-    server = Server(root / "outputs", model, root / "server.log", env={"GRADIO_TEMP_DIR": str(cache)}).start()
+    server = Server(root / "outputs", model, root / "server.log", env={"GRADIO_TEMP_DIR": str(cache)},
+                    verbose=False).start()  # logging as `framepack ui` has it by default
     try:
         yield {"server": server, "secret": secret, "cache": cache, "root": root, "start": write_image(root / "s.png")}
     finally:
@@ -220,6 +221,9 @@ def test_outputs_are_not_served_and_replies_name_no_server_path(site, tmp_path):
         assert refused.value.code == 403, path
     # the video comes through /video (a copy the app hands out), byte for byte
     assert Path(client.predict(job=job["job"], api_name="/video")).read_bytes() == video.read_bytes()
+    # the server's console, at its default level, has a line for the job's start and end
+    log = server.log.read_text()
+    assert f"job {job['job']} started" in log and f"job {job['job']} done in" in log
 
 
 # ---- point 3: every argument is checked, with a message --------------------------------------------------------------

@@ -50,16 +50,17 @@ class Server:
     """``framepack ui`` in a subprocess on a free port, its output in ``log``; ``env`` adds variables."""
 
     def __init__(self, outputs: Path, model: Path | str, log: Path, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, verbose: bool = True) -> None:
         self.outputs, self.model, self.log, self.extra = outputs, model, log, extra
         self.env = env or {}
+        self.verbose = verbose  # -v: log at INFO; without it, as `framepack ui` runs by default
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         command = [sys.executable, str(Path(__file__).resolve()), str(STEP_DELAY_S),
-                   "-v", "--outputs", str(self.outputs), "--model", str(self.model), "--port", str(self.port),
+                   *(["-v"] if self.verbose else []), "--outputs", str(self.outputs), "--model", str(self.model), "--port", str(self.port),
                    "--poll-seconds", str(POLL_S), "--device", "cpu", *self.extra]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **self.env}
         with self.log.open("a") as log:

@@ -236,9 +236,6 @@ class FileReferenceGuard:
             data = json.loads(body)
         except ValueError:
             return None  # not JSON after all: Gradio answers that itself
-        short = self._too_few(data, route)
-        if short is not None:
-            return short
         for path in file_references(data):
             if not isinstance(path, str) or not self.gate.known(path):
                 return f"file: {REFUSED}"
@@ -250,7 +247,7 @@ class FileReferenceGuard:
                 if not (value is None or isinstance(value, str)
                         or (isinstance(value, dict) and isinstance(value.get("path", ""), str))):
                     return f"file: {REFUSED}"
-        return None
+        return self._too_few(data, route)
 
     def _too_few(self, data: Any, route: str) -> str | None:
         """Gradio answers a call with too few values in several lines naming its own objects;
