@@ -251,8 +251,10 @@ def test_a_job_being_computed_is_refused_to_a_second_process(interrupted, tmp_pa
     job = copy_job(interrupted, tmp_path)
     job.acquire()
     try:
-        line = one_line_error(cli("generate", "--resume", str(job.root)))
+        result = cli("generate", "--resume", str(job.root))
+        line = one_line_error(result)
         assert f"is already being computed by another process (pid {os.getpid()})" in line
+        assert "loaded in" not in result.stderr  # refused before the model loads
         with pytest.raises(ValueError, match="already being computed"):  # the same goes within a process
             JobDir.open(job.root).acquire()
     finally:

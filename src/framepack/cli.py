@@ -330,7 +330,8 @@ def _generate(args: argparse.Namespace) -> int:
         if conflicts:
             raise ValueError(f"--resume continues a job with the settings it was started with; drop "
                              f"{', '.join(conflicts)} (or start a new job to change them)")
-        job = JobDir.open(Path(args.resume))
+        # the lock before the model loads: a second --resume of the same job is refused at once
+        job = JobDir.open(Path(args.resume)).acquire()
         with _job_kept(job.root):
             pipeline = _open_pipeline(job.settings.model, args)
             _run_with_progress(pipeline, job)
