@@ -171,6 +171,13 @@ def test_a_device_that_is_not_here_is_one_line_before_loading(device, image, tmp
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("device", ["banana", "cuda:99"])
+def test_the_web_app_checks_its_device_the_same_way(device, tmp_path, capsys):
+    result = in_process(capsys, "ui", "--device", device, "--outputs", str(tmp_path / "outputs"))
+    assert_one_line_error(result, repr(device))
+    assert not (tmp_path / "outputs").exists()  # refused before the job store is made
+
+
 # ---- point 5: --from a video whose comment is JSON but not framepack's object ------------------------------
 
 

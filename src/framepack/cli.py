@@ -299,16 +299,10 @@ def _default_model() -> str:
 
 
 def _device_and_dtype(args: argparse.Namespace):
-    import torch
-
-    from .components import resolve_device
+    from .components import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)  # a typo or a missing GPU: one line, before anything loads
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return device, dtype
+    return device, resolve_dtype(args.dtype, device)
 
 
 # options a resumed job takes from its own settings: giving them would silently do nothing

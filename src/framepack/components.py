@@ -192,6 +192,18 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f"device {name!r} is not supported; {usage}")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` (bf16 on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 @dataclass
 class TextEmbedding:
     """One prompt, encoded. states: (1, L, text_dim); mask: (1, L) bool; pooled: (1, pooled_dim)."""

@@ -81,7 +81,7 @@ def main_ui(args: argparse.Namespace) -> int:
         raise ValueError("the web app needs gradio: pip install 'framepack[ui]'") from None
     import torch
 
-    from ..components import resolve_model
+    from ..components import resolve_device, resolve_dtype, resolve_model
     from ..memory import tune_allocator
     from ..pipeline import FramePackPipeline
     from .app import launch
@@ -94,15 +94,11 @@ def main_ui(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth)
     if not 0.1 <= args.poll_seconds <= 60:
         raise ValueError(f"--poll-seconds must be between 0.1 and 60, got {args.poll_seconds:g}")
-    cuda = torch.cuda.is_available()
-    device = args.device if args.device != "auto" else ("cuda" if cuda else "cpu")
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    default = args.model or ("framepack-i2v" if cuda else "tiny")
+    device = resolve_device(args.device)  # a typo or a missing GPU: one line, before anything loads
+    dtype = resolve_dtype(args.dtype, device)
+    default = args.model or ("framepack-i2v" if torch.cuda.is_available() else "tiny")
     resolve_model(default)  # an unknown model fails now, with one line
-    models = available_models(default, device.startswith("cuda"))
+    models = available_models(default, device.type == "cuda")
     tune_allocator()
 
     def load(model: str) -> FramePackPipeline:
