@@ -227,7 +227,7 @@ def test_jobs_run_in_order_with_progress(tmp_path, model, image):
         seen: set[tuple] = set()
 
         def both_done() -> bool:
-            progress = service.worker.status.get()
+            progress = service.workers[0].status.get()
             if progress.job_id is not None:
                 seen.add((progress.job_id, progress.done))
             return all(service.view(j.id).record.status == "done" for j in (a, b))
@@ -254,7 +254,7 @@ def test_cancel_within_a_step_then_resume_gives_the_same_video(tmp_path, model, 
     service = JobService(tmp_path / "out", loader(model, step_delay=0.3, loaded=loaded)).start()
     try:
         record = service.submit(long)
-        wait_for(lambda: service.worker.status.get().section == 2 and service.worker.status.get().step >= 1,
+        wait_for(lambda: service.workers[0].status.get().section == 2 and service.workers[0].status.get().step >= 1,
                  what="the second section")
         asked = time.monotonic()
         assert "cancelling" in service.cancel(record.id)

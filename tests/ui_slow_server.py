@@ -47,11 +47,13 @@ def free_port() -> int:
 
 
 class Server:
-    """``framepack ui`` in a subprocess on a free port, its output in ``log``; ``env`` adds variables."""
+    """``framepack ui`` in a subprocess on a free port, its output in ``log``; ``env`` adds variables;
+    ``devices`` (``cpu,cpu``) serves with one worker per device instead of the one CPU worker."""
 
     def __init__(self, outputs: Path, model: Path | str, log: Path, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, verbose: bool = True) -> None:
+                 env: dict[str, str] | None = None, verbose: bool = True, devices: str | None = None) -> None:
         self.outputs, self.model, self.log, self.extra = outputs, model, log, extra
+        self.where = ("--device", "cpu") if devices is None else ("--devices", devices)
         self.env = env or {}
         self.verbose = verbose  # -v: log at INFO; without it, as `framepack ui` runs by default
         self.port = free_port()
@@ -61,7 +63,7 @@ class Server:
     def start(self) -> "Server":
         command = [sys.executable, str(Path(__file__).resolve()), str(STEP_DELAY_S),
                    *(["-v"] if self.verbose else []), "--outputs", str(self.outputs), "--model", str(self.model), "--port", str(self.port),
-                   "--poll-seconds", str(POLL_S), "--device", "cpu", *self.extra]
+                   "--poll-seconds", str(POLL_S), *self.where, *self.extra]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **self.env}
         with self.log.open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ UI_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
                              "framepack-i2v (default with one), framepack-f1, or a model directory")),
     (("--poll-seconds",), dict(dest="poll_seconds", type=float, default=1.0,
                                help="how often pages refresh the progress (default 1)")),
-    (("--device",), dict(default="auto", help="auto (default), cpu, cuda, cuda:1, ...")),
+    (("--device",), dict(help="auto (default), cpu, cuda, cuda:1, ...: where the one worker runs its jobs")),
+    (("--devices",), dict(metavar="LIST", help="one worker per device, each running its own job at the same "
+                                                 "time: cuda:0,cuda:1 (a device may repeat: cpu,cpu)")),
     (("--dtype",), dict(default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")),
 )
@@ -54,6 +57,18 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise ValueError("--auth must look like USER:PASSWORD")
     return user, password
+
+
+def parse_devices(device: str | None, devices: str | None) -> list[str]:
+    """The device of each worker, as typed: ``--devices a,b`` or the one ``--device`` (auto by default)."""
+    if devices is None:
+        return [device or "auto"]
+    if device is not None:
+        raise ValueError("give --device (one worker) or --devices (one worker each), not both")
+    names = [name.strip() for name in devices.split(",")]
+    if not all(names):
+        raise ValueError(f"--devices takes a comma-separated list such as cuda:0,cuda:1, got {devices!r}")
+    return names
 
 
 def available_models(default: str, cuda: bool) -> tuple[str, ...]:
@@ -94,17 +109,22 @@ def main_ui(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth)
     if not 0.1 <= args.poll_seconds <= 60:
         raise ValueError(f"--poll-seconds must be between 0.1 and 60, got {args.poll_seconds:g}")
-    device = resolve_device(args.device)  # a typo or a missing GPU: one line, before anything loads
-    dtype = resolve_dtype(args.dtype, device)
+    # a typo or a missing GPU: one line, before anything loads
+    devices = [resolve_device(name) for name in parse_devices(args.device, args.devices)]
+    dtypes = [resolve_dtype(args.dtype, device) for device in devices]
     default = args.model or ("framepack-i2v" if torch.cuda.is_available() else "tiny")
     resolve_model(default)  # an unknown model fails now, with one line
-    models = available_models(default, device.type == "cuda")
+    models = available_models(default, any(device.type == "cuda" for device in devices))
     tune_allocator()
 
-    def load(model: str) -> FramePackPipeline:
-        log.info("loading %s on %s", model, device)
-        return FramePackPipeline.from_model(model, device=device, dtype=dtype)
+    def loader(device: torch.device, dtype: torch.dtype) -> Callable[[str], FramePackPipeline]:
+        def load(model: str) -> FramePackPipeline:  # each worker keeps its own pipeline on its own device
+            log.info("loading %s on %s", model, device)
+            return FramePackPipeline.from_model(model, device=device, dtype=dtype)
 
-    service = JobService(Path(args.outputs), load)
+        return load
+
+    service = JobService(Path(args.outputs), [loader(d, t) for d, t in zip(devices, dtypes)],
+                         devices=[str(device) for device in devices])
     launch(service, models, host=args.host, port=args.port, auth=auth, share=args.share, poll_s=args.poll_seconds)
     return 0

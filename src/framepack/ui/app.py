@@ -1,6 +1,8 @@
-"""The Gradio web app: a form, a live view of the running job, a queue and a history.
+"""The Gradio web app: a form, a live view of a job, a queue and a history.
 
-Every page polls (``gr.Timer``) one cheap snapshot of the worker instead of holding a generator
+A page follows the job it submitted (or, before it submits one, the first running job); with one
+worker per device several jobs run at once, each with its own progress. Every page polls
+(``gr.Timer``) one cheap snapshot of its job instead of holding a generator
 open, so a closed tab, a second user or a server restart never disturbs a job. The same back end
 is exposed as named API endpoints (``/submit``, ``/status``, ``/cancel``, ``/resume``,
 ``/video``, ``/history``, ``/queue``) for ``gradio_client``.
@@ -73,6 +75,8 @@ def _eta(seconds: float | None) -> str:
 def job_line(view: JobView, outputs: Path) -> str:
     r = view.record
     parts = [f"**Job {r.id}**", r.status, f"seed {r.seed}"]
+    if view.device is not None:  # which worker runs it (`framepack ui --devices`)
+        parts.append(f"on {view.device}")
     if view.queue_place is not None:
         parts.append(f"place {view.queue_place} in the queue")
     if r.status == "done":
@@ -102,7 +106,9 @@ def queue_rows(service: JobService) -> list[list[Any]]:
     for r in service.queue():
         place = service.store.queue_place(r.id) if r.status == "queued" else ""
         prompt = _short(str(r.settings.get("prompt", "")))
-        rows.append([r.id, r.status, place, prompt, r.settings.get("seconds"), r.seed])
+        device = service.view(r.id).device if r.status == "running" else None
+        status = f"{r.status} on {device}" if device else r.status  # several run at once with --devices
+        rows.append([r.id, status, place, prompt, r.settings.get("seconds"), r.seed])
     return rows
 
 
@@ -317,7 +323,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 return gr.skip(), gr.skip()
 
         def on_poll(job: Any, seen: dict[str, Any], stopping: Any) -> tuple[Any, ...]:
-            # only submit writes `watched`; a page that submitted nothing follows the running job
+            # only submit writes `watched`; a page that submitted nothing follows the first running job
             # (remembered in `shown`, so that a poll in flight never overwrites a submission)
             if job is None:
                 job = service.running() or seen.get("follow")
@@ -513,7 +519,7 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
         return [public(service.view(r.id)) for r in service.history(history_limit(limit))]
 
     def queue() -> list:
-        """The running job, then the queued ones in order."""
+        """The running jobs (one per busy worker), then the queued ones in order."""
         return [public(service.view(r.id)) for r in service.queue()]
 
     for fn in (submit, status, cancel, resume, video, history, queue):

@@ -1,7 +1,7 @@
 """The app's back end without a web page: submit, watch, cancel, resume and list jobs.
 
 ``JobService`` ties the SQLite store, the job directories under ``outputs/jobs/`` and the worker
-thread together. The Gradio app and its API endpoints are thin calls into it, and the tests drive
+threads (one per device) together. The Gradio app and its API endpoints are thin calls into it, and the tests drive
 it directly.
 """
 
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,9 @@ class JobView:
     """One job as a page (or an API client) sees it: its record, plus live progress while it runs."""
 
     record: JobRecord
-    progress: Progress | None  # None unless this job is the one running
+    progress: Progress | None  # None unless a worker of this server is running this job
     queue_place: int | None  # 1 = next, while queued
+    device: str | None = None  # the worker running it (its device), while it runs
 
     def to_dict(self, outputs: Path) -> dict[str, Any]:
         """JSON for the API: no arrays, and no absolute server paths (files relative to ``outputs``)."""
@@ -46,7 +50,7 @@ class JobView:
             "job": r.id, "status": r.status, "seed": r.seed, "queue_place": self.queue_place,
             "error": None if r.error is None else public_text(r.error, outputs),
             "video": where(r.out) if r.status == "done" else None, "job_dir": where(r.job_dir),
-            "created": r.created, "settings": public_settings(r.settings, outputs),
+            "created": r.created, "settings": public_settings(r.settings, outputs), "device": self.device,
         }
         if p is not None:
             data.update(phase=p.phase, section=p.section, sections=p.sections, step=p.step, steps=p.steps,
@@ -69,21 +73,56 @@ def _check_image(label: str, path: str) -> None:
         raise ValueError(f"{label}: " + str(exc).replace(str(path), Path(path).name)) from None
 
 
+def worker_labels(devices: Sequence[str]) -> list[str]:
+    """What the page calls each worker: its device, numbered where two share one (``cpu #1``, ``cpu #2``)."""
+    counts = Counter(devices)
+    seen: Counter[str] = Counter()
+    labels = []
+    for device in devices:
+        seen[device] += 1
+        labels.append(f"{device} #{seen[device]}" if counts[device] > 1 else device)
+    return labels
+
+
 class JobService:
-    def __init__(self, outputs: Path, load_pipeline: PipelineLoader) -> None:
+    """The store plus one worker per loader: ``load_pipeline`` is one loader (one worker), or one
+    per device, named by ``devices`` (what the page shows beside a running job)."""
+
+    def __init__(self, outputs: Path, load_pipeline: PipelineLoader | Sequence[PipelineLoader],
+                 devices: Sequence[str] | None = None) -> None:
+        loaders = [load_pipeline] if callable(load_pipeline) else list(load_pipeline)
+        if not loaders:
+            raise ValueError("the app needs at least one worker")
+        names = list(devices) if devices is not None else [""] * len(loaders)
+        if len(names) != len(loaders):
+            raise ValueError(f"{len(loaders)} pipeline loaders but {len(names)} device names")
         self.outputs = Path(outputs).resolve()
         self.store = JobStore(self.outputs / STORE_NAME)
         interrupted = self.store.requeue_interrupted()
         if interrupted:
             log.info("continuing interrupted job(s) %s from their last finished section", interrupted)
-        self.worker = Worker(self.store, load_pipeline)
+        # shared by every worker: a claim and that worker's current job change as one step for all
+        self._claims = threading.RLock()
+        loads = threading.Lock()  # one pipeline loads at a time (see Worker)
+        labels = worker_labels(names) if any(names) else names
+        self.workers: tuple[Worker, ...] = tuple(
+            Worker(self.store, load, device=label, claim_lock=self._claims, load_lock=loads)
+            for load, label in zip(loaders, labels))
 
     def start(self) -> "JobService":
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        self.worker.stop(timeout)
+        for worker in self.workers:  # all at once: each stops within a step, its job goes back to the queue
+            worker.request_stop()
+        for worker in self.workers:
+            worker.stop(timeout)
+
+    def _wake(self) -> None:
+        for worker in self.workers:  # every idle worker looks; the store hands the job to one of them
+            worker.wake()
 
     # ---- actions ------------------------------------------------------------------------------------------
 
@@ -96,19 +135,21 @@ class JobService:
         out = self.outputs / f"{key}-seed{settings.seed}.mp4"
         job = JobDir.create(self.outputs / JOBS_DIR / key, settings, out)
         record = self.store.add(job.settings.to_dict(), job.root, job.out, settings.seed)
-        self.worker.wake()
+        self._wake()
         return record
 
     def cancel(self, job_id: int) -> str:
         record = self._record(job_id)
-        if self.worker.cancel(job_id):
+        with self._claims:  # no claim in between: a job not queued is current on one worker, or has ended
+            cancelled = any(worker.cancel(job_id) for worker in self.workers)
+        if cancelled:
             return f"job {job_id}: cancelling" if record.status == "running" else f"job {job_id}: cancelled"
         return f"job {job_id} is {record.status}: nothing to cancel"
 
     def resume(self, job_id: int) -> str:
         record = self._record(job_id)
         if self.store.resume(job_id):
-            self.worker.wake()
+            self._wake()
             return f"job {job_id}: queued again; it continues from its last finished section"
         return f"job {job_id} is {record.status}: only cancelled or failed jobs can be resumed"
 
@@ -120,14 +161,29 @@ class JobService:
             raise ValueError(f"no job {job_id}")
         return record
 
+    def _live(self, job_id: int) -> tuple[Progress | None, str | None]:
+        """The progress of ``job_id`` and the worker running it; (None, None) if none of ours is."""
+        for worker in self.workers:
+            progress = worker.status.get()
+            if progress.job_id == job_id:
+                return progress, worker.device or None
+        return None, None
+
     def view(self, job_id: int) -> JobView:
         record = self._record(job_id)
-        progress = self.worker.status.get()
-        live = progress if progress.job_id == job_id and record.status == "running" else None
-        return JobView(record, live, self.store.queue_place(job_id) if record.status == "queued" else None)
+        progress, device = self._live(job_id) if record.status == "running" else (None, None)
+        return JobView(record, progress, self.store.queue_place(job_id) if record.status == "queued" else None,
+                       device)
+
+    def running_jobs(self) -> list[int]:
+        """The jobs this server's workers are running, oldest claim first (lowest queue position)."""
+        current = {worker.current for worker in self.workers} - {None}
+        return [r.id for r in self.store.jobs(("running",)) if r.id in current]
 
     def running(self) -> int | None:
-        return self.worker.current
+        """The job a page that submitted nothing follows: the first of the running ones."""
+        jobs = self.running_jobs()
+        return jobs[0] if jobs else None
 
     def queue(self) -> list[JobRecord]:
         """Running first, then queued in order."""

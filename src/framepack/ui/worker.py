@@ -1,6 +1,9 @@
-"""One background thread that runs the store's queued jobs in order and reports on the one running.
+"""A background thread that runs the store's queued jobs in order and reports on the one it runs.
 
-The worker owns no settings of its own: it opens each job's directory (so a job that was
+The app runs one worker per device (``framepack ui --devices cuda:0,cuda:1``): each claims the next
+queued job from the shared store (a claim is one SQLite transaction, so no job runs twice), loads
+its own pipeline on its device and publishes its own :class:`Progress`. The worker owns no
+settings of its own: it opens each job's directory (so a job that was
 interrupted continues from its last finished section), asks the pipeline to run it, and turns the
 pipeline's events into a :class:`Progress` snapshot that any number of UI sessions can read.
 Cancelling sets a flag the pipeline checks after every sampling step.
@@ -91,10 +94,20 @@ def one_line(exc: BaseException) -> str:
 
 
 class Worker:
-    """Runs queued jobs one at a time in a daemon thread; ``stop`` leaves the running job resumable."""
+    """Runs queued jobs one at a time in a daemon thread; ``stop`` leaves the running job resumable.
 
-    def __init__(self, store: JobStore, load_pipeline: PipelineLoader, keep_pipelines: int = 1) -> None:
+    ``device`` names where its pipelines live (shown with the job it runs). Workers that share a
+    store share ``claim_lock`` as well: a claim and the worker's current job then change together
+    for all of them, so a cancel that finds a job neither queued nor current on any worker knows it
+    has already ended. They share ``load_lock`` too: one pipeline loads at a time, because two loads
+    at once double the peak host RAM of loading (the reference's most common silent exit), and
+    libraries that import lazily on first use (transformers) are not safe to import from two threads.
+    """
+
+    def __init__(self, store: JobStore, load_pipeline: PipelineLoader, keep_pipelines: int = 1, device: str = "",
+                 claim_lock: threading.RLock | None = None, load_lock: threading.Lock | None = None) -> None:
         self.store = store
+        self.device = device
         self.status = LiveStatus()
         self._load_pipeline = load_pipeline
         self._keep = keep_pipelines
@@ -102,7 +115,10 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cancel = threading.Event()
-        self._lock = threading.Lock()  # claim + current job change together (cancel reads both)
+        # claim + current job change together (cancel reads both); re-entrant, so that a service can
+        # hold it across the cancels of all its workers
+        self._lock = claim_lock if claim_lock is not None else threading.RLock()
+        self._loading = load_lock if load_lock is not None else threading.Lock()
         self._current: int | None = None
         self._thread: threading.Thread | None = None
 
@@ -111,14 +127,19 @@ class Worker:
     def start(self) -> "Worker":
         if self._thread is not None:
             raise RuntimeError("the worker is already started")
-        self._thread = threading.Thread(target=self._loop, name="framepack-ui-worker", daemon=True)
+        name = f"framepack-ui-worker-{self.device}" if self.device else "framepack-ui-worker"
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
         return self
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop after the current sampling step; the running job goes back to the queue."""
+    def request_stop(self) -> None:
+        """Ask the thread to stop after the current sampling step, without waiting for it."""
         self._stopping.set()
         self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the current sampling step; the running job goes back to the queue."""
+        self.request_stop()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -162,7 +183,7 @@ class Worker:
     def _run(self, record: JobRecord) -> None:
         self.status.reset(job_id=record.id, phase="loading")
         began = time.perf_counter()
-        job_log.info("job %d started (seed %d)", record.id, record.seed)
+        job_log.info("job %d started (seed %d)%s", record.id, record.seed, f" on {self.device}" if self.device else "")
         try:
             job = JobDir.open(record.job_dir)
             pipeline = self._pipeline(job.settings.model)
@@ -186,7 +207,8 @@ class Worker:
         if model not in self._pipelines:
             while len(self._pipelines) >= self._keep:  # free the old model before loading a new one
                 self._pipelines.popitem(last=False)
-            self._pipelines[model] = self._load_pipeline(model)
+            with self._loading:
+                self._pipelines[model] = self._load_pipeline(model)
         self._pipelines.move_to_end(model)
         return self._pipelines[model]
 
