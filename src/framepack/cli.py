@@ -38,6 +38,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _gigabytes(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 GB, got {text}")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -487,6 +494,47 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan ------------------------------------------------------------------------------------------------
+
+
+def _machine_memory(vram: float | None, ram: float | None) -> tuple[float, float]:
+    """The budgets in GB: as given, else what this machine has free (GPU: torch.cuda.mem_get_info)."""
+    if vram is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("no CUDA GPU here to measure: give --vram GB to plan for a GPU of that size")
+        vram = torch.cuda.mem_get_info()[0] / (1 << 30)
+    if ram is None:
+        import psutil
+
+        ram = psutil.virtual_memory().available / (1 << 30)
+    return vram, ram
+
+
+@contextmanager
+def _libraries_quiet() -> Iterator[None]:
+    """No library warnings while importing and sizing: the plan is the output (ours are raised)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .runtime.plan import Budget, Job, format_plan, plan_memory
+    from .runtime.sizes import model_sizes
+
+    vram, ram = _machine_memory(args.vram, args.ram)
+    with _libraries_quiet():  # transformers / diffusers announce optional backends at import
+        sizes = model_sizes(args.model)  # an unknown model: one line
+    cfg = args.cfg if args.cfg is not None else sizes.cfg
+    job = Job(resolution=args.resolution or sizes.resolution, window=args.window, batch=1 if cfg == 1 else 2)
+    print(format_plan(plan_memory(sizes, job, Budget.gb(vram, ram))))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------------------
 
 
@@ -599,7 +647,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", dest="max_steps", type=_positive,
                     help="stop after this many steps in this run (a checkpoint is written); run again to continue")
     tr.set_defaults(run=_train)
-    for sub in (demo, gen, ev, tr):
+    pl = commands.add_parser("plan", help="plan GPU and host memory for a model: where each component lives, in "
+                                          "what format, and the predicted peak of each phase (offline, no weights)",
+                             description="Choose, from the model's configs alone, each component's placement "
+                             "(resident, on the GPU only while it runs, block offload from RAM or disk) and storage "
+                             "(bf16, fp8, int8) and the VAE's tiling, so that the predicted peak VRAM and RAM of every "
+                             "phase (encode, sample, decode) fit the budget with 10%% to spare. Exits 2 with the "
+                             "smallest budget that works when none fits. Predictions, not measurements: see "
+                             "docs/memory.md. GB = 2^30 bytes.")
+    pl.add_argument("--model", default="framepack-i2v", help="framepack-i2v (default), framepack-f1, tiny, or a "
+                    "model directory whose parts are local")
+    pl.add_argument("--vram", type=_gigabytes, help="GPU memory budget in GB (default: free memory of the CUDA GPU)")
+    pl.add_argument("--ram", type=_gigabytes, help="host memory budget in GB (default: available memory)")
+    pl.add_argument("--resolution", type=int, help="resolution bucket (default: the model's own, 640 for the 13B "
+                    "models); the largest bucket's size is planned for")
+    pl.add_argument("--window", type=int, default=9, help="latent frames per section (default 9)")
+    pl.add_argument("--cfg", type=_number, help="real CFG scale; other than 1, both branches run in one batch of 2 "
+                    "(default: the model's own)")
+    pl.set_defaults(run=_plan)
+    for sub in (demo, gen, ev, tr, pl):
         # -v after the command too (SUPPRESS: an absent flag must not reset one given before it)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress at INFO level")
     from .ui import add_ui_command  # light: gradio is imported only when the app starts
