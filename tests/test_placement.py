@@ -106,13 +106,13 @@ def test_quantized_linear_output_within_weight_bound(mode):
         ref, y = linear(x), layer(x)
     w = linear.weight.detach()
     if mode == "fp8":
-        per_weight = torch.maximum(2.0**-4 * w.abs(), 2.0**-10 * layer.scale)
+        per_weight = torch.maximum(2.0**-4 * w.abs(), 2.0**-10 * layer.weight_scale)
     else:
-        per_weight = (layer.scale / 2).expand_as(w)
+        per_weight = (layer.weight_scale / 2).expand_as(w)
     bound = x.abs() @ per_weight.T  # (5, 48): sum_j |x_j| max|w_hat_ij - w_ij|
     assert bool(((y - ref).abs() <= bound * (1 + 1e-4) + 1e-6).all())
     # and it computes with exactly the stored grid values times their scale
-    stored = layer.weight.float() * layer.scale
+    stored = layer.weight.float() * layer.weight_scale
     assert torch.allclose(y, x @ stored.T + linear.bias.detach(), rtol=1e-6, atol=1e-7)
 
 
@@ -149,13 +149,42 @@ def test_stored_bytes_half_of_bf16_for_fp8_and_int8(demo):
         layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         assert all(m.weight.element_size() == 1 for m in layers)
         weights = sum(m.weight.numel() for m in layers)
-        scales = sum(m.scale.numel() * m.scale.element_size() for m in layers)
+        scales = sum(m.weight_scale.nbytes for m in layers)
         # each quantized weight went from 2 bytes to 1; only the fp32 scales were added
         assert stored_bytes(model) == stored_bytes(bf16) - weights + scales
         assert stored_bytes(model) < 0.75 * stored_bytes(bf16)
         as_bf16 = sum(bf16.get_submodule(n).weight.nbytes for n, m in model.named_modules()
                       if isinstance(m, QuantizedLinear))
         assert sum(m.weight.nbytes for m in layers) * 2 == as_bf16  # those weights: exactly half
+
+
+def loaded_fp8(scaled: bool) -> nn.Sequential:
+    """A model as model/io.py loads float8 storage: Linear.weight float8, buffer weight_scale."""
+    model = nn.Sequential(nn.Linear(256, 48), nn.GELU(), nn.Linear(48, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(small_weights())
+    q, scale = quantize_fp8(model[0].weight.detach()) if scaled else (model[0].weight.to(torch.float8_e4m3fn), None)
+    model[0].weight = nn.Parameter(q, requires_grad=False)
+    if scale is not None:
+        model[0].register_buffer("weight_scale", scale)
+    return model
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_loaded_fp8_weights_adopted_not_rounded_twice(scaled):
+    model = loaded_fp8(scaled)
+    q = model[0].weight.detach().clone()
+    real = q.float() * (model[0].weight_scale if scaled else 1.0)  # what the file means
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    expected = model[2](torch.nn.functional.gelu(x @ real.T + model[0].bias.detach()))
+    keep = (r"^2$",)  # the second layer stays fp32, so the first alone decides the output
+    fp8 = store_weights(copy.deepcopy(model), "fp8", torch.float32, keep)
+    assert torch.equal(fp8[0].weight.view(torch.uint8), q.view(torch.uint8))  # same bytes, kept
+    for mode, compute in (("fp8", torch.float32), ("fp32", None), ("int8", torch.float32)):
+        out = store_weights(copy.deepcopy(model), mode, compute, keep)
+        with torch.no_grad():
+            tol = 1e-5 if mode != "int8" else 2e-2
+            assert torch.allclose(out(x), expected, rtol=tol, atol=tol), mode
 
 
 def test_float_modes_refuse_another_compute_dtype():

@@ -55,29 +55,36 @@ _FLOAT_MODES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is stored in fp8 or int8 with scales; computes in the input's dtype.
 
-    ``weight``: (out, in) float8_e4m3fn or int8; ``scale``: () for fp8 (per tensor) or (out, 1) for
-    int8 (per output channel), fp32; ``bias``: (out,) in the compute dtype, or None. The real weight
-    is ``weight * scale``, rebuilt for each call: only one layer's worth exists in the compute dtype.
+    ``weight``: (out, in) float8_e4m3fn or int8; ``weight_scale``: fp32, () per tensor (fp8) or
+    (out, 1) per output channel (int8); ``bias``: (out,) in the compute dtype, or None. The real
+    weight is ``weight * weight_scale`` (the convention of model/io.py's float8 loading and of
+    diffusers), rebuilt for each call: only one layer's worth exists in the compute dtype.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
-        self.register_buffer("scale", scale)
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: Literal["fp8", "int8"]) -> "QuantizedLinear":
-        weight = linear.weight.detach()
-        bias = None if linear.bias is None else linear.bias.detach().clone()
+    def from_linear(cls, linear: nn.Linear, mode: Literal["fp8", "int8"],
+                    compute_dtype: torch.dtype | None = None) -> "QuantizedLinear":
+        """Quantize ``linear``'s weight; a float8 weight loaded by model/io.py (with or without
+        its ``weight_scale``) is adopted as it is for fp8, not rounded a second time. The bias is
+        cast to ``compute_dtype`` (default: kept as it is)."""
+        bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype or linear.bias.dtype, copy=True)
+        if mode == "fp8" and linear.weight.dtype == FP8:
+            return cls(linear.weight.detach(), _loaded_scale(linear), bias)
+        weight = _real_weight(linear, torch.float32)
         quantize = quantize_fp8 if mode == "fp8" else quantize_int8
         return cls(*quantize(weight), bias)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as the model sees it, in ``dtype``: (out, in)."""
         # fp8 and int8 values are exact in bf16 and fp32, so only the product rounds.
-        return self.weight.to(dtype) * self.scale.to(dtype)
+        return self.weight.to(dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -87,6 +94,19 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, storage={self.weight.dtype}"
 
 
+def _loaded_scale(linear: nn.Module) -> torch.Tensor:
+    scale = getattr(linear, "weight_scale", None)  # absent in unscaled community files: scale 1
+    return torch.ones((), device=linear.weight.device) if scale is None else scale.detach().float()
+
+
+def _real_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a Linear computes with, whatever it was loaded as (float8 + scale or not)."""
+    weight = linear.weight.detach()
+    if weight.dtype == FP8:
+        return (weight.float() * _loaded_scale(linear)).to(dtype)
+    return weight.to(dtype)
+
+
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, fp32 per-tensor scale) with ``weight ~= q * scale``.
 
@@ -94,7 +114,7 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     numbers and round with relative error <= 2**-4 (3 mantissa bits, round to nearest); smaller
     ones are subnormal, with absolute error <= 2**-10 * scale.
     """
-    w = weight.float()
+    w = weight.detach().float()
     amax = w.abs().amax()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
@@ -102,7 +122,7 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, fp32 per-output-channel scale (out, 1)); error per weight <= scale / 2."""
-    w = weight.float()
+    w = weight.detach().float()
     amax = w.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     return torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
@@ -117,11 +137,13 @@ def store_weights(
     """Store ``module``'s weights as ``mode`` (fp32, bf16, fp8, int8), in place; returns it.
 
     fp32/bf16: the whole module is cast (``compute_dtype`` must be None or the same dtype).
-    fp8/int8: everything is first cast to ``compute_dtype`` (default bf16), then every plain
+    fp8/int8: everything else is cast to ``compute_dtype`` (default bf16), and every plain
     ``nn.Linear`` whose qualified name matches none of ``keep`` becomes a ``QuantizedLinear``.
     Convolutions, norms and embeddings stay in the compute dtype (they are a small share of a
-    video transformer's bytes). Apply after any ``.to(dtype)``: casting the module later would
-    upcast the fp8 buffers (float8 counts as a floating type) and undo the saving.
+    video transformer's bytes). Linears loaded with float8 weights (``from_pretrained(...,
+    storage_dtype=torch.float8_e4m3fn)``) are adopted for fp8, dequantized with their
+    ``weight_scale`` for the other modes. Apply after any ``.to(dtype)``: casting the module
+    later would upcast the fp8 buffers (float8 counts as a floating type) and undo the saving.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight storage mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
@@ -129,11 +151,11 @@ def store_weights(
         dtype = _FLOAT_MODES[mode]
         if compute_dtype not in (None, dtype):
             raise ValueError(f"weight mode {mode} computes in {dtype}, not {compute_dtype}")
+        _dequantize_loaded(module, dtype)
         return module.to(dtype)
     compute_dtype = compute_dtype or torch.bfloat16
     if not compute_dtype.is_floating_point or compute_dtype.itemsize < 2:
         raise ValueError(f"compute dtype must be a 16- or 32-bit float type, not {compute_dtype}")
-    module.to(compute_dtype)
     patterns = [re.compile(p) for p in keep]
     targets = [
         name for name, child in module.named_modules()
@@ -142,9 +164,37 @@ def store_weights(
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        setattr(parent, leaf, QuantizedLinear.from_linear(getattr(parent, leaf), mode))  # type: ignore[arg-type]
+        setattr(parent, leaf, QuantizedLinear.from_linear(getattr(parent, leaf), mode, compute_dtype))  # type: ignore[arg-type]
+    _dequantize_loaded(module, compute_dtype)  # float8 weights of the kept layers, if loaded so
+    _cast_unquantized(module, compute_dtype)
     log.debug("stored %d Linear layers as %s (compute %s)", len(targets), mode, compute_dtype)
     return module
+
+
+def _dequantize_loaded(module: nn.Module, dtype: torch.dtype) -> None:
+    """Replace float8 weights left by model/io.py (outside QuantizedLinear) by their real values."""
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, QuantizedLinear) or not isinstance(weight, torch.Tensor) or weight.dtype != FP8:
+            continue
+        real = _real_weight(m, dtype)
+        if hasattr(m, "weight_scale"):
+            delattr(m, "weight_scale")
+        m.weight = nn.Parameter(real, requires_grad=False)
+
+
+def _cast_unquantized(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating tensor to ``dtype`` except those a QuantizedLinear stores (its scales
+    stay fp32: in bf16 they would add 2**-8 of error to every weight)."""
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(m, name, b.to(dtype))
 
 
 def stored_bytes(module: nn.Module) -> int:
