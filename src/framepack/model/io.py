@@ -4,23 +4,43 @@ A directory holds ``config.json`` and either one ``diffusion_pytorch_model.safet
 shards ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` with an index. diffusers'
 ``save_pretrained`` writes the same layout, so directories move freely between the two.
 
-Loading builds the model on the meta device, checks every name, shape and dtype from the
-safetensors headers before reading any data, then reads each tensor once, straight into its
-final dtype: no second copy of a 13B model in RAM.
+Loading builds the model on the meta device and checks every name, shape and dtype from the
+safetensors headers before reading any data. Then each tensor's bytes are mapped from the file,
+cast (or quantized to float8) straight into a fresh tensor on the target device, and unmapped:
+the state dict is never held in RAM, and the file's pages count in the resident set only while
+their own tensor is copied. Peak RSS is the model plus about one tensor (benchmarks/loading.py).
+
+float8 storage (``storage_dtype=torch.float8_e4m3fn``): the weights of the linear layers inside
+the transformer blocks (:func:`fp8_weight_names`) stay float8_e4m3fn; everything else is loaded
+in the compute dtype. The scale convention, shared with whatever computes with these weights:
+
+    a module whose ``weight`` is float8 and that has a float32 buffer ``weight_scale``
+    (shape () per tensor, or (out_features, 1) per output channel) computes with
+    ``weight.float() * weight_scale`` (:func:`dequantize`); without the buffer, the scale is 1.
+
+Files as the community ships them load as they are: float8 weights with or without a companion
+scale ``<module>.weight_scale`` (diffusers, ours) or ``<module>.scale_weight`` (ComfyUI, kijai's
+"scaled" files); ComfyUI's ``scaled_fp8`` marker and input scales are dropped (activation hints,
+meaningless when the matmul runs in bf16). With another storage, a scaled weight is dequantized
+tensor by tensor, ``(weight.float() * scale).to(dtype)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ..config import CONFIG_NAME, TransformerConfig, resolve_config
 
@@ -192,6 +212,242 @@ def check_state_dict(
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
 
 
+# ---- float8 storage: which weights, and the scale convention --------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: the largest finite e4m3fn value
+SCALE_NAME = "weight_scale"  # the buffer beside a float8 weight (see the module docstring)
+# Companion of "<module>.weight" holding its scale: ours and diffusers' spelling, then ComfyUI's and kijai's
+SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
+# ComfyUI's scaled-fp8 marker, input (activation) scales and per-layer format notes: hints for fp8
+# matmuls on the activations; our matmuls run in bf16, so they carry nothing we use.
+IGNORED_NAMES = ("scaled_fp8",)
+IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+# The blocks hold ~97% of the 13B model's parameters; embedders, the token refiner and the output
+# head stay in the compute dtype (small, and the most sensitive to rounding).
+FP8_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def fp8_weight_names(model: nn.Module) -> set[str]:
+    """The parameters kept float8 when float8 storage is chosen: linear weights inside the blocks."""
+    return {
+        f"{module_name}.weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module_name.startswith(FP8_BLOCKS)
+    }
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a layer computes with: ``weight.float() * scale`` (scale None = 1), in ``dtype``."""
+    if scale is None:
+        return weight.to(dtype)
+    return (weight.float() * scale.to(weight.device)).to(dtype)
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax scaling into e4m3fn: (float8 weight, float32 scale of shape ()).
+
+    A plain cast would flush most of a typical weight (|w| ~ 1e-2) into e4m3's few subnormals;
+    scaling the largest magnitude to 448 uses the whole range."""
+    amax = weight.detach().abs().max().float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_scale(module: nn.Module) -> torch.Tensor | None:
+    """A module's float8 weight scale, or None (scale 1)."""
+    return module._buffers.get(SCALE_NAME)
+
+
+def _scale_owner(name: str) -> str | None:
+    """"x.weight" for a scale companion "x.weight_scale" / "x.scale_weight", else None."""
+    for suffix in SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".weight"
+    return None
+
+
+Found = dict[str, tuple[tuple[int, ...], str, Path]]
+
+
+def split_companions(found: Found) -> tuple[Found, dict[str, str], list[str]]:
+    """(tensors the model holds, weight name -> its scale's name, ignored names).
+
+    A scale whose weight is not in the file stays among the tensors, so the check names it."""
+    ignored = sorted(n for n in found if n in IGNORED_NAMES or n.endswith(IGNORED_SUFFIXES))
+    scales: dict[str, str] = {}
+    for name in found:
+        owner = _scale_owner(name)
+        if owner is None or owner not in found:
+            continue
+        if owner in scales:
+            raise CheckpointError(f"{owner} has two scales in the checkpoint: {scales[owner]} and {name}")
+        scales[owner] = name
+    dropped = set(ignored) | set(scales.values())
+    return {n: e for n, e in found.items() if n not in dropped}, scales, ignored
+
+
+def check_scales(found: Found, scales: dict[str, str]) -> None:
+    """Each scale is a float tensor with one value, or one per output channel of its weight."""
+    problems = []
+    for weight, scale in sorted(scales.items()):
+        shape, tag, _ = found[scale]
+        out = found[weight][0][0] if found[weight][0] else 1
+        numel = _numel(shape)
+        if tag not in STORAGE_DTYPES or tag == "F8_E4M3":
+            problems.append(f"{scale} is {tag} (want F32, F16 or BF16)")
+        elif numel not in (1, out):
+            problems.append(f"{scale} has shape {shape} (want one value, or {out}: one per output channel)")
+    if problems:
+        raise CheckpointError("unusable float8 scales: " + _listing(problems, 3))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _scale_shape(scale: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """float32, shape () or (out, 1, ...): broadcastable against the weight."""
+    scale = scale.float()
+    if scale.numel() == 1:
+        return scale.reshape(())
+    return scale.reshape(weight_shape[:1] + (1,) * (len(weight_shape) - 1))
+
+
+# ---- reading tensors lazily -----------------------------------------------------------------------
+
+# Tensors are read a block of rows at a time, each block through its own short-lived mapping of the
+# file: what the file adds to our resident set is one block, not the tensor (a 13B block's MLP
+# weight is 113M elements) nor the shard (a mapping keeps every page it touched resident until it
+# is closed). Arithmetic (dequantizing, quantizing) runs in one reused float32 scratch block, so no
+# allocation churns the heap. 1M elements: 4 MB of float32.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def data_offsets(file: Path) -> dict[str, tuple[int, int]]:
+    """name -> (start, end) byte offsets in ``file`` of each tensor's data.
+
+    The safetensors layout: an 8-byte little-endian header length, the JSON header, then the data,
+    which the header's ``data_offsets`` count from. Read after safe_open has validated the file."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {
+        name: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def row_blocks(shape: tuple[int, ...], block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
+    """Slices of the first axis, each of at most ``block_elements`` elements (one row at least)."""
+    if not shape:
+        return [slice(None)]
+    step = max(1, block_elements // max(_numel(shape[1:]), 1))
+    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [slice(0, 0)]
+
+
+def _rows_of(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of ``tensor``; a tensor of shape () (a scalar, or a per-tensor scale) as it is."""
+    return tensor if tensor.dim() == 0 else tensor[rows]
+
+
+def mapped_blocks(
+    fd: int, span: tuple[int, int], dtype: torch.dtype, shape: tuple[int, ...]
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, zero-copy CPU view of those rows of the stored tensor), block after block.
+
+    Each view is valid only until the next step: its mapping is closed then (copy out of it,
+    never keep it)."""
+    start, end = span
+    if end == start:
+        yield slice(None), torch.empty(shape, dtype=dtype)
+        return
+    row_bytes = (end - start) // shape[0] if shape else end - start
+    for rows in row_blocks(shape):
+        a, b = (start, end) if not shape else (start + rows.start * row_bytes, start + rows.stop * row_bytes)
+        base = a - a % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned to this
+        # ACCESS_COPY: a private, writable mapping (torch.frombuffer warns on read-only buffers); we
+        # never write, so no page is ever copied.
+        with mmap.mmap(fd, b - base, offset=base, access=mmap.ACCESS_COPY) as mapped:
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=a - base)
+            view = raw.view(dtype).reshape((rows.stop - rows.start, *shape[1:]) if shape else ())
+            try:
+                yield rows, view
+            finally:
+                del raw, view
+
+
+class _Reader:
+    """One checkpoint file open for reading, and the float32 scratch block shared by its tensors."""
+
+    def __init__(self, file: Path, scratch: torch.Tensor) -> None:
+        self.fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.scratch = scratch
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def blocks(self, span: tuple[int, int], dtype: torch.dtype, shape: tuple[int, ...]):
+        return mapped_blocks(self.fd, span, dtype, shape)
+
+    def scaled(self, view: torch.Tensor, scale: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        """view.float() * scale, in the scratch block (valid until the next call)."""
+        work = self.scratch[: view.numel()].view(view.shape).copy_(view)
+        return work if scale is None else work.mul_(_rows_of(scale, rows))
+
+
+def read_tensor(
+    reader: _Reader, span: tuple[int, int], stored: tuple[torch.dtype, tuple[int, ...]],
+    scale: torch.Tensor | None, dtype: torch.dtype, make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+    quantize: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor made by ``make`` and filled from the file, its float8 scale or None).
+
+    - ``quantize`` and stored float8: the bytes as they are; the file's scale (if any) kept.
+    - ``quantize``: ``quantize_fp8(stored.float() * scale)``, the same values block by block.
+    - else: ``stored.to(dtype)``, or ``(stored.float() * scale).to(dtype)`` with a scale.
+    A fresh, allocator-aligned tensor even when nothing changes: CPU kernels round differently on
+    data at an unaligned file offset, so a reloaded model would not reproduce its outputs."""
+    stored_dtype, shape = stored
+    blocks = lambda: reader.blocks(span, stored_dtype, shape)  # noqa: E731  (a fresh pass each call)
+    if quantize and stored_dtype == FP8 or not quantize and scale is None:
+        dest = make(shape, FP8 if quantize else dtype)
+        for rows, view in blocks():
+            _rows_of(dest, rows).copy_(view)  # copy_ casts on the way, without a scratch copy
+        return dest, scale if quantize else None
+    new_scale = None
+    if quantize:  # the absmax over the whole tensor first, as quantize_fp8 takes it
+        amax = torch.zeros((), dtype=torch.float32)
+        for rows, view in blocks():
+            if view.numel():
+                amax = torch.maximum(amax, reader.scaled(view, scale, rows).abs_().max())
+        new_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    dest = make(shape, FP8 if quantize else dtype)
+    for rows, view in blocks():
+        work = reader.scaled(view, scale, rows)
+        if new_scale is not None:
+            work.div_(new_scale).clamp_(-FP8_MAX, FP8_MAX)
+        _rows_of(dest, rows).copy_(work)
+    return dest, new_scale
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` where the meta placeholder ``name`` is (what load_state_dict(assign=True) does)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        # float8 weights are storage, not something to train
+        trainable = module._parameters[leaf].requires_grad and tensor.dtype != FP8
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=trainable)
+    else:
+        module._buffers[leaf] = tensor
+
+
 # ---- loading ------------------------------------------------------------------------------------------
 
 
@@ -207,11 +463,25 @@ def _find_config(path: Path, config: TransformerConfig | str | Path | None) -> T
     return resolve_config(DEFAULT_PRESET)
 
 
-def _default_dtype(found: dict[str, tuple[tuple[int, ...], str, Path]]) -> torch.dtype:
+def _default_dtype(found: Found) -> torch.dtype:
     tags = {tag for _, tag, _ in found.values()}
     stored = [STORAGE_DTYPES[t] for t in ("BF16", "F16", "F32", "F8_E4M3") if t in tags]
     # float8 is a storage format only: compute in bf16
-    return torch.bfloat16 if not stored or stored[0] == torch.float8_e4m3fn else stored[0]
+    return torch.bfloat16 if not stored or stored[0] == FP8 else stored[0]
+
+
+def check_placement(dtype: torch.dtype | None, storage_dtype: torch.dtype | None, device: torch.device,
+                    pin_memory: bool) -> None:
+    """One-line errors for arguments that cannot work, before any file is opened."""
+    if dtype == FP8:
+        raise ValueError("dtype float8_e4m3fn is a storage format, not a compute dtype: pass "
+                         "storage_dtype=torch.float8_e4m3fn (the blocks' weights stay float8, compute runs in bf16)")
+    if storage_dtype not in (None, FP8):
+        raise ValueError(f"storage_dtype must be None (weights in the compute dtype) or torch.float8_e4m3fn, "
+                         f"got {storage_dtype}")
+    if pin_memory and device.type != "cuda":
+        raise ValueError(f"pin_memory keeps the weights in page-locked host memory for a CUDA device; "
+                         f"the device is {device}")
 
 
 def load_transformer(
@@ -220,35 +490,69 @@ def load_transformer(
     *,
     config: TransformerConfig | str | Path | None = None,
     dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    pin_memory: bool = False,
     revision: str | None = None,
     subfolder: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
 ) -> "FramePackTransformer":
+    """See :meth:`FramePackTransformer.from_pretrained`; ``pin_memory`` with a CUDA ``device`` puts
+    the weights in pinned host memory instead (for offloading hooks to stream them in)."""
+    device = torch.device(device)
+    check_placement(dtype, storage_dtype, device, pin_memory)
     path = resolve_source(source, revision, subfolder, cache_dir, local_files_only)
     if path.is_file() and path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors file or a checkpoint directory")
     cfg = _find_config(path, config)
     files = weight_files(path)
     found = read_headers(files)
+    tensors, scales, ignored = split_companions(found)
     with torch.device("meta"):
         model = cls(cfg)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    check_state_dict(expected, found)
+    check_state_dict(expected, tensors)
+    check_scales(found, scales)
+    if ignored:
+        log.info("ignoring %d tensors of other tools' float8 formats: %s", len(ignored), _listing(ignored))
 
-    target = dtype or _default_dtype(found)
-    state: dict[str, torch.Tensor] = {}
+    target = dtype or _default_dtype(tensors)
+    fp8_names = fp8_weight_names(model) if storage_dtype == FP8 else set()
+    make = _allocator(device, pin_memory)
+    scratch = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                # copy=True: a fresh, allocator-aligned tensor even when dtype and device already
-                # match. get_tensor's data sits at its (unaligned) file offset, and CPU kernels round
-                # differently on unaligned data, so a reloaded model would not reproduce its outputs.
-                state[name] = f.get_tensor(name).to(device=device, dtype=target, copy=True)
-    model.load_state_dict(state, strict=True, assign=True)
-    log.info("loaded %s (%d tensors, %s) from %s", cfg.context_schedule, len(state), target, path)
+        spans = data_offsets(file)
+        reader = _Reader(file, scratch)
+        try:
+            for name in sorted((n for n in tensors if tensors[n][2] == file), key=lambda n: spans[n]):  # file order
+                shape, tag, _ = tensors[name]
+                scale = _read_scale(found, scales.get(name), shape)
+                tensor, scale = read_tensor(reader, spans[name], (STORAGE_DTYPES[tag], shape), scale, target, make,
+                                            quantize=name in fp8_names)
+                _place(model, name, tensor)
+                if scale is not None:  # float8 storage: the scale goes with its weight
+                    model.get_submodule(name.rpartition(".")[0]).register_buffer(SCALE_NAME, scale.to(tensor.device))
+        finally:
+            reader.close()
+    log.info("loaded %s (%d tensors, %s%s) from %s", cfg.context_schedule, len(tensors), target,
+             f", {len(fp8_names)} float8 block weights" if fp8_names else "", path)
     return model.eval()
+
+
+def _allocator(device: torch.device, pin: bool) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
+    """Where loaded tensors go: the device, or page-locked host memory (``pin``, for a CUDA device)."""
+    if pin:
+        return lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True)
+    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+
+
+def _read_scale(found: Found, name: str | None, weight_shape: tuple[int, ...]) -> torch.Tensor | None:
+    if name is None:
+        return None
+    shape, tag, file = found[name]
+    with safe_open(str(file), framework="pt", device="cpu") as f:  # a few bytes
+        return _scale_shape(f.get_tensor(name).to(STORAGE_DTYPES[tag], copy=True), weight_shape)
 
 
 # ---- saving -------------------------------------------------------------------------------------------

@@ -168,7 +168,9 @@ class FramePackTransformer(nn.Module):
         *,
         config: TransformerConfig | str | Path | None = None,
         dtype: torch.dtype | None = None,
+        storage_dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        pin_memory: bool = False,
         revision: str | None = None,
         subfolder: str | None = None,
         cache_dir: str | Path | None = None,
@@ -178,15 +180,21 @@ class FramePackTransformer(nn.Module):
 
         Directories follow the layout of ``lllyasviel/FramePackI2V_HY`` (config.json + sharded
         safetensors + index). ``config`` overrides the directory's config.json (a single file
-        without one beside it assumes ``hunyuan-13b``). ``dtype`` defaults to the stored dtype
-        (bf16 for float8 storage). Hub downloads are cached and resumable (huggingface_hub).
+        without one beside it assumes ``hunyuan-13b``). ``dtype`` (the compute dtype) defaults to
+        the stored dtype (bf16 for float8 storage). ``storage_dtype=torch.float8_e4m3fn`` keeps the
+        blocks' linear weights in float8 with their scales (see ``model/io.py``); ``pin_memory``
+        with a CUDA ``device`` puts the weights in pinned host memory instead, for offloading.
+        Tensors are read one at a time from memory-mapped files: peak RSS is the model plus about
+        one tensor. Hub downloads are cached and resumable (huggingface_hub).
         """
         return load_transformer(
             cls,
             source,
             config=config,
             dtype=dtype,
+            storage_dtype=storage_dtype,
             device=device,
+            pin_memory=pin_memory,
             revision=revision,
             subfolder=subfolder,
             cache_dir=cache_dir,
