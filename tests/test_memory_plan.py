@@ -220,3 +220,36 @@ def test_plan_without_a_gpu_or_vram_says_so_in_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["framepack: error: no CUDA GPU here to measure: give --vram GB "
                                                   "to plan for a GPU of that size"]
+
+
+def test_plan_help_imports_no_torch():
+    code = ("import sys\nfrom framepack.cli import main\ntry:\n    main(['plan', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "--vram" in result.stdout and result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+
+
+# ---- generate --memory: planned (and refused) before anything loads; not applied yet ---------------------
+
+
+def test_generation_plan_follows_the_settings_and_refuses_a_budget_too_small():
+    from framepack.cli import generation_plan
+    from framepack.settings import GenerationSettings
+
+    settings = GenerationSettings(image="start.png", prompt="a cat", model="tiny")
+    plan = generation_plan(settings, vram=4, ram=8)
+    assert plan.fits(Budget.gb(4, 8)) and plan.job.batch == 2  # the demo model's own cfg 3: a batch of 2
+    assert plan.job.resolution == 128 and plan.job.window == settings.window
+    with pytest.raises(NoPlanError, match="smallest that works"):
+        generation_plan(settings, vram=0.1, ram=8)
+
+
+def test_generate_memory_on_a_cpu_device_is_one_line_before_anything_loads(tmp_path):
+    result = framepack("generate", "--model", "tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "a cat",
+                       "--device", "cpu", "--memory", "6", "--out", str(tmp_path / "v.mp4"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["framepack: error: --memory 6 plans GPU memory, but this run is on "
+                                                  "cpu; drop --memory or use --device cuda"]
+    assert not list(tmp_path.iterdir())
+    bad = framepack("generate", "--memory", "lots")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "auto or a number" in bad.stderr

@@ -333,6 +333,7 @@ def _generate(args: argparse.Namespace) -> int:
                              f"{', '.join(conflicts)} (or start a new job to change them)")
         # the lock before the model loads: a second --resume of the same job is refused at once
         job = JobDir.open(Path(args.resume)).acquire()
+        _check_memory(job.settings, args)
         with _job_kept(job.root):
             pipeline = _open_pipeline(job.settings.model, args)
             _run_with_progress(pipeline, job)
@@ -346,6 +347,7 @@ def _generate(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite)
     replace_job = _check_job_dir(job_dir, args.overwrite)
     _device_and_dtype(args)
+    _check_memory(settings, args)
     load_image(settings.image)
     if settings.end_image:
         load_image(settings.end_image)
@@ -522,6 +524,64 @@ def _libraries_quiet() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
+def _memory_budget(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return _gigabytes(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of GB > 0, got {text!r}") from None
+
+
+def generation_plan(settings, vram: float, ram: float):
+    """The memory plan of a generation's model and geometry for a budget in GB; raises NoPlanError
+    (a ValueError: one line) naming the smallest budget that works."""
+    from .components import resolve_model
+    from .runtime.plan import Budget, Job, plan_memory
+    from .runtime.sizes import model_sizes
+
+    source = resolve_model(settings.model)
+    with _libraries_quiet():
+        sizes = model_sizes(settings.model)
+    batch = 1 if source.cfg(settings.cfg) == 1 else 2
+    job = Job(resolution=source.resolution(settings.resolution), window=settings.window, batch=batch)
+    return plan_memory(sizes, job, Budget.gb(vram, ram))
+
+
+def _check_memory(settings, args: argparse.Namespace) -> None:
+    """On a CUDA device: plan the memory (logged), refuse a budget no plan fits, and warn where the
+    plan needs offloading or 8-bit storage, which generate does not apply yet."""
+    from .runtime.plan import Choice, NoPlanError, format_plan
+
+    device, _ = _device_and_dtype(args)
+    memory = asked = getattr(args, "memory", None)
+    if device.type != "cuda":
+        if memory is not None:
+            raise ValueError(f"--memory {memory:g} plans GPU memory, but this run is on {device}; drop --memory "
+                             "or use --device cuda")
+        return
+    if memory is None:
+        import torch
+
+        memory = torch.cuda.mem_get_info(device)[0] / (1 << 30)
+    vram, ram = _machine_memory(memory, None)
+    try:
+        plan = generation_plan(settings, vram, ram)
+    except NoPlanError:
+        raise
+    except ValueError as exc:  # a model we cannot size offline: planning is advice, the run goes on
+        if asked is not None:
+            raise
+        logging.getLogger("framepack").info("no memory plan: %s", exc)
+        return
+    logging.getLogger("framepack").info("memory plan (predicted; not applied yet):\n%s", format_plan(plan))
+    whole = [c.name for c in plan.components if c.choice != Choice()]
+    if whole:
+        _warn(f"with {vram:.1f} GB of GPU memory the plan offloads or stores in 8 bits the {', '.join(whole)}, which "
+              "generate does not apply yet (every component goes to the GPU whole): this run may run out of GPU "
+              "memory; see framepack plan")
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .runtime.plan import Budget, Job, format_plan, plan_memory
     from .runtime.sizes import model_sizes
@@ -612,13 +672,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--job-dir", dest="job_dir", help="job directory (default <out>.job next to the video)")
     run = gen.add_argument_group("running")
     run.add_argument("--resume", metavar="JOB_DIR", help="continue an interrupted job from its last finished "
-                     "section, with its own settings (only --device, --dtype, --vae-tiling and -v may be given)")
+                     "section, with its own settings (only --device, --dtype, --vae-tiling, --memory and -v may be given)")
     run.add_argument("--from", dest="from_video", metavar="VIDEO.mp4",
                      help="repeat the settings embedded in a framepack video (other options override them)")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
     run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
+    run.add_argument("--memory", type=_memory_budget, default=None, metavar="auto|GB",
+                     help="GPU memory to plan for: auto (default: the GPU's free memory) or a number of GB; on a "
+                     "CUDA device the plan (framepack plan) is logged with -v, and a budget no plan fits is refused "
+                     "with the smallest that works. The plan is not applied yet: components still go to the GPU whole")
     gen.set_defaults(run=_generate)
 
     ev = commands.add_parser("eval", help="evaluate a model on held-out scenes of the synthetic world "
