@@ -279,7 +279,7 @@ def footprint(size: ComponentSize, choice: Choice) -> Footprint:
     return Footprint(weights, running)
 
 
-def on_gpu(role: str, choice: Choice, foot: Footprint, runs: bool) -> int:
+def on_gpu(choice: Choice, foot: Footprint, runs: bool) -> int:
     """Bytes of a component on the GPU during a step (``runs``: it is the step's component)."""
     if choice.placement == "resident":
         return foot.weights
@@ -304,8 +304,8 @@ def on_host(choice: Choice, foot: Footprint, runs: bool) -> int:
 class _Work:
     """Activation bytes on the GPU and the host for each step role."""
 
-    gpu: dict
-    host: dict
+    gpu: dict[tuple[Phase, str], int]
+    host: dict[tuple[Phase, str], int]
 
 
 def _work(sizes: ModelSizes, job: Job, tile: int | None) -> _Work:
@@ -342,7 +342,7 @@ def peaks(sizes: ModelSizes, job: Job, choices: dict[str, Choice], work: _Work |
         phase, role = step
         if role == "image" and not has_image:
             continue
-        gpu = CUDA_CONTEXT + work.gpu[step] + sum(on_gpu(r, ch, f, r == role) for r, ch, f in parts)
+        gpu = CUDA_CONTEXT + work.gpu[step] + sum(on_gpu(ch, f, r == role) for r, ch, f in parts)
         host = RUNTIME_RAM + work.host[step] + sum(on_host(ch, f, r == role) for r, ch, f in parts)
         vram[phase], ram[phase] = max(vram[phase], gpu), max(ram[phase], host)
     return tuple(PhasePeak(p, vram[p], ram[p]) for p in PHASES)

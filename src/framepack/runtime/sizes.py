@@ -248,7 +248,8 @@ def model_sizes(model: str) -> ModelSizes:
     from ..config import preset
 
     source = resolve_model(model)  # one line for an unknown name
-    if model in NAMED_MODELS or (source.hunyuan == HUNYUAN and source.vae is None and Path(source.transformer).name != "transformer"):
+    released = {named.transformer for named in NAMED_MODELS.values()}
+    if source.transformer in released and source.hunyuan == HUNYUAN and source.vae is None:
         return hunyuan_sizes(model, preset("hunyuan-13b"), with_image=source.redux == REDUX,
                              resolution=source.resolution(None), cfg=source.cfg(None))
     return local_sizes(model, source)
@@ -284,7 +285,8 @@ def local_sizes(model: str, source) -> ModelSizes:
     encoders = [llama_size(LlamaConfig.from_pretrained(text / "text_encoder")),
                 clip_size(CLIPTextConfig.from_pretrained(text / "text_encoder_2"))]
     if source.redux:
-        encoders.append(siglip_size(SiglipVisionConfig.from_pretrained(_local(source.redux, "image encoder") / "image_encoder")))
+        redux = _local(source.redux, "image encoder")
+        encoders.append(siglip_size(SiglipVisionConfig.from_pretrained(redux / "image_encoder")))
     vae_dir = Path(source.vae) if source.vae else text / "vae"
     vae_config = json.loads((_local(str(vae_dir), "VAE") / "config.json").read_text())
     if vae_config.get("_class_name") == "SmallVideoAutoencoder":
