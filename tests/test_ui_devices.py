@@ -110,11 +110,12 @@ def wait_for(condition, timeout: float = TIMEOUT_S, what: str = "condition") -> 
 def both_sampling(service: JobService, a: int, b: int) -> bool:
     """Both jobs running, each with its own live progress, on two different workers."""
     va, vb = service.view(a), service.view(b)
-    return (va.progress is not None and vb.progress is not None and va.progress.phase == vb.progress.phase == "sampling"
-            and va.progress.job_id == a and vb.progress.job_id == b and va.device != vb.device)
+    pa, pb = va.progress, vb.progress
+    return (pa is not None and pb is not None and pa.phase == pb.phase == "sampling"
+            and pa.job_id == a and pb.job_id == b and va.device != vb.device)
 
 
-# ---- pure parts ------------------------------------------------------------------------------------------------
+# ---- pure parts ----------------------------------------------------------------------------------------
 
 
 def test_devices_are_parsed_and_workers_named():
@@ -144,7 +145,7 @@ def test_bad_devices_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "out").exists()  # refused before the job store is made
 
 
-# ---- two CPU workers -------------------------------------------------------------------------------------------
+# ---- two CPU workers -----------------------------------------------------------------------------------
 
 
 def test_two_jobs_run_at_the_same_time_and_both_finish(tmp_path, model, image):
@@ -202,7 +203,8 @@ def test_a_restart_requeues_both_running_jobs(tmp_path, model, image):
     assert {j.id for j in second.store.jobs(("queued",))} == {a.id, b.id}  # requeued on start
     second.start()
     try:
-        wait_for(lambda: all(second.view(j.id).record.status == "done" for j in (a, b)), what="both after the restart")
+        wait_for(lambda: all(second.view(j.id).record.status == "done" for j in (a, b)),
+                 what="both after the restart")
     finally:
         second.stop(TIMEOUT_S)
     for job in (a, b):
@@ -211,7 +213,7 @@ def test_a_restart_requeues_both_running_jobs(tmp_path, model, image):
     np.testing.assert_array_equal(read_frames(b.out), reference_frames(tmp_path, second_settings))
 
 
-# ---- through a real server ---------------------------------------------------------------------------------------
+# ---- through a real server -----------------------------------------------------------------------------
 
 
 def test_a_server_with_two_cpu_workers_runs_two_jobs_at_once(tmp_path, model, image):
@@ -221,8 +223,8 @@ def test_a_server_with_two_cpu_workers_runs_two_jobs_at_once(tmp_path, model, im
     server = Server(tmp_path / "outputs", model, tmp_path / "server.log", devices="cpu,cpu").start()
     try:
         client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
-        jobs = [client.predict(image=handle_file(str(image)), prompt="a red circle", seconds=3.0, steps=4, seed=seed,
-                               api_name="/submit")["job"] for seed in (1, 2)]
+        jobs = [client.predict(image=handle_file(str(image)), prompt="a red circle", seconds=3.0, steps=4,
+                               seed=seed, api_name="/submit")["job"] for seed in (1, 2)]
         devices_seen: set[tuple[str, str]] = set()  # (device of the 1st, of the 2nd) while both ran
         deadline = time.monotonic() + TIMEOUT_S
         while True:
@@ -240,4 +242,5 @@ def test_a_server_with_two_cpu_workers_runs_two_jobs_at_once(tmp_path, model, im
     finally:
         server.stop()
     log = (tmp_path / "server.log").read_text()
-    assert all(f"job {job} started (seed {seed}) on cpu #" in log for job, seed in zip(jobs, (1, 2))), log[-2000:]
+    started = [f"job {job} started (seed {seed}) on cpu #" for job, seed in zip(jobs, (1, 2))]
+    assert all(line in log for line in started), log[-2000:]

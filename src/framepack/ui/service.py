@@ -1,8 +1,8 @@
 """The app's back end without a web page: submit, watch, cancel, resume and list jobs.
 
 ``JobService`` ties the SQLite store, the job directories under ``outputs/jobs/`` and the worker
-threads (one per device) together. The Gradio app and its API endpoints are thin calls into it, and the tests drive
-it directly.
+threads (one per device) together. The Gradio app and its API endpoints are thin calls into it,
+and the tests drive it directly.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ class JobService:
     def view(self, job_id: int) -> JobView:
         record = self._record(job_id)
         progress, device = self._live(job_id) if record.status == "running" else (None, None)
-        return JobView(record, progress, self.store.queue_place(job_id) if record.status == "queued" else None,
-                       device)
+        place = self.store.queue_place(job_id) if record.status == "queued" else None
+        return JobView(record, progress, place, device)
 
     def running_jobs(self) -> list[int]:
         """The jobs this server's workers are running, oldest claim first (lowest queue position)."""

@@ -104,8 +104,9 @@ class Worker:
     libraries that import lazily on first use (transformers) are not safe to import from two threads.
     """
 
-    def __init__(self, store: JobStore, load_pipeline: PipelineLoader, keep_pipelines: int = 1, device: str = "",
-                 claim_lock: threading.RLock | None = None, load_lock: threading.Lock | None = None) -> None:
+    def __init__(self, store: JobStore, load_pipeline: PipelineLoader, keep_pipelines: int = 1,
+                 device: str = "", claim_lock: threading.RLock | None = None,
+                 load_lock: threading.Lock | None = None) -> None:
         self.store = store
         self.device = device
         self.status = LiveStatus()
@@ -183,7 +184,8 @@ class Worker:
     def _run(self, record: JobRecord) -> None:
         self.status.reset(job_id=record.id, phase="loading")
         began = time.perf_counter()
-        job_log.info("job %d started (seed %d)%s", record.id, record.seed, f" on {self.device}" if self.device else "")
+        where = f" on {self.device}" if self.device else ""
+        job_log.info("job %d started (seed %d)%s", record.id, record.seed, where)
         try:
             job = JobDir.open(record.job_dir)
             pipeline = self._pipeline(job.settings.model)
