@@ -127,8 +127,9 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 def weight_error(model: nn.Module, fp32: nn.Module) -> float:
     """||W_stored - W|| / ||W|| over all Linear layers but the kept output head."""
     names = [n for n, m in fp32.named_modules() if type(m) is nn.Linear and n != "proj_out"]
-    diff = sum(float((effective_weight(model.get_submodule(n)) - fp32.get_submodule(n).weight).pow(2).sum()) for n in names)
-    norm = sum(float(fp32.get_submodule(n).weight.pow(2).sum()) for n in names)
+    diff = sum(float((effective_weight(model.get_submodule(n)) - fp32.get_submodule(n).weight.detach()).pow(2).sum())
+               for n in names)
+    norm = sum(float(fp32.get_submodule(n).weight.detach().pow(2).sum()) for n in names)
     return math.sqrt(diff / norm)
 
 

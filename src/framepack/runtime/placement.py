@@ -11,10 +11,10 @@
 Why our own fp8/int8 layer rather than diffusers' ``apply_layerwise_casting`` or torchao:
 
 * ``apply_layerwise_casting`` stores ``weight.to(float8_e4m3fn)`` with no scale. e4m3fn's smallest
-  normal number is 2**-6, and a 3072-wide Linear's weights are mostly below 0.02, so most of them
-  land among the subnormals, which keep 1-2 significant bits. One scale per tensor
-  (amax / 448) moves them into the normal range, where rounding costs at most 2**-4 relative.
-  benchmarks/precision.py measures both on the demo model (docs/precision-and-offload.md).
+  normal number is 2**-6 = 0.0156: Gaussian weights of std 0.02 fall 57 % below it, among the
+  subnormals, which keep fewer significant bits. One scale per tensor (amax / 448) moves them
+  into the normal range, where rounding costs at most 2**-4 relative. benchmarks/precision.py
+  measures both (docs/precision-and-offload.md).
 * torchao's int8 weight-only tensors are tensor subclasses that diffusers' disk offload refuses
   ("safetensors cannot serialize TorchAO subclass tensors"); ours are plain int8 buffers plus a
   scale, so every storage mode composes with every offload mode.
@@ -239,6 +239,8 @@ def offload_blocks(
     if offload_to == "disk":
         Path(path).mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
         directory = Path(tempfile.mkdtemp(prefix="framepack-offload-", dir=path))
+    # block_modules only when asked: older diffusers releases lack the keyword
+    extra = {} if block_modules is None else {"block_modules": list(block_modules)}
     apply_group_offloading(
         model,
         onload_device=onload,
@@ -247,7 +249,7 @@ def offload_blocks(
         num_blocks_per_group=blocks_per_group,
         use_stream=prefetch,
         offload_to_disk_path=None if directory is None else str(directory),
-        block_modules=None if block_modules is None else list(block_modules),
+        **extra,
     )
     log.debug("block offload: onload %s, offload to %s%s, %d block(s) per group, prefetch %s",
               onload, offload_to, f" ({directory})" if directory else "", blocks_per_group, prefetch)
