@@ -237,6 +237,31 @@ def test_disk_offload_of_two_models_in_one_path_keeps_each_its_weights(demo, tmp
     assert not torch.equal(expected, run(first, args))
 
 
+class Nested(nn.Module):
+    """Blocks one level down (``inner.blocks``), where diffusers does not look by itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Module()
+        self.inner.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.inner.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_offload_block_modules_for_other_layouts(tmp_path):
+    model, x = Nested(), torch.randn(2, 8)
+    expected = run(model, (x,))
+    whole, split = copy.deepcopy(model), copy.deepcopy(model)
+    found = offload_blocks(whole, "cpu", "disk", tmp_path)
+    named = offload_blocks(split, "cpu", "disk", tmp_path, block_modules=["inner"])
+    assert len(list(found.glob("*.safetensors"))) == 1  # alone, diffusers sees one unmatched module
+    assert len(list(named.glob("*.safetensors"))) == 3  # told where to look: one group per block
+    assert torch.equal(run(whole, (x,)), expected) and torch.equal(run(split, (x,)), expected)
+
+
 def test_fp8_storage_with_disk_offload_equals_fp8_resident(demo, tmp_path):
     args = inputs()
     resident = store_weights(copy.deepcopy(demo), "fp8")
