@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -511,3 +512,296 @@ def test_invalid_context_schedule(schedule, problem):
     with pytest.raises(ValueError, match=problem) as info:
         TransformerConfig(context_schedule=schedule)
     assert schedule in str(info.value)
+
+
+# ---- 8. lazy loading, float8 storage, peak memory -------------------------------------------------------
+#
+# References here are computed independently of framepack.model.io: safetensors' own load_file for
+# what the file holds, and `stored.float() * scale` for what a scaled float8 weight means.
+
+FP8 = torch.float8_e4m3fn
+
+
+def file_state(directory_or_file) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as safetensors' load_file reads it (the eager reference)."""
+    from pathlib import Path
+
+    path = Path(directory_or_file)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, name: str = "") -> None:
+    """Same dtype and the same bytes (float8 has no torch.equal on CPU)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+
+
+@pytest.fixture(params=[None, 7], ids=["one-block", "blocks-of-7"])
+def block_elements(request, monkeypatch):
+    """The default block size, and one so small that every tensor is read over many blocks."""
+    import framepack.model.io as io
+
+    if request.param is not None:
+        monkeypatch.setattr(io, "BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "stored, target",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+    ids=["fp32-fp32", "fp32-bf16", "bf16-fp32", "bf16-bf16", "fp16-fp32"],
+)
+def test_lazy_load_equals_eager_load(model, inputs, stored, target, block_elements, tmp_path):
+    import copy
+
+    copy.deepcopy(model).to(stored).save_pretrained(tmp_path, max_shard_size="200KB")
+    assert len(shards_of(tmp_path)) > 1
+    eager = {name: tensor.to(target) for name, tensor in file_state(tmp_path).items()}
+
+    loaded = FramePackTransformer.from_pretrained(tmp_path, dtype=target)
+    assert_same_state(loaded.state_dict(), eager)
+    # and it computes what a model holding the eager state computes (load_state_dict copies into
+    # allocator-aligned parameters)
+    reference = copy.deepcopy(model).to(target)
+    reference.load_state_dict(eager)
+    assert torch.equal(forward(loaded, inputs), forward(reference, inputs))
+
+
+def community_fp8(model, spelling: str | None, per_channel: bool = False) -> dict[str, torch.Tensor]:
+    """A float8 file as people share them: every weight of two or more dimensions in e4m3fn (convs
+    and the refiner's too), norms and biases in bf16 (kijai's layout). ``spelling`` None: a plain
+    cast; ".scale_weight": ComfyUI's per-tensor scalar, with its marker and input scales;
+    ".weight_scale": a float32 scale per tensor or per output channel (out, 1)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.dim() < 2:
+            state[name] = tensor.to(torch.bfloat16)
+        elif spelling is None:
+            state[name] = tensor.to(FP8)
+        else:
+            dims = tuple(range(1, tensor.dim()))
+            amax = tensor.abs().amax(dim=dims, keepdim=True) if per_channel else tensor.abs().max()
+            scale = (amax.float() / 448).clamp(min=1e-12)
+            state[name] = (tensor.float() / scale).to(FP8)
+            prefix = name.removesuffix(".weight")
+            state[prefix + spelling] = scale.reshape(scale.shape[0], 1) if per_channel else scale.reshape(())
+            if spelling == ".scale_weight":
+                state[prefix + ".scale_input"] = torch.ones(())
+    if spelling == ".scale_weight":
+        state["scaled_fp8"] = torch.zeros(0, dtype=FP8)
+    return state
+
+
+FP8_FILES = {
+    "plain": (None, False),
+    "scale_weight-per-tensor": (".scale_weight", False),
+    "weight_scale-per-channel": (".weight_scale", True),
+}
+
+
+def meant(state: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """What a stored tensor means: ``stored.float() * scale`` (either spelling), in ``dtype``."""
+    prefix = name.removesuffix(".weight")
+    scale = state.get(prefix + ".scale_weight", state.get(prefix + ".weight_scale")) if name.endswith(".weight") else None
+    value = state[name].float()
+    if scale is not None:
+        value = value * scale.float().reshape(scale.shape[0], *([1] * (value.dim() - 1))) if scale.numel() > 1 \
+            else value * scale.float()
+    return value.to(dtype)
+
+
+@pytest.mark.parametrize("kind", list(FP8_FILES))
+def test_fp8_file_loads_fp8_stored(model, kind, block_elements, tmp_path):
+    from framepack.model.io import SCALE_NAME, dequantize, fp8_scale, fp8_weight_names
+
+    state = community_fp8(model, *FP8_FILES[kind])
+    file = single_file(tmp_path, state)
+    on_disk = file_state(file)
+
+    loaded = FramePackTransformer.from_pretrained(file, config="tiny", storage_dtype=FP8)
+    block_weights = fp8_weight_names(loaded)
+    assert len(block_weights) > 20 and all(n.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                                           for n in block_weights)
+    modules = dict(loaded.named_modules())
+    for name, param in loaded.named_parameters():
+        module = modules[name.rpartition(".")[0]]
+        if name in block_weights:  # kept float8: the file's bytes, and its scale as a buffer
+            assert_bits_equal(param.data, on_disk[name], name)
+            assert not param.requires_grad
+            scale = fp8_scale(module)
+            if kind == "plain":
+                assert scale is None, name
+            else:
+                file_scale = on_disk[name.removesuffix(".weight") + FP8_FILES[kind][0]]
+                assert scale.dtype == torch.float32 and torch.equal(scale.flatten(), file_scale.flatten()), name
+                assert scale.dim() == 0 if file_scale.numel() == 1 else scale.shape == (param.shape[0], 1)
+        else:  # everything else dequantized into the compute dtype (bf16: the file's float8 is storage only)
+            assert param.dtype == torch.bfloat16, name
+            assert torch.equal(param.data, meant(on_disk, name, torch.bfloat16)), name
+            if name.endswith(".weight"):  # its scale was applied, not kept
+                assert fp8_scale(module) is None, name
+
+    # The same file without float8 storage: every tensor dequantized, tensor.float() * scale
+    for dtype in (torch.bfloat16, torch.float32):
+        plain = FramePackTransformer.from_pretrained(file, config="tiny", dtype=dtype)
+        result = plain.state_dict()
+        assert result.keys() == model.state_dict().keys()  # no scale buffers, no marker
+        for name, tensor in result.items():
+            assert tensor.dtype == dtype, name
+            assert torch.equal(tensor, meant(on_disk, name, dtype)), name
+        if dtype == torch.bfloat16:
+            # float8 storage and bf16 storage of one file are the same weights under the convention
+            for name in block_weights:
+                module = modules[name.rpartition(".")[0]]
+                deq = dequantize(module.weight, getattr(module, SCALE_NAME, None), torch.bfloat16)
+                assert torch.equal(deq, result[name]), name
+
+
+def test_bf16_checkpoint_quantized_to_fp8_storage_and_round_trip(model, block_elements, tmp_path):
+    from framepack.model.io import SCALE_NAME, fp8_weight_names
+
+    import copy
+
+    normal = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():  # normal, not the default uniform init: max and -min differ, as in trained weights
+        for param in normal.parameters():
+            param.normal_(0, 0.05)
+    normal.save_pretrained(tmp_path / "bf16", max_shard_size="200KB")
+    source = file_state(tmp_path / "bf16")
+
+    loaded = FramePackTransformer.from_pretrained(tmp_path / "bf16", storage_dtype=FP8)
+    block_weights = fp8_weight_names(loaded)
+    state = loaded.state_dict()
+    for name, tensor in source.items():
+        if name not in block_weights:
+            assert torch.equal(state[name], tensor), name  # bf16 stays as it is
+            continue
+        w = tensor.float()
+        scale = w.abs().max() / 448  # per-tensor absmax, computed here independently
+        assert_bits_equal(state[name], (w / scale).to(FP8), name)
+        stored_scale = state[name.removesuffix(".weight") + "." + SCALE_NAME]
+        assert stored_scale.dtype == torch.float32 and stored_scale.dim() == 0
+        assert torch.equal(stored_scale, scale), name
+        # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus half a subnormal step near 0
+        error = (state[name].float() * stored_scale - w).abs()
+        assert bool((error <= w.abs() * 2**-4 + scale * 2**-10 + 1e-12).all()), name
+
+    # ours, saved and loaded again: the same bytes and scales, float8 and all
+    loaded.save_pretrained(tmp_path / "fp8", max_shard_size="200KB")
+    saved = file_state(tmp_path / "fp8")
+    assert {saved[n].dtype for n in block_weights} == {FP8}
+    again = FramePackTransformer.from_pretrained(tmp_path / "fp8", storage_dtype=FP8).state_dict()
+    assert again.keys() == state.keys()
+    for name in state:
+        assert_bits_equal(again[name], state[name], name)
+    # and without float8 storage, dequantized: stored.float() * scale
+    bf16 = FramePackTransformer.from_pretrained(tmp_path / "fp8").state_dict()
+    assert bf16.keys() == source.keys()
+    for name in block_weights:
+        expected = (saved[name].float() * saved[name.removesuffix(".weight") + "." + SCALE_NAME]).to(torch.bfloat16)
+        assert torch.equal(bf16[name], expected), name
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda s: s.__setitem__("proj_out.scale_weight", torch.ones(3)), "unusable float8 scales"),
+        (lambda s: s.__setitem__("proj_out.weight_scale", torch.ones(())), "has two scales"),
+        (lambda s: s.__setitem__("proj_out.scale_weight", torch.ones((), dtype=torch.int32)), "unusable float8 scales"),
+        (lambda s: s.__setitem__("nothing.scale_weight", torch.ones(())), "unexpected tensors"),
+    ],
+    ids=["scale-shape", "two-scales", "integer-scale", "scale-without-weight"],
+)
+def test_bad_fp8_scales_are_one_line_errors(model, change, problem, tmp_path):
+    state = community_fp8(model, ".scale_weight")
+    change(state)
+    message = load_error(single_file(tmp_path, state), config="tiny", storage_dtype=FP8)
+    assert problem in message and "\n" not in message
+    assert "scale_weight" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, problem",
+    [
+        ({"dtype": FP8}, "storage format, not a compute dtype"),
+        ({"storage_dtype": torch.float16}, "storage_dtype must be"),
+        ({"pin_memory": True}, "pin_memory"),
+    ],
+    ids=["fp8-compute", "fp16-storage", "pin-on-cpu"],
+)
+def test_bad_loading_arguments(model, kwargs, problem, tmp_path):
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=problem) as info:
+        FramePackTransformer.from_pretrained(tmp_path, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_targets_and_pinned_host_memory(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    on_gpu = FramePackTransformer.from_pretrained(tmp_path, dtype=torch.bfloat16, storage_dtype=FP8, device="cuda")
+    assert {t.device.type for t in on_gpu.state_dict().values()} == {"cuda"}
+    pinned = FramePackTransformer.from_pretrained(tmp_path, storage_dtype=FP8, device="cuda", pin_memory=True)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in pinned.state_dict().values())
+    gpu_state, pinned_state = on_gpu.state_dict(), pinned.state_dict()
+    for name in gpu_state:
+        assert_bits_equal(gpu_state[name].cpu(), pinned_state[name], name)
+
+
+# Peak RSS while loading, measured by benchmarks/loading.py in a fresh process per load, on a model
+# whose weights (~230 MB in bf16) dwarf the interpreter's own allocations while loading.
+RSS_BOUND = 1.2  # issue 16: peak RSS while loading <= 1.2 x the bytes that stay resident
+
+
+@pytest.fixture(scope="module")
+def loading_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loading.py"
+    spec = importlib.util.spec_from_file_location("benchmark_loading", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def mid_checkpoints(loading_bench, tmp_path_factory):
+    cfg = loading_bench.mid_config(heads=8, layers=1, single_layers=2)
+    return loading_bench.make_checkpoints(tmp_path_factory.mktemp("mid"), cfg)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, dtype, storage",
+    [("bf16 file", "bf16", None), ("bf16 shards", "bf16", "fp8"), ("fp8 scaled file", "bf16", "fp8")],
+    ids=["bf16-file", "bf16-shards-to-fp8", "community-fp8-file"],
+)
+def test_peak_rss_while_loading(loading_bench, mid_checkpoints, checkpoint, dtype, storage):
+    case = loading_bench.Case(checkpoint, dtype, storage)
+    m = loading_bench.measure(mid_checkpoints[checkpoint], case)
+    assert m.resident > 150e6  # the model dominates the measurement
+    if storage == "fp8":  # the float8 weights stayed float8: no bf16 copy of them was ever resident
+        assert m.resident < 0.8 * sum(p.stat().st_size for p in mid_checkpoints["bf16 file"].glob("*.safetensors"))
+    assert m.ratio <= RSS_BOUND, (
+        f"peak RSS rose by {m.increase / 2**20:.0f} MiB loading {m.resident / 2**20:.0f} MiB (ratio {m.ratio:.2f})"
+    )
+
+
+def test_safetensors_header_length_starting_like_a_pickle(model, tmp_path):
+    """A header length whose low byte is 0x80 (a bare pickle's first byte) is still safetensors."""
+    import struct
+
+    file = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(file), metadata={"pad": ""})
+    length = struct.unpack("<Q", file.read_bytes()[:8])[0]  # a multiple of 8 (safetensors pads it)
+    # metadata longer by a multiple of 8 bytes: a header length that ends in 0x80
+    save_file(model.state_dict(), str(file), metadata={"pad": "x" * ((0x80 - length) % 256)})
+    assert file.read_bytes()[0] == 0x80, struct.unpack("<Q", file.read_bytes()[:8])
+    assert_same_state(FramePackTransformer.from_pretrained(file, config="tiny").state_dict(), model.state_dict())

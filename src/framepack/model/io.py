@@ -150,12 +150,20 @@ PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def is_pickle(file: Path) -> bool:
-    """Whether ``file`` holds a torch/pickle checkpoint (whatever its name says)."""
+    """Whether ``file`` holds a torch/pickle checkpoint (whatever its name says).
+
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then the
+    header's "{"; that length's low byte may well be 0x80, a bare pickle's first byte, so what
+    looks like safetensors is never called a pickle."""
     try:
         with open(file, "rb") as f:
-            return f.read(4).startswith(PICKLE_MAGIC)
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
     except OSError:
         return False
+    if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return False
+    return head.startswith(PICKLE_MAGIC)
 
 
 def read_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
@@ -343,11 +351,12 @@ def data_offsets(file: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def row_blocks(shape: tuple[int, ...], block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
-    """Slices of the first axis, each of at most ``block_elements`` elements (one row at least)."""
+def row_blocks(shape: tuple[int, ...], block_elements: int | None = None) -> list[slice]:
+    """Slices of the first axis, each of at most ``block_elements`` (default BLOCK_ELEMENTS)
+    elements, one row at least."""
     if not shape:
         return [slice(None)]
-    step = max(1, block_elements // max(_numel(shape[1:]), 1))
+    step = max(1, (block_elements or BLOCK_ELEMENTS) // max(_numel(shape[1:]), 1))
     return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)] or [slice(0, 0)]
 
 
@@ -361,8 +370,9 @@ def mapped_blocks(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, zero-copy CPU view of those rows of the stored tensor), block after block.
 
-    Each view is valid only until the next step: its mapping is closed then (copy out of it,
-    never keep it)."""
+    Each view holds the only reference to its own mapping, which is unmapped when the view is
+    dropped (CPython frees at once): copy out of a view and let it go, and the file's pages leave
+    the resident set block by block. A view kept by mistake keeps its pages, never dangles."""
     start, end = span
     if end == start:
         yield slice(None), torch.empty(shape, dtype=dtype)
@@ -372,14 +382,11 @@ def mapped_blocks(
         a, b = (start, end) if not shape else (start + rows.start * row_bytes, start + rows.stop * row_bytes)
         base = a - a % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned to this
         # ACCESS_COPY: a private, writable mapping (torch.frombuffer warns on read-only buffers); we
-        # never write, so no page is ever copied.
-        with mmap.mmap(fd, b - base, offset=base, access=mmap.ACCESS_COPY) as mapped:
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=a - base)
-            view = raw.view(dtype).reshape((rows.stop - rows.start, *shape[1:]) if shape else ())
-            try:
-                yield rows, view
-            finally:
-                del raw, view
+        # never write, so no page is ever copied. frombuffer's tensor keeps the mmap object alive.
+        raw = torch.frombuffer(mmap.mmap(fd, b - base, offset=base, access=mmap.ACCESS_COPY),
+                               dtype=torch.uint8, count=b - a, offset=a - base)
+        yield rows, raw.view(dtype).reshape((rows.stop - rows.start, *shape[1:]) if shape else ())
+        del raw
 
 
 class _Reader:
@@ -397,6 +404,8 @@ class _Reader:
 
     def scaled(self, view: torch.Tensor, scale: torch.Tensor | None, rows: slice) -> torch.Tensor:
         """view.float() * scale, in the scratch block (valid until the next call)."""
+        if view.numel() > self.scratch.numel():  # one row longer than a block
+            self.scratch = torch.empty(view.numel(), dtype=torch.float32)
         work = self.scratch[: view.numel()].view(view.shape).copy_(view)
         return work if scale is None else work.mul_(_rows_of(scale, rows))
 
