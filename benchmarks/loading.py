@@ -222,6 +222,7 @@ def report(cfg: TransformerConfig, rows: Sequence[tuple[Case, Measurement]], bas
         "random weights",
         f"- RSS after `import torch; import framepack`: {baseline / MiB:.0f} MiB; each load runs in a fresh process",
         "- ratio = (peak RSS - RSS before loading) / bytes that stay resident; goal <= 1.2",
+        "- load times are from the page cache (the files were just written), on a shared machine",
         "",
         "| checkpoint | loaded as | resident (MiB) | peak RSS increase (MiB) | ratio | load (s) |",
         "|---|---|---:|---:|---:|---:|",
