@@ -5,10 +5,10 @@ shards ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` with an index. dif
 ``save_pretrained`` writes the same layout, so directories move freely between the two.
 
 Loading builds the model on the meta device and checks every name, shape and dtype from the
-safetensors headers before reading any data. Then each tensor's bytes are mapped from the file,
-cast (or quantized to float8) straight into a fresh tensor on the target device, and unmapped:
-the state dict is never held in RAM, and the file's pages count in the resident set only while
-their own tensor is copied. Peak RSS is the model plus about one tensor (benchmarks/loading.py).
+safetensors headers before reading any data. Then each tensor is read a block of rows at a time,
+each block mapped from the file, cast (or quantized to float8) straight into a fresh tensor on the
+target device (or in pinned host memory), and unmapped: no state dict is ever collected and no
+file stays mapped, so peak RSS is the model plus a few MB (benchmarks/loading.py measures it).
 
 float8 storage (``storage_dtype=torch.float8_e4m3fn``): the weights of the linear layers inside
 the transformer blocks (:func:`fp8_weight_names`) stay float8_e4m3fn; everything else is loaded
