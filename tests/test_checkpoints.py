@@ -607,11 +607,11 @@ FP8_FILES = {
 def meant(state: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
     """What a stored tensor means: ``stored.float() * scale`` (either spelling), in ``dtype``."""
     prefix = name.removesuffix(".weight")
-    scale = state.get(prefix + ".scale_weight", state.get(prefix + ".weight_scale")) if name.endswith(".weight") else None
+    scale = state.get(prefix + ".scale_weight", state.get(prefix + ".weight_scale"))
     value = state[name].float()
-    if scale is not None:
-        value = value * scale.float().reshape(scale.shape[0], *([1] * (value.dim() - 1))) if scale.numel() > 1 \
-            else value * scale.float()
+    if scale is not None and name.endswith(".weight"):
+        per_row = scale.numel() > 1  # one scale per output channel: broadcast along the rows
+        value = value * (scale.float().reshape(-1, *[1] * (value.dim() - 1)) if per_row else scale.float())
     return value.to(dtype)
 
 

@@ -412,8 +412,8 @@ class _Reader:
 
 def read_tensor(
     reader: _Reader, span: tuple[int, int], stored: tuple[torch.dtype, tuple[int, ...]],
-    scale: torch.Tensor | None, dtype: torch.dtype, make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
-    quantize: bool,
+    scale: torch.Tensor | None, dtype: torch.dtype,
+    make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], quantize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tensor made by ``make`` and filled from the file, its float8 scale or None).
 
@@ -484,7 +484,8 @@ def check_placement(dtype: torch.dtype | None, storage_dtype: torch.dtype | None
     """One-line errors for arguments that cannot work, before any file is opened."""
     if dtype == FP8:
         raise ValueError("dtype float8_e4m3fn is a storage format, not a compute dtype: pass "
-                         "storage_dtype=torch.float8_e4m3fn (the blocks' weights stay float8, compute runs in bf16)")
+                         "storage_dtype=torch.float8_e4m3fn (the blocks' weights stay float8, compute runs "
+                         "in bf16)")
     if storage_dtype not in (None, FP8):
         raise ValueError(f"storage_dtype must be None (weights in the compute dtype) or torch.float8_e4m3fn, "
                          f"got {storage_dtype}")
@@ -534,14 +535,16 @@ def load_transformer(
         spans = data_offsets(file)
         reader = _Reader(file, scratch)
         try:
-            for name in sorted((n for n in tensors if tensors[n][2] == file), key=lambda n: spans[n]):  # file order
+            in_file = sorted((n for n in tensors if tensors[n][2] == file), key=lambda n: spans[n])  # file order
+            for name in in_file:
                 shape, tag, _ = tensors[name]
                 scale = _read_scale(found, scales.get(name), shape)
-                tensor, scale = read_tensor(reader, spans[name], (STORAGE_DTYPES[tag], shape), scale, target, make,
-                                            quantize=name in fp8_names)
+                tensor, scale = read_tensor(reader, spans[name], (STORAGE_DTYPES[tag], shape), scale, target,
+                                            make, quantize=name in fp8_names)
                 _place(model, name, tensor)
                 if scale is not None:  # float8 storage: the scale goes with its weight
-                    model.get_submodule(name.rpartition(".")[0]).register_buffer(SCALE_NAME, scale.to(tensor.device))
+                    owner = model.get_submodule(name.rpartition(".")[0])
+                    owner.register_buffer(SCALE_NAME, scale.to(tensor.device))
         finally:
             reader.close()
     log.info("loaded %s (%d tensors, %s%s) from %s", cfg.context_schedule, len(tensors), target,
