@@ -19,7 +19,7 @@ from framepack.components import asset
 from framepack.planning import FPS, frame_count, latent_count, real_seconds, section_count
 from framepack.settings import DEFAULT_SEED
 from framepack.video import read_frames
-from tiny_hub import write_all
+from tiny_hub import write_model_dir
 from ui_tiny_model import write_image
 
 FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
@@ -71,12 +71,7 @@ def image(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hub_model(tmp_path_factory) -> Path:
     """The tiny hub (HunyuanVideo + flux_redux + FramePack layouts) behind one framepack.json."""
-    root = tmp_path_factory.mktemp("hub_model")
-    paths = write_all(root)
-    (root / "framepack.json").write_text(json.dumps({
-        "transformer": paths["framepack"].name, "hunyuan": paths["hunyuan"].name,
-        "redux": paths["redux"].name, "mode": "inverted", "resolution": 64}))
-    return root
+    return write_model_dir(tmp_path_factory.mktemp("hub_model"), mode="inverted", resolution=64)[0]
 
 
 def _truncate(file: Path) -> None:

@@ -9,8 +9,6 @@ return its mean too. diffusers' "vanilla" sampling type is the F1 layout, our "f
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,17 +17,14 @@ from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
 from framepack.settings import GenerationSettings
 from test_generate import write_image
-from tiny_hub import write_all
+from tiny_hub import write_model_dir
 
 TOLERANCE = 1e-4  # max |ours - diffusers| / max |diffusers| over all final latents
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("agree")
-    paths = write_all(root)
-    (root / "framepack.json").write_text(json.dumps(
-        {"transformer": paths["framepack"].name, "hunyuan": paths["hunyuan"].name, "redux": paths["redux"].name}))
+    root, paths = write_model_dir(tmp_path_factory.mktemp("agree"))
     ours = FramePackPipeline.from_model(str(root))
     return root, paths, ours
 

@@ -16,7 +16,7 @@ from framepack.pipeline import Cancelled, FramePackPipeline, SectionFinished, St
 from framepack.planning import frame_count, latent_count, section_count
 from framepack.settings import GenerationSettings
 from framepack.video import read_frames, read_metadata
-from tiny_hub import write_all
+from tiny_hub import write_model_dir
 
 FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
 
@@ -36,13 +36,7 @@ def write_image(path: Path, size=(64, 64), seed=0) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_model")
-    paths = write_all(root)
-    (root / "framepack.json").write_text(json.dumps({
-        "transformer": paths["framepack"].name, "hunyuan": paths["hunyuan"].name,
-        "redux": paths["redux"].name, "mode": "inverted",
-    }))
-    return root
+    return write_model_dir(tmp_path_factory.mktemp("tiny_model"), mode="inverted")[0]
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,11 @@ from framepack.ui import parse_devices
 from framepack.ui.service import JobService, worker_labels
 from framepack.video import read_frames
 from ui_slow_server import Server
-from ui_tiny_model import write_image, write_tiny_model
+import test_ui_store
+from test_ui_store import image, model  # noqa: F401  (fixtures: the tiny random model, a start image)
 
 TIMEOUT_S = 240  # two jobs share 2 busy cores
 STEP_DELAY_S = 0.3  # per sampling step: both jobs last long enough to overlap and to be cancelled
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("devices_model"))
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    return write_image(tmp_path_factory.mktemp("devices_image") / "start.png")
 
 
 class Recorder:
@@ -100,11 +91,7 @@ def reference_frames(tmp_path: Path, settings: GenerationSettings) -> np.ndarray
 
 
 def wait_for(condition, timeout: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    test_ui_store.wait_for(condition, timeout, what)  # the same poll, with this file's longer default
 
 
 def both_sampling(service: JobService, a: int, b: int) -> bool:

@@ -189,3 +189,15 @@ __all__ = [
     "write_framepack",
     "write_hunyuan_video",
 ]
+
+
+def write_model_dir(root: Path, seed: int = 0, **manifest: object) -> tuple[Path, dict[str, Path]]:
+    """The three tiny repos under ``root`` behind one ``framepack.json`` (a model directory that
+    ``--model`` takes); ``manifest`` adds entries such as ``mode`` or ``resolution``."""
+    import json
+
+    paths = write_all(root, seed)
+    entries = {"transformer": paths["framepack"].name, "hunyuan": paths["hunyuan"].name,
+               "redux": paths["redux"].name, **manifest}
+    (Path(root) / "framepack.json").write_text(json.dumps(entries))
+    return Path(root), paths
