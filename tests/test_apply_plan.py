@@ -1,0 +1,89 @@
+"""Applying a memory plan to a loaded pipeline (runtime.apply) on CPU: placement must not change
+the video. CPU only: the device moves are no-ops here; storage, block offload (to disk) and the
+used-once wrappers run for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from framepack.jobs import JobDir
+from framepack.pipeline import FramePackPipeline
+from framepack.runtime.apply import CLIP, LLAMA, SIGLIP, TRANSFORMER, VAE, apply_plan
+from framepack.runtime.placement import QuantizedLinear
+from framepack.runtime.plan import Choice, ComponentPlan, Job, MemoryPlan
+from framepack.settings import GenerationSettings
+from framepack.video import read_frames
+from tiny_hub import write_model_dir
+
+NAMES = (TRANSFORMER, LLAMA, CLIP, SIGLIP, VAE)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_model_dir(tmp_path_factory.mktemp("tiny_model"), mode="inverted")[0]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("image") / "start.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def plan_of(**choices: Choice) -> MemoryPlan:
+    """A plan made by hand (the planner would not choose these for a tiny model): keyword per
+    component, transformer=..., the rest resident bf16."""
+    by_name = {TRANSFORMER: choices.get("transformer", Choice()), LLAMA: choices.get("text", Choice()),
+               CLIP: choices.get("text", Choice()), SIGLIP: choices.get("image", Choice()), VAE: choices.get("vae", Choice())}
+    components = tuple(ComponentPlan(name, 0, by_name[name], 0, 0) for name in NAMES)
+    return MemoryPlan("tiny", Job(resolution=64, window=9), None, components, (), ())
+
+
+def video(model: Path, image: Path, root: Path, plan: MemoryPlan | None) -> np.ndarray:
+    """Frames of a 1-section, 2-step video made by a fresh pipeline, with ``plan`` applied if given."""
+    pipeline = FramePackPipeline.from_model(str(model))
+    settings = GenerationSettings(image=str(image), prompt="a red circle moves", model=str(model), seconds=1.0,
+                                  steps=2, resolution=64, seed=3)
+    job = JobDir.create(root / "job", settings, root / "out.mp4")
+    if plan is None:
+        pipeline.run(job)
+        return read_frames(job.out)
+    with apply_plan(pipeline, plan, "cpu", offload_dir=root / "offload") as placement:
+        if plan.component(TRANSFORMER).choice.storage == "fp8":
+            assert any(isinstance(m, QuantizedLinear) for m in pipeline.c.transformer.modules())
+        pipeline.run(job)
+        folders = list(placement.folders)
+    assert all(not folder.exists() for folder in folders)  # close() removed the offload files
+    return read_frames(job.out)
+
+
+def test_fp8_disk_offload_and_used_once_encoders_equal_fp8_resident(tiny_model, image, tmp_path):
+    fp8 = Choice("resident", "fp8")
+    resident = video(tiny_model, image, tmp_path / "resident", plan_of(transformer=fp8))
+    offloaded = plan_of(transformer=Choice("disk", "fp8"), text=Choice("phase"), image=Choice("phase"),
+                        vae=Choice("phase"))
+    placed = video(tiny_model, image, tmp_path / "placed", offloaded)
+    assert placed.shape == resident.shape and placed.shape[0] > 1
+    assert np.array_equal(placed, resident)
+
+
+def test_resident_plan_in_the_loaded_dtype_equals_no_plan(tiny_model, image, tmp_path):
+    plain = video(tiny_model, image, tmp_path / "plain", None)
+    planned = video(tiny_model, image, tmp_path / "planned", plan_of())
+    assert np.array_equal(planned, plain)
+    fp8 = video(tiny_model, image, tmp_path / "fp8", plan_of(transformer=Choice("resident", "fp8")))
+    assert not np.array_equal(fp8, plain)  # the fp8 plan did change the weights: storage was applied
+
+
+def test_a_plan_for_other_components_is_one_line(tiny_model):
+    pipeline = FramePackPipeline.from_model(str(tiny_model))
+    plan = MemoryPlan("x", Job(), None, (ComponentPlan(TRANSFORMER, 0, Choice(), 0, 0),), (), ())
+    with pytest.raises(ValueError, match="the memory plan names"):
+        apply_plan(pipeline, plan, torch.device("cpu"))
