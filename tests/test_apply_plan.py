@@ -57,7 +57,8 @@ def video(model: Path, image: Path, root: Path, plan: MemoryPlan | None) -> np.n
         return read_frames(job.out)
     with apply_plan(pipeline, plan, "cpu", offload_dir=root / "offload") as placement:
         if plan.component(TRANSFORMER).choice.storage == "fp8":
-            assert any(isinstance(m, QuantizedLinear) for m in pipeline.c.transformer.modules())
+            stored = [m.weight.dtype for m in pipeline.c.transformer.modules() if isinstance(m, QuantizedLinear)]
+            assert stored and set(stored) == {torch.float8_e4m3fn}  # not undone by a later cast
         pipeline.run(job)
         folders = list(placement.folders)
     assert all(not folder.exists() for folder in folders)  # close() removed the offload files
