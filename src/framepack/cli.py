@@ -333,10 +333,11 @@ def _generate(args: argparse.Namespace) -> int:
                              f"{', '.join(conflicts)} (or start a new job to change them)")
         # the lock before the model loads: a second --resume of the same job is refused at once
         job = JobDir.open(Path(args.resume)).acquire()
-        _check_memory(job.settings, args)
+        plan = _check_memory(job.settings, args)
         with _job_kept(job.root):
-            pipeline = _open_pipeline(job.settings.model, args)
-            _run_with_progress(pipeline, job)
+            pipeline = _open_pipeline(job.settings.model, args, on_host=plan is not None)
+            with _placed(pipeline, plan, job.root.parent):
+                _run_with_progress(pipeline, job)
         print(job.out)
         return 0
 
@@ -347,24 +348,38 @@ def _generate(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite)
     replace_job = _check_job_dir(job_dir, args.overwrite)
     _device_and_dtype(args)
-    _check_memory(settings, args)
+    plan = _check_memory(settings, args)
     load_image(settings.image)
     if settings.end_image:
         load_image(settings.end_image)
     _warn_about_settings(settings)
 
-    pipeline = _open_pipeline(settings.model, args)
+    pipeline = _open_pipeline(settings.model, args, on_host=plan is not None)
     _announce_length(settings)  # after loading: a model that fails to load is the only line then
     plans = pipeline.plans(settings)
     _warn_about_plans(settings, plans)
     job = _new_job(settings, out, job_dir, replace_job)
-    with _job_kept(job.root):
+    with _job_kept(job.root), _placed(pipeline, plan, job.root.parent):
         _run_with_progress(pipeline, job)
     print(job.out)
     return 0
 
 
-def _open_pipeline(model: str, args: argparse.Namespace):
+@contextmanager
+def _placed(pipeline, plan, offload_dir: Path) -> Iterator[None]:
+    """The memory plan applied to the pipeline (runtime.apply) for the run; disk offload files
+    (under ``offload_dir``) removed after it. No plan: the components stay where they loaded."""
+    if plan is None:
+        yield
+        return
+    from .runtime.apply import apply_plan
+
+    with apply_plan(pipeline, plan, pipeline.device, offload_dir=offload_dir):
+        yield
+
+
+def _open_pipeline(model: str, args: argparse.Namespace, on_host: bool = False):
+    """``on_host``: load every component on the CPU (a memory plan then places them on the device)."""
     from tqdm import tqdm
 
     from .components import LOAD_STEPS, load_components, resolve_model
@@ -384,7 +399,7 @@ def _open_pipeline(model: str, args: argparse.Namespace):
         bar.set_description(f"loading {name}")
 
     try:
-        components = load_components(source, dtype=dtype, device=device,
+        components = load_components(source, dtype=dtype, device="cpu" if on_host else device,
                                      vae_tiling=getattr(args, "vae_tiling", False), on_step=step)
         bar.update(len(LOAD_STEPS) - bar.n)
     finally:
@@ -548,10 +563,11 @@ def generation_plan(settings, vram: float, ram: float):
     return plan_memory(sizes, job, Budget.gb(vram, ram))
 
 
-def _check_memory(settings, args: argparse.Namespace) -> None:
-    """On a CUDA device: plan the memory (logged), refuse a budget no plan fits, and warn where the
-    plan needs offloading or 8-bit storage, which generate does not apply yet."""
-    from .runtime.plan import Choice, NoPlanError, format_plan
+def _check_memory(settings, args: argparse.Namespace):
+    """On a CUDA device: the memory plan to apply (logged), or None where the model cannot be sized
+    offline and no budget was asked; a budget no plan fits is refused. Elsewhere: None (the CPU
+    runs with everything resident). Applying it on CUDA (runtime.apply) has not run on a GPU yet."""
+    from .runtime.plan import NoPlanError, format_plan
 
     device, _ = _device_and_dtype(args)
     memory = asked = getattr(args, "memory", None)
@@ -559,7 +575,7 @@ def _check_memory(settings, args: argparse.Namespace) -> None:
         if memory is not None:
             raise ValueError(f"--memory {memory:g} plans GPU memory, but this run is on {device}; drop --memory "
                              "or use --device cuda")
-        return
+        return None
     if memory is None:
         import torch
 
@@ -573,13 +589,9 @@ def _check_memory(settings, args: argparse.Namespace) -> None:
         if asked is not None:
             raise
         logging.getLogger("framepack").info("no memory plan: %s", exc)
-        return
-    logging.getLogger("framepack").info("memory plan (predicted; not applied yet):\n%s", format_plan(plan))
-    whole = [c.name for c in plan.components if c.choice != Choice()]
-    if whole:
-        _warn(f"with {vram:.1f} GB of GPU memory the plan offloads or stores in 8 bits the {', '.join(whole)}, which "
-              "generate does not apply yet (every component goes to the GPU whole): this run may run out of GPU "
-              "memory; see framepack plan")
+        return None
+    logging.getLogger("framepack").info("memory plan (predicted peaks; applied to this run):\n%s", format_plan(plan))
+    return plan
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -681,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
     run.add_argument("--memory", type=_memory_budget, default=None, metavar="auto|GB",
                      help="GPU memory to plan for: auto (default: the GPU's free memory) or a number of GB; on a "
-                     "CUDA device the plan (framepack plan) is logged with -v, and a budget no plan fits is refused "
-                     "with the smallest that works. The plan is not applied yet: components still go to the GPU whole")
+                     "CUDA device the plan (framepack plan) is applied (offload, fp8/int8 storage, encoders on the GPU only "
+                     "while they run; logged with -v), and a budget no plan fits is refused with the smallest that works")
     gen.set_defaults(run=_generate)
 
     ev = commands.add_parser("eval", help="evaluate a model on held-out scenes of the synthetic world "
