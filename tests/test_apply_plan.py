@@ -20,6 +20,7 @@ from framepack.video import read_frames
 from tiny_hub import write_model_dir
 
 NAMES = (TRANSFORMER, LLAMA, CLIP, SIGLIP, VAE)
+STORED = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,10 @@ def video(model: Path, image: Path, root: Path, plan: MemoryPlan | None) -> np.n
         pipeline.run(job)
         return read_frames(job.out)
     with apply_plan(pipeline, plan, "cpu", offload_dir=root / "offload") as placement:
-        if plan.component(TRANSFORMER).choice.storage == "fp8":
+        storage = plan.component(TRANSFORMER).choice.storage
+        if storage != "bf16":
             stored = [m.weight.dtype for m in pipeline.c.transformer.modules() if isinstance(m, QuantizedLinear)]
-            assert stored and set(stored) == {torch.float8_e4m3fn}  # not undone by a later cast
+            assert stored and set(stored) == {STORED[storage]}  # and not undone by a later cast
         pipeline.run(job)
         folders = list(placement.folders)
     assert all(not folder.exists() for folder in folders)  # close() removed the offload files
@@ -88,3 +90,12 @@ def test_a_plan_for_other_components_is_one_line(tiny_model):
     plan = MemoryPlan("x", Job(), None, (ComponentPlan(TRANSFORMER, 0, Choice(), 0, 0),), (), ())
     with pytest.raises(ValueError, match="the memory plan names"):
         apply_plan(pipeline, plan, torch.device("cpu"))
+
+
+def test_int8_offload_to_cpu_equals_int8_phase_transformer(tiny_model, image, tmp_path):
+    # the two other transformer placements: blocks streamed from host memory, and the whole model
+    # moved on at its first step (pre-hook) and off before the VAE runs
+    offloaded = video(tiny_model, image, tmp_path / "offload", plan_of(transformer=Choice("offload", "int8")))
+    phase = video(tiny_model, image, tmp_path / "phase", plan_of(transformer=Choice("phase", "int8"),
+                                                                 vae=Choice("phase")))
+    assert np.array_equal(offloaded, phase)
