@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_hub import write_model_dir
 
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
@@ -17,7 +18,6 @@ from framepack.runtime.placement import QuantizedLinear
 from framepack.runtime.plan import Choice, ComponentPlan, Job, MemoryPlan
 from framepack.settings import GenerationSettings
 from framepack.video import read_frames
-from tiny_hub import write_model_dir
 
 NAMES = (TRANSFORMER, LLAMA, CLIP, SIGLIP, VAE)
 STORED = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}

@@ -63,7 +63,7 @@ class Placement:
             shutil.rmtree(folder, ignore_errors=True)
         self.folders.clear()
 
-    def __enter__(self) -> "Placement":
+    def __enter__(self) -> Placement:  # noqa: PYI034  (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:
