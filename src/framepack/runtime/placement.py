@@ -128,6 +128,17 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
+def quantized_linear_names(module: nn.Module, keep: Sequence[str] = KEEP_IN_COMPUTE_DTYPE) -> list[str]:
+    """The rule for which layers fp8 / int8 storage puts in 8 bits, in one place (store_weights
+    applies it, the planner's runtime.sizes counts with it): every module of exact type
+    ``nn.Linear`` (subclasses, e.g. attention's out_proj, may read ``.weight`` in ways
+    QuantizedLinear can't serve) whose qualified name matches none of ``keep``. Not yet the lean
+    loader's rule (model/io.py ``fp8_weight_names``: block Linears only; see docs/memory.md)."""
+    patterns = [re.compile(p) for p in keep]
+    return [name for name, child in module.named_modules()
+            if type(child) is nn.Linear and name and not any(p.search(name) for p in patterns)]
+
+
 def store_weights(
     module: nn.Module,
     mode: str,
@@ -156,11 +167,7 @@ def store_weights(
     compute_dtype = compute_dtype or torch.bfloat16
     if not compute_dtype.is_floating_point or compute_dtype.itemsize < 2:
         raise ValueError(f"compute dtype must be a 16- or 32-bit float type, not {compute_dtype}")
-    patterns = [re.compile(p) for p in keep]
-    targets = [
-        name for name, child in module.named_modules()
-        if type(child) is nn.Linear and name and not any(p.search(name) for p in patterns)
-    ]  # exact type: subclasses (e.g. attention's out_proj) may read .weight in ways we can't serve
+    targets = quantized_linear_names(module, keep)
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name)

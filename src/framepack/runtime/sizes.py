@@ -108,17 +108,11 @@ class ModelSizes:
 
 
 def quantized_linears(module) -> dict[str, object]:
-    """The Linear layers fp8 / int8 storage puts in 8 bits, by qualified name: the rule of
-    ``framepack.runtime.placement.store_weights`` (exact ``nn.Linear``, none of its kept names)."""
-    import re
+    """The Linear layers fp8 / int8 storage puts in 8 bits, by qualified name: the rule
+    ``framepack.runtime.placement.store_weights`` applies (``quantized_linear_names``)."""
+    from .placement import quantized_linear_names
 
-    from torch import nn
-
-    from .placement import KEEP_IN_COMPUTE_DTYPE
-
-    keep = [re.compile(p) for p in KEEP_IN_COMPUTE_DTYPE]
-    return {name: m for name, m in module.named_modules()
-            if type(m) is nn.Linear and name and not any(p.search(name) for p in keep)}
+    return {name: module.get_submodule(name) for name in quantized_linear_names(module)}
 
 
 def measure(name: str, role: Role, module, block_lists: tuple[str, ...] = (), quantizable: bool = False,
