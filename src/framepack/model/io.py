@@ -237,12 +237,13 @@ FP8_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
 
 def fp8_weight_names(model: nn.Module) -> set[str]:
-    """The parameters kept float8 when float8 storage is chosen: linear weights inside the blocks."""
-    return {
-        f"{module_name}.weight"
-        for module_name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module_name.startswith(FP8_BLOCKS)
-    }
+    """The parameters kept float8 when float8 storage is chosen: the weights of the layers that
+    fp8 storage quantizes (``runtime.placement.quantized_linear_names``, the one rule the planner
+    and ``store_weights`` use), restricted to those inside the blocks. The rest of them load in
+    the compute dtype; ``store_weights(model, "fp8")`` then adopts these and quantizes the rest."""
+    from ..runtime.placement import quantized_linear_names
+
+    return {f"{name}.weight" for name in quantized_linear_names(model) if name.startswith(FP8_BLOCKS)}
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
