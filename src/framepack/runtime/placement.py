@@ -132,8 +132,8 @@ def quantized_linear_names(module: nn.Module, keep: Sequence[str] = KEEP_IN_COMP
     """The rule for which layers fp8 / int8 storage puts in 8 bits, in one place (store_weights
     applies it, the planner's runtime.sizes counts with it): every module of exact type
     ``nn.Linear`` (subclasses, e.g. attention's out_proj, may read ``.weight`` in ways
-    QuantizedLinear can't serve) whose qualified name matches none of ``keep``. Not yet the lean
-    loader's rule (model/io.py ``fp8_weight_names``: block Linears only; see docs/memory.md)."""
+    QuantizedLinear can't serve) whose qualified name matches none of ``keep``. The lean loader
+    (model/io.py ``fp8_weight_names``) keeps float8 the subset inside the blocks (docs/memory.md)."""
     patterns = [re.compile(p) for p in keep]
     return [name for name, child in module.named_modules()
             if type(child) is nn.Linear and name and not any(p.search(name) for p in patterns)]
