@@ -99,3 +99,16 @@ def test_int8_offload_to_cpu_equals_int8_phase_transformer(tiny_model, image, tm
     phase = video(tiny_model, image, tmp_path / "phase", plan_of(transformer=Choice("phase", "int8"),
                                                                  vae=Choice("phase")))
     assert np.array_equal(offloaded, phase)
+
+
+def test_vae_tiles_as_planned_and_close_puts_the_encoders_back(tiny_model, tmp_path):
+    pipeline = FramePackPipeline.from_model(str(tiny_model))
+    originals = (pipeline.c.text, pipeline.c.image, pipeline.c.vae)
+    plan = plan_of(text=Choice("phase"), vae=Choice("phase", tile=32))
+    with apply_plan(pipeline, plan, "cpu", offload_dir=tmp_path):
+        vae = pipeline.c.vae.vae  # through the wrapper: the diffusers model
+        assert vae.use_tiling and vae.tile_sample_min_height == vae.tile_sample_min_width == 32
+        assert vae.tile_sample_stride_height < 32  # tiles overlap, for the blend
+        assert pipeline.c.text is not originals[0]  # wrapped: on the device only while encoding
+        assert pipeline.c.text.crop_start == originals[0].crop_start  # the rest is the encoder's own
+    assert (pipeline.c.text, pipeline.c.image, pipeline.c.vae) == originals
