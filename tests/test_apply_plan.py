@@ -112,3 +112,12 @@ def test_vae_tiles_as_planned_and_close_puts_the_encoders_back(tiny_model, tmp_p
         assert pipeline.c.text is not originals[0]  # wrapped: on the device only while encoding
         assert pipeline.c.text.crop_start == originals[0].crop_start  # the rest is the encoder's own
     assert (pipeline.c.text, pipeline.c.image, pipeline.c.vae) == originals
+
+
+def test_a_plan_that_cannot_be_applied_leaves_no_offload_folder(tiny_model, tmp_path):
+    pipeline = FramePackPipeline.from_model(str(tiny_model))
+    text = pipeline.c.text
+    plan = plan_of(transformer=Choice("disk"), text=Choice("offload"))  # block offload of an encoder
+    with pytest.raises(ValueError, match="transformer only"):
+        apply_plan(pipeline, plan, "cpu", offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == [] and pipeline.c.text is text

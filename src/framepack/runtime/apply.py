@@ -152,52 +152,56 @@ def apply_plan(pipeline: Any, plan: MemoryPlan, device: str | torch.device,
         raise ValueError(f"the memory plan names {sorted(planned)}, but this pipeline has {sorted(modules)}")
     placement = Placement()
 
-    for name, choice in planned.items():  # storage first: on the host, after the load's dtype cast
-        for module in modules[name]:
-            _store(module, choice)
+    try:
+        for name, choice in planned.items():  # storage first: on the host, after the load's dtype cast
+            for module in modules[name]:
+                _store(module, choice)
 
-    transformer, t_choice = c.transformer, planned[TRANSFORMER]
-    if t_choice.placement == "resident":
-        transformer.to(device)
-    elif t_choice.placement == "phase":
-        def onto_device(module: nn.Module, args: object) -> None:
-            if module.device != device:
-                module.to(device)
+        transformer, t_choice = c.transformer, planned[TRANSFORMER]
+        if t_choice.placement == "resident":
+            transformer.to(device)
+        elif t_choice.placement == "phase":
+            def onto_device(module: nn.Module, args: object) -> None:
+                if module.device != device:
+                    module.to(device)
 
-        transformer.register_forward_pre_hook(onto_device)
-    else:
-        folder = offload_blocks(transformer, device, "disk" if t_choice.placement == "disk" else "cpu",
-                                path=offload_dir or tempfile.gettempdir(), prefetch=device.type == "cuda")
-        if folder is not None:
-            placement.folders.append(folder)
+            transformer.register_forward_pre_hook(onto_device)
+        else:
+            folder = offload_blocks(transformer, device, "disk" if t_choice.placement == "disk" else "cpu",
+                                    path=offload_dir or tempfile.gettempdir(), prefetch=device.type == "cuda")
+            if folder is not None:
+                placement.folders.append(folder)
 
-    def transformer_off() -> None:
-        if t_choice.placement == "phase" and transformer.device != torch.device("cpu"):
-            transformer.to("cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        def transformer_off() -> None:
+            if t_choice.placement == "phase" and transformer.device != torch.device("cpu"):
+                transformer.to("cpu")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
-    def wrap(attribute: str, names: list[str]) -> None:
-        """Resident modules go to the device now; the others are wrapped to visit it per call."""
-        visiting = [m for n in names for m in modules[n] if planned[n].placement != "resident"]
-        for n in names:
-            if planned[n].placement == "resident":
-                for m in modules[n]:
-                    m.to(device)
-            elif planned[n].placement != "phase":
-                raise ValueError(f"the plan offloads the {n} block by block, which framepack applies to the "
-                                 "transformer only")
-        original = getattr(c, attribute)
-        setattr(c, attribute, _OnDevice(original, visiting, device, transformer_off))
-        placement.restore.append(lambda: setattr(c, attribute, original))
+        def wrap(attribute: str, names: list[str]) -> None:
+            """Resident modules go to the device now; the others are wrapped to visit it per call."""
+            visiting = [m for n in names for m in modules[n] if planned[n].placement != "resident"]
+            for n in names:
+                if planned[n].placement == "resident":
+                    for m in modules[n]:
+                        m.to(device)
+                elif planned[n].placement != "phase":
+                    raise ValueError(f"the plan offloads the {n} block by block, which framepack applies to the "
+                                     "transformer only")
+            original = getattr(c, attribute)
+            setattr(c, attribute, _OnDevice(original, visiting, device, transformer_off))
+            placement.restore.append(lambda: setattr(c, attribute, original))
 
-    wrap("text", [n for n in (LLAMA, CLIP) if n in modules])
-    if SIGLIP in modules:
-        wrap("image", [SIGLIP])
-    wrap("vae", [VAE])
-    if planned[VAE].tile is not None:
-        _tile(c.vae, planned[VAE].tile)
-    log.info("memory plan applied on %s: %s", device,
-             ", ".join(f"{n} {ch.placement}/{ch.storage}" + (f"/tiles {ch.tile}" if ch.tile else "")
-                       for n, ch in planned.items()))
+        wrap("text", [n for n in (LLAMA, CLIP) if n in modules])
+        if SIGLIP in modules:
+            wrap("image", [SIGLIP])
+        wrap("vae", [VAE])
+        if planned[VAE].tile is not None:
+            _tile(c.vae, planned[VAE].tile)
+        log.info("memory plan applied on %s: %s", device,
+                 ", ".join(f"{n} {ch.placement}/{ch.storage}" + (f"/tiles {ch.tile}" if ch.tile else "")
+                           for n, ch in planned.items()))
+    except BaseException:  # half placed: no disk folder left behind, encoders back
+        placement.close()
+        raise
     return placement
