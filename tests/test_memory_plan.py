@@ -232,7 +232,7 @@ def test_plan_help_imports_no_torch():
     assert "--vram" in result.stdout and result.stderr.strip().splitlines()[-1] == "[]", result.stderr
 
 
-# ---- generate --memory: planned (and refused) before anything loads; not applied yet ---------------------
+# ---- generate --memory: planned (and refused) before anything loads, applied on CUDA (runtime.apply) --
 
 
 def test_generation_plan_follows_the_settings_and_refuses_a_budget_too_small():

@@ -131,13 +131,21 @@ class SmallVideoAutoencoder(nn.Module):
         m = self.config.preview_map
         return None if m is None else torch.tensor(m, dtype=torch.float32)
 
+    # the same contract as the HunyuanVideo VAE's wrapper: inputs from anywhere, results on the CPU
+    # (the pipeline keeps latents and frames there), wherever the module itself lives
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_raw(pixels.float()) * self.config.scaling_factor
+        return (self.encode_raw(pixels.to(self._device, torch.float32)) * self.config.scaling_factor).cpu()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode_raw(latents.float() / self.config.scaling_factor).clamp(-1, 1)
+        z = latents.to(self._device, torch.float32) / self.config.scaling_factor
+        return self.decode_raw(z).clamp(-1, 1).cpu()
 
     # ---- files ----------------------------------------------------------------------------------------
 
