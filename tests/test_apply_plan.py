@@ -121,3 +121,27 @@ def test_a_plan_that_cannot_be_applied_leaves_no_offload_folder(tiny_model, tmp_
     with pytest.raises(ValueError, match="transformer only"):
         apply_plan(pipeline, plan, "cpu", offload_dir=tmp_path)
     assert list(tmp_path.iterdir()) == [] and pipeline.c.text is text
+
+
+def test_an_fp8_plan_loads_straight_into_fp8_and_makes_the_same_video(tiny_model, image, tmp_path):
+    """What ``generate --memory`` does with an fp8 plan: the block weights are read into float8 from
+    the file (no full-precision copy first), and placing the plan then gives the video of a model
+    loaded in full precision and stored in fp8 afterwards: the same quantization either way."""
+    from framepack.cli import _load_storage
+    from framepack.components import load_components, resolve_model
+    from framepack.model.io import fp8_weight_names
+
+    fp8 = plan_of(transformer=Choice("resident", "fp8"))
+    assert _load_storage(fp8) == torch.float8_e4m3fn and _load_storage(plan_of()) is None
+    assert _load_storage(None) is None
+    components = load_components(resolve_model(str(tiny_model)), storage_dtype=_load_storage(fp8))
+    weights = dict(components.transformer.named_parameters())
+    names = fp8_weight_names(components.transformer)
+    assert names and {weights[name].dtype for name in names} == {torch.float8_e4m3fn}
+    job = JobDir.create(tmp_path / "job", GenerationSettings(
+        image=str(image), prompt="a red circle moves", model=str(tiny_model), seconds=1.0, steps=2, resolution=64,
+        seed=3), tmp_path / "out.mp4")
+    pipeline = FramePackPipeline(components, "cpu")
+    with apply_plan(pipeline, fp8, "cpu", offload_dir=tmp_path / "offload"):
+        pipeline.run(job)
+    assert np.array_equal(read_frames(job.out), video(tiny_model, image, tmp_path / "stored", fp8))

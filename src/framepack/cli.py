@@ -335,7 +335,7 @@ def _generate(args: argparse.Namespace) -> int:
         job = JobDir.open(Path(args.resume)).acquire()
         plan = _check_memory(job.settings, args)
         with _job_kept(job.root):
-            pipeline = _open_pipeline(job.settings.model, args, on_host=plan is not None)
+            pipeline = _open_pipeline(job.settings.model, args, plan=plan)
             with _placed(pipeline, plan, job.root.parent):
                 _run_with_progress(pipeline, job)
         print(job.out)
@@ -354,7 +354,7 @@ def _generate(args: argparse.Namespace) -> int:
         load_image(settings.end_image)
     _warn_about_settings(settings)
 
-    pipeline = _open_pipeline(settings.model, args, on_host=plan is not None)
+    pipeline = _open_pipeline(settings.model, args, plan=plan)
     _announce_length(settings)  # after loading: a model that fails to load is the only line then
     plans = pipeline.plans(settings)
     _warn_about_plans(settings, plans)
@@ -378,8 +378,21 @@ def _placed(pipeline, plan, offload_dir: Path) -> Iterator[None]:
         yield
 
 
-def _open_pipeline(model: str, args: argparse.Namespace, on_host: bool = False):
-    """``on_host``: load every component on the CPU (a memory plan then places them on the device)."""
+def _load_storage(plan):
+    """The dtype the transformer's weights are read into for ``plan``: fp8 straight from the file
+    when the plan stores them in fp8 (None: the load dtype)."""
+    import torch
+
+    from .runtime.apply import TRANSFORMER
+
+    if plan is None or plan.component(TRANSFORMER).choice.storage != "fp8":
+        return None
+    return torch.float8_e4m3fn
+
+
+def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
+    """With a memory ``plan``: every component loads on the CPU (the plan then places them on the
+    device), the transformer's block weights straight into fp8 when the plan stores it in fp8."""
     from tqdm import tqdm
 
     from .components import LOAD_STEPS, load_components, resolve_model
@@ -399,8 +412,9 @@ def _open_pipeline(model: str, args: argparse.Namespace, on_host: bool = False):
         bar.set_description(f"loading {name}")
 
     try:
-        components = load_components(source, dtype=dtype, device="cpu" if on_host else device,
-                                     vae_tiling=getattr(args, "vae_tiling", False), on_step=step)
+        components = load_components(source, dtype=dtype, device=device if plan is None else "cpu",
+                                     vae_tiling=getattr(args, "vae_tiling", False), on_step=step,
+                                     storage_dtype=_load_storage(plan))
         bar.update(len(LOAD_STEPS) - bar.n)
     finally:
         bar.close()
