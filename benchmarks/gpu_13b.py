@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from framepack import FramePackTransformer, preset
 from framepack.model.inputs import HistoryInput
 from framepack.planning import plan_sections
 from framepack.runtime.placement import offload_blocks, store_weights
-from framepack.runtime.plan import GiB, Budget, Candidate, Choice, Job, candidates, usable
+from framepack.runtime.plan import Budget, Candidate, Choice, GiB, Job, candidates, usable
 from framepack.runtime.sizes import hunyuan_sizes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ class Row:
     error: str = ""
 
     def cells(self) -> list[str]:
-        gb = lambda n: "-" if n is None else f"{n / GiB:.2f} GB"  # noqa: E731
+        gb = lambda n: "-" if n is None else f"{n / GiB:.2f} GB"
         under = "-" if self.measured is None else ("yes" if self.measured <= self.budget_gb * GiB else "NO")
         steps = self.error or ("-" if self.seconds is None else f"{self.seconds:.2f}")
         return [f"{self.budget_gb} GB", self.storage, self.plan, gb(self.predicted), gb(self.measured), under, steps]
@@ -79,16 +80,17 @@ def section_inputs(model: FramePackTransformer, height: int, width: int, text: i
     released (inverted) schedule with every history level full, LLaMA/SigLIP-shaped conditioning."""
     cfg = model.config
     plan = plan_sections(2)[0]
-    r = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16)  # noqa: E731
-    index = lambda ids: torch.tensor([ids], device=device)  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16)
+    index = lambda ids: torch.tensor([ids], device=device)
     history = [HistoryInput(level.kernel, r(1, cfg.in_channels, len(level.indices), height, width), index(level.indices))
                for level in plan.levels]
-    return dict(latents=r(1, cfg.in_channels, len(plan.window_indices), height, width),
-                timestep=torch.full((1,), 900.0, device=device), text=r(1, text, cfg.text_embed_dim),
-                text_mask=torch.ones(1, text, dtype=torch.bool, device=device), pooled_text=r(1, cfg.pooled_projection_dim),
-                image_embeds=r(1, image, cfg.image_proj_dim) if cfg.has_image_proj else None,
-                latent_indices=index(plan.window_indices), history=history,
-                guidance=torch.full((1,), 10_000.0, device=device) if cfg.guidance_embeds else None)
+    return {"latents": r(1, cfg.in_channels, len(plan.window_indices), height, width),
+            "timestep": torch.full((1,), 900.0, device=device), "text": r(1, text, cfg.text_embed_dim),
+            "text_mask": torch.ones(1, text, dtype=torch.bool, device=device),
+            "pooled_text": r(1, cfg.pooled_projection_dim),
+            "image_embeds": r(1, image, cfg.image_proj_dim) if cfg.has_image_proj else None,
+            "latent_indices": index(plan.window_indices), "history": history,
+            "guidance": torch.full((1,), 10_000.0, device=device) if cfg.guidance_embeds else None}
 
 
 def choose(found: list[Candidate], budget: Budget, storage: str) -> tuple[Choice, int, bool]:
@@ -141,6 +143,8 @@ def run_case(master, found, inputs, budget_gb: int, storage: str, steps: int, de
     except torch.OutOfMemoryError as e:
         measured = torch.cuda.max_memory_allocated() if cuda else None
         return Row(budget_gb, storage, summary, predicted, measured, None, "OOM: " + str(e).split(".")[0][:60])
+    except Exception as e:  # noqa: BLE001  (one failed case must not lose the others' rows on a short GPU lease)
+        return Row(budget_gb, storage, summary, predicted, None, None, f"error: {type(e).__name__}: {str(e)[:80]}")
     finally:
         del model
         gc.collect()
@@ -191,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     report = table(rows, described)
     print(report)
     if args.update_doc:
-        import sys
-
         sys.path.insert(0, str(REPO / "benchmarks"))
-        from doctable import update_doc  # noqa: PLC0415  (a sibling script, not a package)
+        from doctable import update_doc
 
         update_doc(args.update_doc, "gpu-13b", report, COMMAND)
     return 0
