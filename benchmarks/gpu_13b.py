@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import shutil
 import sys
 import tempfile
 import time
@@ -104,7 +105,8 @@ def choose(found: list[Candidate], budget: Budget, storage: str) -> tuple[Choice
 
 
 def place(master: FramePackTransformer, choice: Choice, device: torch.device, scratch: Path) -> FramePackTransformer:
-    """A fresh copy of ``master`` stored and placed as ``choice`` says (quantized on the device: fast)."""
+    """A fresh copy of ``master`` stored and placed as ``choice`` says (quantized on the device: fast).
+    Disk offload writes under ``scratch``, which the caller empties after the case."""
     model = copy.deepcopy(master).to(device)
     store_weights(model, choice.storage)
     if choice.placement in ("offload", "disk"):
@@ -148,6 +150,8 @@ def run_case(master, found, inputs, budget_gb: int, storage: str, steps: int, de
     finally:
         del model
         gc.collect()
+        for folder in scratch.iterdir():  # a disk-offloaded 13B is 13-26 GB: the GPU machine has 64 GB of disk
+            shutil.rmtree(folder, ignore_errors=True)
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0)
             torch.cuda.empty_cache()
