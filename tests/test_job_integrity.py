@@ -363,7 +363,7 @@ def test_the_mp4_records_input_names_not_paths(reference, image, tmp_path, monke
     text = json.dumps(recorded)
     assert str(image.parent) not in text and str(reference.root) not in text and "/" not in recorded["image"]
 
-    video_copy = tmp_path / "shared" / "clip.mp4"
+    video_copy = tmp_path / "elsewhere" / "clip.mp4"
     video_copy.parent.mkdir()
     shutil.copyfile(reference.out, video_copy)
     monkeypatch.chdir(tmp_path)
