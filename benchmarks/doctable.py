@@ -16,3 +16,10 @@ def update_doc(path: Path, name: str, body: str, command: str) -> None:
         raise SystemExit(f"{path} has no {begin} ... {end} markers")
     block = f"{begin}\nMade by `{command}`:\n\n{body.strip()}\n{end}"
     path.write_text(re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+
+
+def publish(report: str, doc: Path | None, name: str, command: str) -> None:
+    """Print a benchmark's report and, when ``doc`` is given, write it between that doc's markers."""
+    print(report)
+    if doc:
+        update_doc(Path(doc), name, report, command)

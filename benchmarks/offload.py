@@ -83,12 +83,9 @@ def main() -> None:
               f"inputs at 128 px, median of {args.repeats} forwards, torch threads: {args.threads}, onload device CPU; "
               f"load average {os.getloadavg()[0]:.1f} at the end (a shared machine: times are rough). "
               "CPU only: CUDA streams and prefetch were not exercised."]
-    report = "\n".join(lines)
-    print(report)
-    if args.update_doc:
-        from doctable import update_doc
+    from doctable import publish
 
-        update_doc(args.update_doc, "offload", report, "python benchmarks/offload.py")
+    publish("\n".join(lines), args.update_doc, "offload", "python benchmarks/offload.py")
 
 
 if __name__ == "__main__":

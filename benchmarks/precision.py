@@ -204,12 +204,9 @@ def main() -> None:
     lines += ["", "Why the scale: e4m3fn rounding of random Gaussian weights (synthetic, "
               "1024x1024; for scale, PyTorch's default init of a 3072-wide Linear, the 13B model's width, "
               "draws from U(-1/sqrt(3072), 1/sqrt(3072)): std 0.010; the released weights were not available here):", "", scaling_table()]
-    report = "\n".join(lines)
-    print(report)
-    if args.update_doc:
-        from doctable import update_doc
+    from doctable import publish
 
-        update_doc(args.update_doc, "precision", report, "python benchmarks/precision.py")
+    publish("\n".join(lines), args.update_doc, "precision", "python benchmarks/precision.py")
 
 
 if __name__ == "__main__":
