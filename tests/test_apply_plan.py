@@ -41,7 +41,8 @@ def image(tmp_path_factory) -> Path:
 def plan_of(**choices: Choice) -> MemoryPlan:
     """A plan made by hand (the planner would not choose these for a tiny model): keyword per
     component, transformer=..., the rest resident bf16."""
-    by_name = {TRANSFORMER: choices.get("transformer", Choice()), LLAMA: choices.get("text", Choice()),
+    by_name = {TRANSFORMER: choices.get("transformer", Choice()),
+               LLAMA: choices.get("llama", choices.get("text", Choice())),
                CLIP: choices.get("text", Choice()), SIGLIP: choices.get("image", Choice()), VAE: choices.get("vae", Choice())}
     components = tuple(ComponentPlan(name, 0, by_name[name], 0, 0) for name in NAMES)
     return MemoryPlan("tiny", Job(resolution=64, window=9), None, components, (), ())
@@ -75,6 +76,14 @@ def test_fp8_disk_offload_and_used_once_encoders_equal_fp8_resident(tiny_model, 
     placed = video(tiny_model, image, tmp_path / "placed", offloaded)
     assert placed.shape == resident.shape and placed.shape[0] > 1
     assert np.array_equal(placed, resident)
+
+
+def test_llama_block_offload_to_disk_equals_resident(tiny_model, image, tmp_path):
+    # the planner offers block offload to LLaMA too (its ``layers``): diffusers' hooks stream them
+    resident = video(tiny_model, image, tmp_path / "resident", plan_of())
+    offloaded = video(tiny_model, image, tmp_path / "llama", plan_of(llama=Choice("disk", "fp8")))
+    fp8_resident = video(tiny_model, image, tmp_path / "llama8", plan_of(llama=Choice("resident", "fp8")))
+    assert np.array_equal(offloaded, fp8_resident) and not np.array_equal(offloaded, resident)
 
 
 def test_resident_plan_in_the_loaded_dtype_equals_no_plan(tiny_model, image, tmp_path):
@@ -117,8 +126,8 @@ def test_vae_tiles_as_planned_and_close_puts_the_encoders_back(tiny_model, tmp_p
 def test_a_plan_that_cannot_be_applied_leaves_no_offload_folder(tiny_model, tmp_path):
     pipeline = FramePackPipeline.from_model(str(tiny_model))
     text = pipeline.c.text
-    plan = plan_of(transformer=Choice("disk"), text=Choice("offload"))  # block offload of an encoder
-    with pytest.raises(ValueError, match="transformer only"):
+    plan = plan_of(transformer=Choice("disk"), text=Choice("offload"))  # block offload of CLIP (no blocks)
+    with pytest.raises(ValueError, match="offloads the text encoder 2 \\(CLIP\\) block by block"):
         apply_plan(pipeline, plan, "cpu", offload_dir=tmp_path)
     assert list(tmp_path.iterdir()) == [] and pipeline.c.text is text
 

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from framepack.model import FramePackTransformer
 from framepack.runtime.plan import (
+    NO_CUDA,
     GiB,
     Budget,
+    Choice,
     Job,
     NoPlanError,
     candidates,
@@ -236,23 +238,42 @@ def test_plan_help_imports_no_torch():
 
 
 def test_generation_plan_follows_the_settings_and_refuses_a_budget_too_small():
-    from framepack.cli import generation_plan
+    from framepack.runtime.choose import generation_plan
     from framepack.settings import GenerationSettings
 
     settings = GenerationSettings(image="start.png", prompt="a cat", model="tiny")
-    plan = generation_plan(settings, vram=4, ram=8)
+    plan = generation_plan(settings, Budget.gb(4, 8))
     assert plan.fits(Budget.gb(4, 8)) and plan.job.batch == 2  # the demo model's own cfg 3: a batch of 2
     assert plan.job.resolution == 128 and plan.job.window == settings.window
     with pytest.raises(NoPlanError, match="smallest that works"):
-        generation_plan(settings, vram=0.1, ram=8)
+        generation_plan(settings, Budget.gb(0.1, 8))
 
 
-def test_generate_memory_on_a_cpu_device_is_one_line_before_anything_loads(tmp_path):
-    result = framepack("generate", "--model", "tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "a cat",
-                       "--device", "cpu", "--memory", "6", "--out", str(tmp_path / "v.mp4"))
+def test_one_pool_holds_device_and_host_together(sizes):
+    """A CPU run (Budget.shared): every phase's device and host peaks together fit the pool, which
+    rules out plans that fit a GPU and a host of that size each; the smallest pool named works."""
+    job = Job(resolution=64)
+    for gb in (16, 24, 48):
+        shared = plan_memory(sizes, job, Budget.shared(gb))
+        assert all(p.vram + p.ram - NO_CUDA <= usable(gb * GiB) for p in shared.phases) and shared.fits(Budget.shared(gb))
+        split = plan_memory(sizes, job, Budget.gb(gb, gb))
+        assert split.key <= shared.key  # two pools of gb never plan worse than one
+    assert plan_memory(sizes, job, Budget.shared(16)).component("transformer").choice == Choice("disk", "fp8")
+    with pytest.raises(NoPlanError, match="of memory") as refused:
+        plan_memory(sizes, job, Budget.shared(2))
+    smallest = refused.value.smallest
+    assert smallest.unified and plan_memory(sizes, job, smallest).fits(smallest)
+
+
+def test_generate_memory_too_small_is_one_line_before_anything_loads(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "start.png")
+    result = framepack("generate", "--model", "tiny", "--image", str(tmp_path / "start.png"), "--prompt", "a cat",
+                       "--device", "cpu", "--memory", "0.5", "--out", str(tmp_path / "v.mp4"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["framepack: error: --memory 6 plans GPU memory, but this run is on "
-                                                  "cpu; drop --memory or use --device cuda"]
-    assert not list(tmp_path.iterdir())
+    line = result.stderr.strip().splitlines()
+    assert len(line) == 1 and "no memory plan for tiny fits 0.5 GB of memory" in line[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["start.png"]
     bad = framepack("generate", "--memory", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "auto or a number" in bad.stderr

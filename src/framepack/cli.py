@@ -562,49 +562,19 @@ def _memory_budget(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected auto or a number of GB > 0, got {text!r}") from None
 
 
-def generation_plan(settings, vram: float, ram: float):
-    """The memory plan of a generation's model and geometry for a budget in GB; raises NoPlanError
-    (a ValueError: one line) naming the smallest budget that works."""
-    from .components import resolve_model
-    from .runtime.plan import Budget, Job, plan_memory
-    from .runtime.sizes import model_sizes
-
-    source = resolve_model(settings.model)
-    with _libraries_quiet():
-        sizes = model_sizes(settings.model)
-    batch = 1 if source.cfg(settings.cfg) == 1 else 2
-    job = Job(resolution=source.resolution(settings.resolution), window=settings.window, batch=batch)
-    return plan_memory(sizes, job, Budget.gb(vram, ram))
-
-
 def _check_memory(settings, args: argparse.Namespace):
-    """On a CUDA device: the memory plan to apply (logged), or None where the model cannot be sized
-    offline and no budget was asked; a budget no plan fits is refused. Elsewhere: None (the CPU
-    runs with everything resident). Applying it on CUDA (runtime.apply) has not run on a GPU yet."""
-    from .runtime.plan import NoPlanError, format_plan
+    """The memory plan this run applies (logged), or None: see runtime.choose (CUDA: planned for
+    the GPU's free memory or --memory; elsewhere only with --memory, as one pool). A budget no
+    plan fits is refused with the smallest that works. Applying on CUDA has not run on a GPU yet."""
+    from .runtime.choose import plan_for_run
+    from .runtime.plan import format_plan
 
     device, _ = _device_and_dtype(args)
-    memory = asked = getattr(args, "memory", None)
-    if device.type != "cuda":
-        if memory is not None:
-            raise ValueError(f"--memory {memory:g} plans GPU memory, but this run is on {device}; drop --memory "
-                             "or use --device cuda")
-        return None
-    if memory is None:
-        import torch
-
-        memory = torch.cuda.mem_get_info(device)[0] / (1 << 30)
-    vram, ram = _machine_memory(memory, None)
-    try:
-        plan = generation_plan(settings, vram, ram)
-    except NoPlanError:
-        raise
-    except ValueError as exc:  # a model we cannot size offline: planning is advice, the run goes on
-        if asked is not None:
-            raise
-        logging.getLogger("framepack").info("no memory plan: %s", exc)
-        return None
-    logging.getLogger("framepack").info("memory plan (predicted peaks; applied to this run):\n%s", format_plan(plan))
+    with _libraries_quiet():
+        plan = plan_for_run(settings, device, getattr(args, "memory", None))
+    if plan is not None:
+        logging.getLogger("framepack").info("memory plan (predicted peaks; applied to this run):\n%s",
+                                            format_plan(plan))
     return plan
 
 
@@ -612,12 +582,18 @@ def _plan(args: argparse.Namespace) -> int:
     from .runtime.plan import Budget, Job, format_plan, plan_memory
     from .runtime.sizes import model_sizes
 
-    vram, ram = _machine_memory(args.vram, args.ram)
+    if args.cpu:
+        if args.vram is not None:
+            raise ValueError("--cpu plans one pool of host memory (--ram); drop --vram")
+        _, ram = _machine_memory(1.0, args.ram)
+        budget = Budget.shared(ram)
+    else:
+        budget = Budget.gb(*_machine_memory(args.vram, args.ram))
     with _libraries_quiet():  # transformers / diffusers announce optional backends at import
         sizes = model_sizes(args.model)  # an unknown model: one line
     cfg = args.cfg if args.cfg is not None else sizes.cfg
     job = Job(resolution=args.resolution or sizes.resolution, window=args.window, batch=1 if cfg == 1 else 2)
-    print(format_plan(plan_memory(sizes, job, Budget.gb(vram, ram))))
+    print(format_plan(plan_memory(sizes, job, budget)))
     return 0
 
 
@@ -706,9 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
     run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
     run.add_argument("--memory", type=_memory_budget, default=None, metavar="auto|GB",
-                     help="GPU memory to plan for: auto (default: the GPU's free memory) or a number of GB; on a "
-                     "CUDA device the plan (framepack plan) is applied (offload, fp8/int8 storage, encoders on the GPU only "
-                     "while they run; logged with -v), and a budget no plan fits is refused with the smallest that works")
+                     help="memory to plan for: auto (default: on CUDA the GPU's free memory; on CPU no plan, everything "
+                     "resident) or a number of GB (on CPU: RAM for weights, activations and runtime together); the plan "
+                     "(framepack plan) is applied: block offload to RAM or disk, fp8/int8 storage, encoders on the GPU "
+                     "only while they run (logged with -v); a budget no plan fits is refused with the smallest that works")
     gen.set_defaults(run=_generate)
 
     ev = commands.add_parser("eval", help="evaluate a model on held-out scenes of the synthetic world "
@@ -749,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "model directory whose parts are local")
     pl.add_argument("--vram", type=_gigabytes, help="GPU memory budget in GB (default: free memory of the CUDA GPU)")
     pl.add_argument("--ram", type=_gigabytes, help="host memory budget in GB (default: available memory)")
+    pl.add_argument("--cpu", action="store_true", help="plan a run on the CPU: weights, activations and runtime share "
+                    "one pool, --ram GB (what generate --device cpu --memory GB applies)")
     pl.add_argument("--resolution", type=int, help="resolution bucket (default: the model's own, 640 for the 13B "
                     "models); the largest bucket's size is planned for")
     pl.add_argument("--window", type=int, default=9, help="latent frames per section (default 9)")

@@ -11,8 +11,8 @@ maps one onto the other for the components of a :class:`~framepack.pipeline.Fram
   replaced by a thin wrapper whose ``encode`` / ``decode`` runs under ``placement.used_once``;
   a ``phase`` transformer moves to the device at its first forward (a pre-hook) and back to the
   host when another component is about to run on the device;
-* ``offload`` / ``disk``: ``placement.offload_blocks`` (prefetch on a side stream on CUDA); disk
-  folders are remembered by the returned :class:`Placement` and removed by its ``close()``;
+* ``offload`` / ``disk``: ``placement.offload_blocks`` (prefetch on a side stream on CUDA), for the
+  transformer and LLaMA (the components with blocks); disk folders are remembered by the returned :class:`Placement` and removed by its ``close()``;
 * the VAE's ``tile``: diffusers' tiling of HunyuanVideo's VAE at that tile size.
 
 What ran where: every path above ran on CPU (device ``cpu``, where moving is a no-op) in
@@ -44,6 +44,7 @@ LLAMA = "text encoder (LLaMA)"
 CLIP = "text encoder 2 (CLIP)"
 SIGLIP = "image encoder (SigLIP)"
 VAE = "VAE"
+BLOCK_OFFLOADED = (TRANSFORMER, LLAMA)  # the components with blocks (runtime.sizes), which diffusers groups
 TILE_OVERLAP = 4  # tiles step by 3/4 of their size, as diffusers' defaults do (256 px tiles, 192 px stride)
 
 
@@ -157,6 +158,14 @@ def apply_plan(pipeline: Any, plan: MemoryPlan, device: str | torch.device,
             for module in modules[name]:
                 _store(module, choice)
 
+        def offload(module: nn.Module, choice: Choice) -> None:
+            """Block offload (diffusers' hooks) of a component with blocks (the planner offers it
+            only to those: the transformer and LLaMA, whose ``layers`` diffusers groups)."""
+            folder = offload_blocks(module, device, "disk" if choice.placement == "disk" else "cpu",
+                                    path=offload_dir or tempfile.gettempdir(), prefetch=device.type == "cuda")
+            if folder is not None:
+                placement.folders.append(folder)
+
         transformer, t_choice = c.transformer, planned[TRANSFORMER]
         if t_choice.placement == "resident":
             transformer.to(device)
@@ -167,10 +176,7 @@ def apply_plan(pipeline: Any, plan: MemoryPlan, device: str | torch.device,
 
             transformer.register_forward_pre_hook(onto_device)
         else:
-            folder = offload_blocks(transformer, device, "disk" if t_choice.placement == "disk" else "cpu",
-                                    path=offload_dir or tempfile.gettempdir(), prefetch=device.type == "cuda")
-            if folder is not None:
-                placement.folders.append(folder)
+            offload(transformer, t_choice)
 
         def transformer_off() -> None:
             if t_choice.placement == "phase" and transformer.device != torch.device("cpu"):
@@ -179,15 +185,19 @@ def apply_plan(pipeline: Any, plan: MemoryPlan, device: str | torch.device,
                     torch.cuda.empty_cache()
 
         def wrap(attribute: str, names: list[str]) -> None:
-            """Resident modules go to the device now; the others are wrapped to visit it per call."""
-            visiting = [m for n in names for m in modules[n] if planned[n].placement != "resident"]
+            """Resident modules go to the device now, block-offloaded ones get their hooks; the
+            modules used in phases are wrapped to visit the device per call."""
+            visiting = [m for n in names for m in modules[n] if planned[n].placement == "phase"]
             for n in names:
                 if planned[n].placement == "resident":
                     for m in modules[n]:
                         m.to(device)
-                elif planned[n].placement != "phase":
-                    raise ValueError(f"the plan offloads the {n} block by block, which framepack applies to the "
-                                     "transformer only")
+                elif planned[n].placement in ("offload", "disk"):
+                    if n not in BLOCK_OFFLOADED:
+                        raise ValueError(f"the plan offloads the {n} block by block; framepack does that for "
+                                         f"{' and '.join(BLOCK_OFFLOADED)} only")
+                    for m in modules[n]:
+                        offload(m, planned[n])
             original = getattr(c, attribute)
             setattr(c, attribute, _OnDevice(original, visiting, device, transformer_off))
             placement.restore.append(lambda: setattr(c, attribute, original))

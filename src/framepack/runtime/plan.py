@@ -39,6 +39,9 @@ PREFETCH_GROUPS = 2  # block offload with prefetch: the running block and the ne
 MARGIN = 0.10  # kept free of every budget: allocator fragmentation and the error of these estimates
 CUDA_CONTEXT = GiB // 2  # CUDA context, cuBLAS / cuDNN workspaces and kernels: on the GPU, outside torch
 RUNTIME_RAM = 5 * GiB // 2  # Python, torch with its CUDA libraries, transformers, diffusers: host RSS
+RUNTIME_RAM_CPU = GiB  # the same without CUDA (torch's CPU build): what a one-pool (CPU) run pays instead
+# a one-pool run has no CUDA context and the smaller runtime: taken off the phases' device + host totals
+NO_CUDA = CUDA_CONTEXT + RUNTIME_RAM - RUNTIME_RAM_CPU
 # VAE: activations of one decoder call at full resolution, in tensors of the top stage's width. The
 # last upsampler takes a 2x-wide stage to full size (interpolated input, its causal padding, the
 # conv output: 3 tensors of 2x width) and the top ResNets keep input, norm, padded copy and output:
@@ -79,6 +82,8 @@ class Job:
 class Budget:
     vram: int  # bytes of GPU memory the job may use
     ram: int  # bytes of host memory
+    # one pool (a CPU run, unified memory): a phase's device and host bytes together must fit ``ram``
+    unified: bool = False
 
     def __post_init__(self) -> None:
         if self.vram <= 0 or self.ram <= 0:
@@ -88,10 +93,23 @@ class Budget:
     def gb(cls, vram: float, ram: float) -> "Budget":
         return cls(int(vram * GiB), int(ram * GiB))
 
+    @classmethod
+    def shared(cls, gb: float) -> "Budget":
+        """One pool of ``gb`` GB for everything (a CPU run)."""
+        return cls(int(gb * GiB), int(gb * GiB), unified=True)
+
 
 def usable(budget_bytes: int) -> int:
     """What a plan may fill of a budget: all but the safety margin."""
     return int(budget_bytes * (1 - MARGIN))
+
+
+def within(budget: Budget, vram: int, ram: int, total: int) -> bool:
+    """Do peaks of ``vram`` and ``ram`` bytes (``total``: the largest sum in one phase) fit the
+    usable part of ``budget``? One pool holds the sum; otherwise each its own."""
+    if budget.unified:
+        return total - NO_CUDA <= usable(budget.ram)
+    return vram <= usable(budget.vram) and ram <= usable(budget.ram)
 
 
 def needed_budget(peak: int) -> int:
@@ -232,8 +250,13 @@ class MemoryPlan:
     def peak_ram(self) -> int:
         return max(p.ram for p in self.phases)
 
+    @property
+    def peak_total(self) -> int:
+        """The largest device + host bytes of a phase (what one pool must hold)."""
+        return max(p.vram + p.ram for p in self.phases)
+
     def fits(self, budget: Budget) -> bool:
-        return self.peak_vram <= usable(budget.vram) and self.peak_ram <= usable(budget.ram)
+        return within(budget, self.peak_vram, self.peak_ram, self.peak_total)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)
@@ -393,6 +416,13 @@ class Candidate:
     def ram(self) -> int:
         return max(p.ram for p in self.phases)
 
+    @property
+    def total(self) -> int:
+        return max(p.vram + p.ram for p in self.phases)
+
+    def fits(self, budget: Budget) -> bool:
+        return within(budget, self.vram, self.ram, self.total)
+
 
 def candidates(sizes: ModelSizes, job: Job) -> list[Candidate]:
     """Every combination of choices with its peaks and key, best key first."""
@@ -426,9 +456,13 @@ def plan_memory(sizes: ModelSizes, job: Job, budget: Budget, found: list[Candida
     """
     found = found if found is not None else candidates(sizes, job)
     for candidate in found:  # best first
-        if candidate.vram <= usable(budget.vram) and candidate.ram <= usable(budget.ram):
+        if candidate.fits(budget):
             return _plan_of(sizes, job, budget, candidate)
     smallest = smallest_budget(found, budget)
+    if budget.unified:
+        raise NoPlanError(
+            f"no memory plan for {sizes.model} fits {budget.ram / GiB:.1f} GB of memory (predicted, {MARGIN:.0%} "
+            f"kept free): the smallest that works is {smallest.ram / GiB:.1f} GB", smallest)
     raise NoPlanError(
         f"no memory plan for {sizes.model} fits {budget.vram / GiB:.1f} GB VRAM and {budget.ram / GiB:.1f} GB RAM "
         f"(predicted, {MARGIN:.0%} kept free): the smallest that works is {smallest.vram / GiB:.1f} GB VRAM "
@@ -445,7 +479,10 @@ def _round_up_tenth(nbytes: int) -> int:
 def smallest_budget(found: list[Candidate], budget: Budget) -> Budget:
     """A budget, rounded up to 0.1 GB, that some candidate fits: the least VRAM with the RAM asked
     if any candidate fits that RAM, else the least RAM with the VRAM asked, else the pair of the
-    candidate needing the least VRAM (then RAM)."""
+    candidate needing the least VRAM (then RAM). One pool: the least device + host total."""
+    if budget.unified:
+        least = _round_up_tenth(needed_budget(min(c.total for c in found) - NO_CUDA))
+        return Budget(least, least, unified=True)
     ram_ok = [c for c in found if c.ram <= usable(budget.ram)]
     if ram_ok:
         return Budget(_round_up_tenth(needed_budget(min(c.vram for c in ram_ok))), budget.ram)
@@ -470,11 +507,19 @@ def gb(nbytes: int) -> str:
     return f"{nbytes / GiB:.1f} GB"
 
 
+def _budget_text(budget: Budget | None) -> str:
+    if budget is None:
+        return ""
+    if budget.unified:
+        return f"; budget {gb(budget.ram)} of memory shared by device and host (device = host: add the columns)"
+    return f"; budget {gb(budget.vram)} VRAM, {gb(budget.ram)} RAM"
+
+
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as markdown tables: components, then the predicted peak of each phase."""
     job = plan.job
     lines = [f"memory plan for {plan.model}: {job.resolution} bucket (worst case), window {job.window}, batch {job.batch}"
-             + (f"; budget {gb(plan.budget.vram)} VRAM, {gb(plan.budget.ram)} RAM" if plan.budget else ""), "",
+             + _budget_text(plan.budget), "",
              "| component | parameters | placement | storage | weights | on GPU while running |",
              "|---|---:|---|---|---:|---:|"]
     for c in plan.components:
@@ -483,5 +528,8 @@ def format_plan(plan: MemoryPlan) -> str:
                      f"| {gb(c.weight_bytes)} | {gb(c.gpu_bytes)} |")
     lines += ["", "| phase | peak VRAM | peak RAM |", "|---|---:|---:|"]
     lines += [f"| {p.phase} | {gb(p.vram)} | {gb(p.ram)} |" for p in plan.phases]
+    if plan.budget is not None and plan.budget.unified:
+        lines += ["", f"One pool (device = host): largest phase total {gb(plan.peak_total - NO_CUDA)} (the columns "
+                  f"added, less the CUDA context and CUDA libraries a CPU run does not load)."]
     lines += ["", f"Predicted, not measured; GB = 2^30 bytes; {MARGIN:.0%} of each budget kept free."]
     return "\n".join(lines)
