@@ -270,6 +270,39 @@ def test_fp8_storage_with_disk_offload_equals_fp8_resident(demo, tmp_path):
     assert torch.equal(run(model, args), run(resident, args))
 
 
+def test_mapped_fp8_load_reads_nothing_and_disk_offload_equals_fp8_resident(demo, tmp_path):
+    """What a plan streaming the transformer from disk does (generate --memory on a small budget):
+    float8 block weights left mapped from the fp8 checkpoint (not read at load), stored fp8, block
+    offloaded to disk: the outputs of a model loaded by copying and kept resident."""
+    from framepack.model.io import data_offsets, fp8_weight_names
+
+    store_weights(copy.deepcopy(demo), "fp8").save_pretrained(tmp_path / "fp8")  # our fp8 checkpoint
+    copied = FramePackTransformer.from_pretrained(tmp_path / "fp8", storage_dtype=torch.float8_e4m3fn,
+                                                  dtype=torch.float32)
+    mapped = FramePackTransformer.from_pretrained(tmp_path / "fp8", storage_dtype=torch.float8_e4m3fn,
+                                                  dtype=torch.float32, mapped=True)
+    # not read at load: bytes changed in the file afterwards show through the mapped weight only
+    file = tmp_path / "fp8" / "diffusion_pytorch_model.safetensors"
+    name = sorted(fp8_weight_names(mapped))[0]
+    start, end = data_offsets(file)[name]
+    original = file.read_bytes()
+    with open(file, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(end - start))  # zeros
+    weight = lambda m: m.get_parameter(name).detach().reshape(-1).view(torch.uint8)  # noqa: E731
+    assert not weight(mapped).any() and weight(copied).any()
+    file.write_bytes(original)  # the same inode's pages again (write_bytes truncates and rewrites in place)
+    assert torch.equal(weight(mapped), weight(copied))
+
+    args = inputs()
+    resident = store_weights(copied, "fp8", torch.float32)
+    streamed = store_weights(mapped, "fp8", torch.float32)
+    offload_blocks(streamed, "cpu", "disk", tmp_path / "offload")
+    assert torch.equal(run(streamed, args), run(resident, args))
+    with pytest.raises(ValueError, match="mapped loading"):
+        FramePackTransformer.from_pretrained(tmp_path / "fp8", mapped=True)  # without float8 storage
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"offload_to": "tape"}, "offload_to"),
     ({"offload_to": "disk"}, "path"),

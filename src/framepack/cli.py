@@ -390,6 +390,17 @@ def _load_storage(plan):
     return torch.float8_e4m3fn
 
 
+def _streamed_from_disk(plan) -> bool:
+    """Does ``plan`` stream the fp8 transformer from disk? Then its float8 weights stay in the
+    file's pages until the offload copies them (the whole model never sits in RAM)."""
+    from .runtime.apply import TRANSFORMER
+
+    if plan is None:
+        return False
+    choice = plan.component(TRANSFORMER).choice
+    return choice.placement == "disk" and choice.storage == "fp8"
+
+
 def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
     """With a memory ``plan``: every component loads on the CPU (the plan then places them on the
     device), the transformer's block weights straight into fp8 when the plan stores it in fp8."""
@@ -414,7 +425,7 @@ def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
     try:
         components = load_components(source, dtype=dtype, device=device if plan is None else "cpu",
                                      vae_tiling=getattr(args, "vae_tiling", False), on_step=step,
-                                     storage_dtype=_load_storage(plan))
+                                     storage_dtype=_load_storage(plan), mapped=_streamed_from_disk(plan))
         bar.update(len(LOAD_STEPS) - bar.n)
     finally:
         bar.close()

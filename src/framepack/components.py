@@ -481,20 +481,23 @@ def load_components(
     cache_dir: str | Path | None = None,
     on_step: Callable[[str], None] = lambda step: None,
     storage_dtype: torch.dtype | None = None,
+    mapped: bool = False,
 ) -> Components:
     """Fetch (cached, resumable) or open each component and build it.
 
     Every failure is a :class:`ComponentError` (a ValueError) naming the component, in one line.
     ``on_step`` is called with each name of :data:`LOAD_STEPS` as that part starts (progress).
     ``storage_dtype=torch.float8_e4m3fn`` reads the transformer's block weights straight into fp8
-    (no bf16 copy of the whole model on the way: what a memory plan with fp8 storage needs).
+    (no bf16 copy of the whole model on the way: what a memory plan with fp8 storage needs);
+    ``mapped`` leaves those already float8 in the file mapped, unread (a plan streaming the
+    transformer from disk: see ``model/io.py``).
     """
     hub = dict(local_files_only=local_files_only, cache_dir=cache_dir)
     on_step("transformer")
     log.info("loading transformer from %s", source.transformer)
     with loading("transformer", source.transformer):
         transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device,
-                                                           storage_dtype=storage_dtype, **hub)
+                                                           storage_dtype=storage_dtype, mapped=mapped, **hub)
     on_step("text encoders")
     with loading("text encoders", source.hunyuan):
         hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES, **hub)

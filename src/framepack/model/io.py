@@ -390,6 +390,18 @@ def mapped_blocks(
         del raw
 
 
+def mapped_tensor(fd: int, span: tuple[int, int], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The stored tensor as a zero-copy view of its own private mapping of the file: no page is
+    read until touched, and the mapping goes when the last view of it is dropped."""
+    start, end = span
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    raw = torch.frombuffer(mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_COPY),
+                           dtype=torch.uint8, count=end - start, offset=start - base)
+    return raw.view(dtype).reshape(shape)
+
+
 class _Reader:
     """One checkpoint file open for reading, and the float32 scratch block shared by its tensors."""
 
@@ -403,6 +415,9 @@ class _Reader:
     def blocks(self, span: tuple[int, int], dtype: torch.dtype, shape: tuple[int, ...]):
         return mapped_blocks(self.fd, span, dtype, shape)
 
+    def mapped(self, span: tuple[int, int], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return mapped_tensor(self.fd, span, dtype, shape)
+
     def scaled(self, view: torch.Tensor, scale: torch.Tensor | None, rows: slice) -> torch.Tensor:
         """view.float() * scale, in the scratch block (valid until the next call)."""
         if view.numel() > self.scratch.numel():  # one row longer than a block
@@ -414,17 +429,20 @@ class _Reader:
 def read_tensor(
     reader: _Reader, span: tuple[int, int], stored: tuple[torch.dtype, tuple[int, ...]],
     scale: torch.Tensor | None, dtype: torch.dtype,
-    make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], quantize: bool,
+    make: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], quantize: bool, mapped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tensor made by ``make`` and filled from the file, its float8 scale or None).
 
-    - ``quantize`` and stored float8: the bytes as they are; the file's scale (if any) kept.
+    - ``quantize`` and stored float8: the bytes as they are; the file's scale (if any) kept;
+      with ``mapped``, not even copied: a view of the file (:func:`mapped_tensor`).
     - ``quantize``: ``quantize_fp8(stored.float() * scale)``, the same values block by block.
     - else: ``stored.to(dtype)``, or ``(stored.float() * scale).to(dtype)`` with a scale.
     A fresh, allocator-aligned tensor even when nothing changes: CPU kernels round differently on
     data at an unaligned file offset, so a reloaded model would not reproduce its outputs."""
     stored_dtype, shape = stored
     blocks = lambda: reader.blocks(span, stored_dtype, shape)  # noqa: E731  (a fresh pass each call)
+    if mapped and quantize and stored_dtype == FP8:
+        return reader.mapped(span, FP8, shape), scale
     if quantize and stored_dtype == FP8 or not quantize and scale is None:
         dest = make(shape, FP8 if quantize else dtype)
         for rows, view in blocks():
@@ -481,8 +499,11 @@ def _default_dtype(found: Found) -> torch.dtype:
 
 
 def check_placement(dtype: torch.dtype | None, storage_dtype: torch.dtype | None, device: torch.device,
-                    pin_memory: bool) -> None:
+                    pin_memory: bool, mapped: bool = False) -> None:
     """One-line errors for arguments that cannot work, before any file is opened."""
+    if mapped and (storage_dtype != FP8 or device.type != "cpu" or pin_memory):
+        raise ValueError("mapped loading leaves float8 block weights in the file's pages: it needs "
+                         "storage_dtype=torch.float8_e4m3fn on the CPU, without pin_memory")
     if dtype == FP8:
         raise ValueError("dtype float8_e4m3fn is a storage format, not a compute dtype: pass "
                          "storage_dtype=torch.float8_e4m3fn (the blocks' weights stay float8, compute runs "
@@ -504,15 +525,23 @@ def load_transformer(
     storage_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     pin_memory: bool = False,
+    mapped: bool = False,
     revision: str | None = None,
     subfolder: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
 ) -> "FramePackTransformer":
     """See :meth:`FramePackTransformer.from_pretrained`; ``pin_memory`` with a CUDA ``device`` puts
-    the weights in pinned host memory instead (for offloading hooks to stream them in)."""
+    the weights in pinned host memory instead (for offloading hooks to stream them in).
+
+    ``mapped`` (CPU, float8 storage): block weights the file already stores in float8 are not
+    read at all: each stays a view of its own private mapping of the file, paged in when touched.
+    For a model about to be block-offloaded to disk: the offload reads each group once, writes
+    it to its own file and replaces its tensors, which unmaps them, so the resident set holds
+    about one block at a time instead of the whole model (benchmarks/cpu_13b.py measures it).
+    The checkpoint files must not change while such a model exists."""
     device = torch.device(device)
-    check_placement(dtype, storage_dtype, device, pin_memory)
+    check_placement(dtype, storage_dtype, device, pin_memory, mapped)
     path = resolve_source(source, revision, subfolder, cache_dir, local_files_only)
     if path.is_file() and path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors file or a checkpoint directory")
@@ -541,7 +570,7 @@ def load_transformer(
                 shape, tag, _ = tensors[name]
                 scale = _read_scale(found, scales.get(name), shape)
                 tensor, scale = read_tensor(reader, spans[name], (STORAGE_DTYPES[tag], shape), scale, target,
-                                            make, quantize=name in fp8_names)
+                                            make, quantize=name in fp8_names, mapped=mapped)
                 _place(model, name, tensor)
                 if scale is not None:  # float8 storage: the scale goes with its weight
                     owner = model.get_submodule(name.rpartition(".")[0])

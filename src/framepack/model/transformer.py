@@ -171,6 +171,7 @@ class FramePackTransformer(nn.Module):
         storage_dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
+        mapped: bool = False,
         revision: str | None = None,
         subfolder: str | None = None,
         cache_dir: str | Path | None = None,
@@ -183,7 +184,8 @@ class FramePackTransformer(nn.Module):
         without one beside it assumes ``hunyuan-13b``). ``dtype`` (the compute dtype) defaults to
         the stored dtype (bf16 for float8 storage). ``storage_dtype=torch.float8_e4m3fn`` keeps the
         blocks' linear weights in float8 with their scales (see ``model/io.py``); ``pin_memory``
-        with a CUDA ``device`` puts the weights in pinned host memory instead, for offloading.
+        with a CUDA ``device`` puts the weights in pinned host memory instead, for offloading;
+        ``mapped`` leaves float8 weights of a float8 file in the file's pages (for disk offload).
         Tensors are read one at a time from memory-mapped files: peak RSS is the model plus about
         one tensor. Hub downloads are cached and resumable (huggingface_hub).
         """
@@ -195,6 +197,7 @@ class FramePackTransformer(nn.Module):
             storage_dtype=storage_dtype,
             device=device,
             pin_memory=pin_memory,
+            mapped=mapped,
             revision=revision,
             subfolder=subfolder,
             cache_dir=cache_dir,
