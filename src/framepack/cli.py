@@ -273,7 +273,7 @@ _SETTING_FLAGS = {
     "negative_prompt": "negative_prompt", "seconds": "seconds", "seed": "seed", "steps": "steps",
     "sampler": "sampler", "distilled_guidance": "distilled_guidance", "cfg": "cfg",
     "guidance_rescale": "guidance_rescale", "shift": "shift", "mode": "mode", "resolution": "resolution",
-    "window": "window", "crf": "crf", "model": "model",
+    "window": "window", "crf": "crf", "model": "model", "cache": "cache",
 }
 
 
@@ -485,6 +485,34 @@ def _show(event, bar, finished: list) -> None:
         bar.set_postfix_str(f"done in {event.seconds:.1f} s")
 
 
+# ---- step caches ---------------------------------------------------------------------------------------
+
+
+def _cache_option(text: str) -> str:
+    from .cache import parse_cache
+
+    try:
+        return str(parse_cache(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _calibrate_cache(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .cache import calibrate_magcache, manifest_path, write_manifest_ratios
+    from .demo import demo_settings
+
+    manifest = manifest_path(args.model)  # a model it cannot write into fails before anything loads
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model)
+    pipeline = _open_pipeline(args.model, args)
+    with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as scratch:
+        ratios = calibrate_magcache(pipeline, settings, Path(scratch))
+    write_manifest_ratios(manifest, ratios, args.steps)
+    print(f"wrote {len(ratios)} MagCache ratios (at {args.steps} steps) into {manifest}")
+    return 0
+
+
 # ---- eval ----------------------------------------------------------------------------------------------
 
 
@@ -545,7 +573,8 @@ def _machine_memory(vram: float | None, ram: float | None) -> tuple[float, float
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError("no CUDA GPU here to measure: give --vram GB to plan for a GPU of that size")
+            raise ValueError("no CUDA GPU here to measure: give --vram GB to plan for a GPU of that size, "
+                             "or --cpu to plan a CPU run")
         vram = torch.cuda.mem_get_info()[0] / (1 << 30)
     if ram is None:
         import psutil
@@ -675,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--mode", choices=["inverted", "forward", "vanilla"],
                       help="section order: inverted anti-drifting (I2V models), forward (F1) or vanilla; "
                       "default: the model's own")
+    samp.add_argument("--cache", type=_cache_option, metavar="METHOD[:T]",
+                      help="step cache: none (default), model (the model's own choice), teacache[:T] (T default "
+                           "0.15), magcache[:T] (needs calibrate-cache), fbcache[:T], taylorseer[:N]; see docs/caching.md")
     samp.add_argument("--window", type=int, help="latent frames per section (default 9 = 33 video frames)")
     out = gen.add_argument_group("output")
     out.add_argument("--resolution", type=int, help="target resolution bucket (default: the model's own, 640 for the 13B models, 128 for tiny)")
@@ -745,7 +777,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cfg", type=_number, help="real CFG scale; other than 1, both branches run in one batch of 2 "
                     "(default: the model's own)")
     pl.set_defaults(run=_plan)
-    for sub in (demo, gen, ev, tr, pl):
+
+    cc = commands.add_parser("calibrate-cache", help="measure a model's MagCache ratios on the bundled demo image and "
+                             "write them into its framepack.json (what --cache magcache reads)")
+    cc.add_argument("--model", default="tiny", help="tiny (default, the embedded demo model) or a model directory")
+    cc.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25; other step "
+                    "counts interpolate the ratios)")
+    cc.add_argument("--seconds", type=_number, default=5.0, help="length of the calibration video (default 5)")
+    cc.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    cc.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    cc.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    cc.set_defaults(run=_calibrate_cache)
+    for sub in (demo, gen, ev, tr, pl, cc):
         # -v after the command too (SUPPRESS: an absent flag must not reset one given before it)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress at INFO level")
     from .ui import add_ui_command  # light: gradio is imported only when the app starts
