@@ -27,8 +27,10 @@ from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
 from .files import FileGate, FileReferenceGuard, model_names, public_text
-from .form import (AUTO, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit, job_number,
-                   length_note, section_seconds, settings_from_form, snap_seconds)
+from .form import (AUTO, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
+                   job_number, length_note, plan_settings, preserve_gb, section_seconds, settings_from_form,
+                   snap_seconds)
+from .memory import NO_PLAN, plan_panel, plans_memory
 from .service import JobService, JobView, public_settings
 from .store import JobRecord
 from .worker import one_line
@@ -40,7 +42,11 @@ PROMPT_CHARS = 60  # prompt shown in tables
 LIVE_PREVIEW = "Section being denoised"
 IDLE_PREVIEW = "Preview (while a section is denoised)"
 FORM_FIELDS: tuple[str, ...] = ("image", "end_image", "prompt", "negative_prompt", "seconds", "seed", "random_seed",
-                                "steps", "distilled_guidance", "cfg", "sampler", "mode", "model", "resolution", "crf")
+                                "steps", "distilled_guidance", "cfg", "sampler", "mode", "model", "resolution", "crf",
+                                "preserve_gb")
+PLAN_FIELDS: tuple[str, ...] = ("model", "resolution", "cfg", "preserve_gb")  # what the memory plan panel follows
+PLANNING = "The memory plan of each GPU appears here (it is computed for the form's model and resolution)."
+PRESERVE_STEP_GB = 0.5
 QUEUE_HEADERS = ["job", "status", "place", "prompt", "s", "seed"]
 HISTORY_HEADERS = ["job", "status", "finished", "prompt", "s", "seed", "steps", "model", "video / error"]
 # the tables wrap their text in these widths, so every column stays on screen at 1400 px
@@ -48,7 +54,7 @@ QUEUE_WIDTHS = ["9%", "14%", "10%", "41%", "9%", "17%"]
 HISTORY_WIDTHS = ["5%", "7%", "10%", "30%", "4%", "9%", "5%", "8%", "22%"]
 CSS = """
 #fp-progress progress { width: 100%; height: 1.2em; }
-#fp-message p, #fp-history-message p, #fp-length p { margin: 0; }
+#fp-message p, #fp-history-message p, #fp-length p, #fp-plan p { margin: 0; }
 .fp-error { color: #b91c1c; font-weight: 600; }
 """
 T = TypeVar("T")
@@ -247,6 +253,16 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                                                      elem_id="fp-resolution")
                         crf = gr.Slider(0, 51, value=defaults.crf, step=1, elem_id="fp-crf",
                                         label="MP4 quality (CRF: 0 lossless, lower is better)")
+                    with gr.Accordion("Memory plan", open=False, elem_id="fp-memory"):
+                        # the reference's control: what a CUDA worker leaves free of the plan (for the
+                        # desktop, other programs); more preserved means more offloading, slower
+                        preserve = gr.Number(label="GPU memory to preserve (GB; larger means slower)",
+                                             value=defaults.preserve_gb, minimum=0, maximum=MAX_PRESERVE_GB,
+                                             step=PRESERVE_STEP_GB, elem_id="fp-preserve")
+                        # read-only; a GPU's plan needs the model's sizes (seconds the first time), so it
+                        # is computed after the page has loaded and on every change, never while building it
+                        planned = any(plans_memory(device) for device in service.devices())
+                        plan_view = gr.Markdown(PLANNING if planned else NO_PLAN, elem_id="fp-plan")
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="fp-generate")
                         cancel = gr.Button("Cancel", variant="stop", elem_id="fp-cancel")
@@ -281,7 +297,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         by_name = {"image": start, "end_image": end, "prompt": prompt, "negative_prompt": negative, "seconds": seconds,
                    "seed": seed, "random_seed": random_seed, "steps": steps, "distilled_guidance": guidance,
-                   "cfg": cfg, "sampler": sampler, "mode": mode, "model": model, "resolution": resolution, "crf": crf}
+                   "cfg": cfg, "sampler": sampler, "mode": mode, "model": model, "resolution": resolution, "crf": crf,
+                   "preserve_gb": preserve}
         form = [by_name[name] for name in FORM_FIELDS]
         private: dict[str, Any] = {"api_visibility": "private"}
 
@@ -291,8 +308,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_submit(*values: Any) -> tuple[str, Any]:
             try:
-                settings = settings_from_form(dict(zip(FORM_FIELDS, values)), names, accept_file=gate.upload)
-                record = service.submit(settings)
+                fields = dict(zip(FORM_FIELDS, values))
+                settings = settings_from_form(fields, names, accept_file=gate.upload)
+                record = service.submit(settings, preserve_gb(fields.get("preserve_gb")))
             except (ValueError, OSError) as exc:
                 return _error(public_text(one_line(exc), outputs)), gr.skip()
             place = service.store.queue_place(record.id)
@@ -315,6 +333,16 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_length(value: Any) -> str:
             return length_note(value)
+
+        def on_plan(*values: Any) -> str:
+            fields = dict(zip(PLAN_FIELDS, values))
+            try:
+                settings = plan_settings(fields, names)
+                text = plan_panel(settings, service.devices(), preserve_gb(fields["preserve_gb"]),
+                                  shown_name.get(settings.model, "model"))
+            except ValueError as exc:  # the NoPlanError of a GPU is part of the panel; this is the form's
+                return _error(public_text(one_line(exc), outputs))
+            return public_text(text, outputs)
 
         def on_model(name: Any) -> tuple[Any, Any]:
             try:
@@ -427,6 +455,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             for name in ("image", "end_image"):
                 if values[name] is None:
                     values[name] = gr.skip() if name == "image" else None
+            values["preserve_gb"] = gr.skip()  # this machine's GPU memory, not the video's: kept as it is
             note = f"Settings of {source} are in the Generate tab" + (f"; {'; '.join(notes)}." if notes else ".")
             return (*[values[name] for name in FORM_FIELDS], note)
 
@@ -459,6 +488,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         resume.click(checked(on_resume), [watched, shown], message, show_progress="hidden", **raw)
         seconds.change(checked(on_length), seconds, length, show_progress="hidden", queue=False, **raw)
         model.input(checked(on_model), model, [cfg, guidance], show_progress="hidden", **raw)
+        plan_inputs = [by_name[name] for name in PLAN_FIELDS]
+        gr.on([app.load, *(block.change for block in plan_inputs)], checked(on_plan), plan_inputs, plan_view,
+              trigger_mode="always_last", show_progress="hidden", **raw)
         timer = gr.Timer(poll_s)
         timer.tick(checked(on_poll), [watched, shown, cancelling],
                    [info, bar, preview, video, queue_table, history_table, shown, message, cancelling],

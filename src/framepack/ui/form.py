@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..planning import DEFAULT_WINDOW, FPS, TEMPORAL_RATIO, real_seconds, section_count
+from ..runtime.choose import DEFAULT_PRESERVE_GB
 from ..settings import DEFAULT_SEED, MAX_SECONDS, GenerationSettings
 
 AUTO = "auto"  # "the model's own" for mode and resolution
@@ -25,6 +26,8 @@ MODES: tuple[str, ...] = (AUTO, "inverted", "forward")
 JOB_LIMIT = 2**63 - 1  # SQLite's largest integer: no job number is above it
 HISTORY_LIMIT = 1000
 SHOWN_CHARS = 40  # a bad value is quoted in a message up to this length
+MAX_PRESERVE_GB = 128.0  # "GPU memory to preserve": no GPU a user has keeps more free for others
+PLAN_PROMPT = "memory plan"  # the memory plan needs settings, not a prompt: any valid one stands in
 
 AcceptFile = Callable[[str, Any], "str | None"]  # (label, payload) -> an accepted path, or None
 
@@ -45,6 +48,7 @@ class FormDefaults:
     mode: str = AUTO
     resolution: str = AUTO
     crf: int = 16
+    preserve_gb: float = DEFAULT_PRESERVE_GB  # a property of the run (the worker's GPU), not of the video
 
 
 # ---- lengths: the steps the model can make -------------------------------------------------------------------
@@ -152,6 +156,29 @@ def history_limit(value: Any) -> int:
     return number
 
 
+def preserve_gb(value: Any) -> float:
+    """The "GPU memory to preserve" of a submission: GB a CUDA worker leaves free of its plan."""
+    number = _number("GPU memory to preserve (GB)", value)
+    if not 0 <= number <= MAX_PRESERVE_GB:
+        raise ValueError(f"GPU memory to preserve must be between 0 and {MAX_PRESERVE_GB:g} GB, got {number:g}")
+    return number
+
+
+def _resolution(value: Any) -> int | None:
+    return None if value is None or value in ("", AUTO) else _whole("resolution", value)
+
+
+def _cfg(value: Any) -> float | None:
+    return None if value is None or value == "" else _number("CFG", value)
+
+
+def plan_settings(form: Mapping[str, Any], models: Mapping[str, str]) -> GenerationSettings:
+    """What the memory plan of a form depends on (model, resolution, CFG; the window is the
+    default one), as settings: no image or prompt is needed to plan."""
+    return GenerationSettings(image="", prompt=PLAN_PROMPT, model=model_choice(form.get("model"), models),
+                              resolution=_resolution(form.get("resolution")), cfg=_cfg(form.get("cfg")))
+
+
 def model_choice(value: Any, models: Mapping[str, str]) -> str:
     """The model a form names, by its shown name (or by the argument it stands for)."""
     if isinstance(value, str) and value in models.values():
@@ -173,12 +200,9 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
     random_seed = _flag("random seed", form.get("random_seed"))
     seed = secrets.randbelow(SEED_LIMIT) if random_seed else _whole("seed", form.get("seed"))
     mode = _choice("mode", form.get("mode") or AUTO, MODES)
-    resolution = form.get("resolution")
-    resolution_value = None if resolution is None or resolution in ("", AUTO) else _whole("resolution", resolution)
     prompt = _text("prompt", form.get("prompt")).strip()
     if not prompt:
         raise ValueError("type a prompt (or a timeline such as '[0s-2s: a cat sits] [2s-4s: it jumps]')")
-    cfg = form.get("cfg")
     return GenerationSettings(
         image=image,
         end_image=end_image,
@@ -189,10 +213,10 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
         seed=seed,
         steps=_whole("steps", form.get("steps")),
         distilled_guidance=_number("distilled guidance", form.get("distilled_guidance")),
-        cfg=None if cfg is None or cfg == "" else _number("CFG", cfg),
+        cfg=_cfg(form.get("cfg")),
         sampler=_text("sampler", form.get("sampler")) or "unipc",
         mode=None if mode == AUTO else mode,
-        resolution=resolution_value,
+        resolution=_resolution(form.get("resolution")),
         crf=_whole("mp4 quality (CRF)", form.get("crf")),
     )
 

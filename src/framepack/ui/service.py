@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..images import load_image
 from ..jobs import JobDir
 from ..settings import GenerationSettings
@@ -27,6 +29,7 @@ from .worker import PipelineLoader, Progress, Worker
 log = logging.getLogger(__name__)
 
 JOBS_DIR = "jobs"
+OFFLOAD_DIR = "offload"  # planned jobs that offload blocks to disk write here (removed after each job)
 PATH_SETTINGS = ("image", "end_image", "model")  # the settings that hold server paths
 
 
@@ -51,6 +54,7 @@ class JobView:
             "error": None if r.error is None else public_text(r.error, outputs),
             "video": where(r.out) if r.status == "done" else None, "job_dir": where(r.job_dir),
             "created": r.created, "settings": public_settings(r.settings, outputs), "device": self.device,
+            "preserve_gb": r.preserve_gb,
         }
         if p is not None:
             data.update(phase=p.phase, section=p.section, sections=p.sections, step=p.step, steps=p.steps,
@@ -71,6 +75,16 @@ def _check_image(label: str, path: str) -> None:
         load_image(path)
     except ValueError as exc:
         raise ValueError(f"{label}: " + str(exc).replace(str(path), Path(path).name)) from None
+
+
+def worker_device(name: str) -> torch.device | None:
+    """The torch device a worker's name stands for (None: unnamed, the loader alone knows)."""
+    if not name:
+        return None
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"not a device name: {name!r} (cpu, cuda, cuda:1, ...)") from None
 
 
 def worker_labels(devices: Sequence[str]) -> list[str]:
@@ -106,8 +120,9 @@ class JobService:
         loads = threading.Lock()  # one pipeline loads at a time (see Worker)
         labels = worker_labels(names) if any(names) else names
         self.workers: tuple[Worker, ...] = tuple(
-            Worker(self.store, load, device=label, claim_lock=self._claims, load_lock=loads)
-            for load, label in zip(loaders, labels))
+            Worker(self.store, load, device=label, claim_lock=self._claims, load_lock=loads, target=worker_device(name),
+                   offload_dir=self.outputs / OFFLOAD_DIR)
+            for load, label, name in zip(loaders, labels, names))
 
     def start(self) -> "JobService":
         for worker in self.workers:
@@ -126,15 +141,19 @@ class JobService:
 
     # ---- actions ------------------------------------------------------------------------------------------
 
-    def submit(self, settings: GenerationSettings) -> JobRecord:
-        """Check the images, copy them into a new job directory and queue the job."""
+    def submit(self, settings: GenerationSettings, preserve_gb: float | None = None) -> JobRecord:
+        """Check the images, copy them into a new job directory and queue the job.
+
+        ``preserve_gb``: GPU memory the job's plan leaves free (a CUDA worker's; None: the default).
+        It is kept with the queued job, not in its settings: it says how to run, not what to make.
+        """
         for label, path in (("start image", settings.image), ("end image", settings.end_image)):
             if path is not None:
                 _check_image(label, path)
         key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         out = self.outputs / f"{key}-seed{settings.seed}.mp4"
         job = JobDir.create(self.outputs / JOBS_DIR / key, settings, out)
-        record = self.store.add(job.settings.to_dict(), job.root, job.out, settings.seed)
+        record = self.store.add(job.settings.to_dict(), job.root, job.out, settings.seed, preserve_gb)
         self._wake()
         return record
 
@@ -160,6 +179,10 @@ class JobService:
         if record is None:
             raise ValueError(f"no job {job_id}")
         return record
+
+    def devices(self) -> list[torch.device | None]:
+        """The device of each worker (None where unnamed): what the page's memory plan is shown for."""
+        return [worker.target for worker in self.workers]
 
     def _live(self, job_id: int) -> tuple[Progress | None, str | None]:
         """The progress of ``job_id`` and the worker running it; (None, None) if none of ours is."""

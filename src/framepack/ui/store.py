@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_dir  TEXT    NOT NULL,
     out      TEXT    NOT NULL,
     seed     INTEGER NOT NULL,
-    error    TEXT
+    error    TEXT,
+    preserve_gb REAL                     -- GPU memory the worker leaves free of its plan (NULL: the default)
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, position);
 """
@@ -58,11 +59,15 @@ class JobRecord:
     out: Path
     seed: int
     error: str | None
+    # a property of the run, not of the video (so not in ``settings``, nor in the mp4): None for jobs
+    # queued before the app had the control, or by a caller that did not say
+    preserve_gb: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "JobRecord":
         return cls(row["id"], row["created"], row["updated"], row["position"], row["status"],
-                   json.loads(row["settings"]), Path(row["job_dir"]), Path(row["out"]), row["seed"], row["error"])
+                   json.loads(row["settings"]), Path(row["job_dir"]), Path(row["out"]), row["seed"], row["error"],
+                   row["preserve_gb"])
 
 
 class JobStore:
@@ -75,6 +80,9 @@ class JobStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the worker's writes
             db.executescript(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "preserve_gb" not in columns:  # a store made before the column existed: its jobs keep NULL
+                db.execute("ALTER TABLE jobs ADD COLUMN preserve_gb REAL")
         finally:
             db.close()
 
@@ -100,15 +108,16 @@ class JobStore:
 
     # ---- writes -----------------------------------------------------------------------------------------
 
-    def add(self, settings: dict[str, Any], job_dir: Path, out: Path, seed: int) -> JobRecord:
+    def add(self, settings: dict[str, Any], job_dir: Path, out: Path, seed: int,
+            preserve_gb: float | None = None) -> JobRecord:
         """Append a queued job at the end of the queue."""
         now = time.time()
         with self._transaction() as db:
             position = db.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM jobs").fetchone()[0]
             cursor = db.execute(
-                "INSERT INTO jobs (created, updated, position, status, settings, job_dir, out, seed) "
-                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (now, now, position, json.dumps(settings, sort_keys=True), str(job_dir), str(out), seed),
+                "INSERT INTO jobs (created, updated, position, status, settings, job_dir, out, seed, preserve_gb) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (now, now, position, json.dumps(settings, sort_keys=True), str(job_dir), str(out), seed, preserve_gb),
             )
             job_id = cursor.lastrowid
         return self._require(job_id)

@@ -7,10 +7,21 @@ settings of its own: it opens each job's directory (so a job that was
 interrupted continues from its last finished section), asks the pipeline to run it, and turns the
 pipeline's events into a :class:`Progress` snapshot that any number of UI sessions can read.
 Cancelling sets a flag the pipeline checks after every sampling step.
+
+Memory plans (:mod:`framepack.ui.memory`): a worker on a CUDA device plans each job for the GPU's
+free memory less the job's "GPU memory to preserve", loads that job's pipeline on the host and
+places it as the plan says (``runtime.apply``), as ``framepack generate`` does. Placing cannot be
+undone in place (weights stored in fp8 / int8, offload hooks, moved modules), so the rule is the
+simplest correct one: **a CUDA worker keeps no pipeline between jobs**. Each planned job loads its
+own and drops it when it ends (its placement closed, its disk offload folder removed), and a
+pipeline kept from an unplanned job is let go before the free memory is measured (it would hold
+the memory being measured). Workers on other devices never plan and keep their pipelines as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import threading
@@ -19,13 +30,19 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import torch
 
 from ..jobs import JobDir
 from ..pipeline import Cancelled, Done, Event, FramePackPipeline, SectionStarted, StepProgress, VideoUpdated
+from ..runtime.plan import format_plan
+from .memory import job_plan, plans_memory
 from .store import JobRecord, JobStore
+
+if TYPE_CHECKING:
+    from ..runtime.plan import MemoryPlan
 
 log = logging.getLogger(__name__)
 # one line per job started, finished, failed or stopped: `framepack ui` shows this logger at INFO
@@ -36,7 +53,13 @@ IDLE_RECHECK_S = 5.0  # an idle worker looks at the store this often even withou
 PREVIEW_HEIGHT = 96  # latent previews are tiny (h = H/8): enlarged to about this height
 PREVIEW_FRAMES = 9  # at most this many frames side by side
 
-PipelineLoader = Callable[[str], FramePackPipeline]
+
+class PipelineLoader(Protocol):
+    """Loads a model's pipeline for a worker: on the worker's device, or, with a memory ``plan``,
+    on the host with the weights as the plan stores them (``runtime.apply`` then places it).
+    A loader is called with a plan only by a worker whose device plans (CUDA)."""
+
+    def __call__(self, model: str, plan: MemoryPlan | None = None) -> FramePackPipeline: ...
 
 
 @dataclass(frozen=True)
@@ -102,13 +125,18 @@ class Worker:
     has already ended. They share ``load_lock`` too: one pipeline loads at a time, because two loads
     at once double the peak host RAM of loading (the reference's most common silent exit), and
     libraries that import lazily on first use (transformers) are not safe to import from two threads.
+    ``target`` (a CUDA device) makes the worker apply memory plans (see the module docstring); jobs
+    offloaded to disk write under ``offload_dir``.
     """
 
-    def __init__(self, store: JobStore, load_pipeline: PipelineLoader, keep_pipelines: int = 1,
-                 device: str = "", claim_lock: threading.RLock | None = None,
-                 load_lock: threading.Lock | None = None) -> None:
+    def __init__(self, store: JobStore, load_pipeline: PipelineLoader | Callable[[str], FramePackPipeline],
+                 keep_pipelines: int = 1, device: str = "", claim_lock: threading.RLock | None = None,
+                 load_lock: threading.Lock | None = None, target: torch.device | None = None,
+                 offload_dir: Path | None = None) -> None:
         self.store = store
         self.device = device
+        self.target = target  # the torch device of its jobs, where known: what memory plans are made for
+        self._offload_dir = offload_dir  # disk offload of planned jobs (default: the system's temporary folder)
         self.status = LiveStatus()
         self._load_pipeline = load_pipeline
         self._keep = keep_pipelines
@@ -188,8 +216,11 @@ class Worker:
         job_log.info("job %d started (seed %d)%s", record.id, record.seed, where)
         try:
             job = JobDir.open(record.job_dir)
-            pipeline = self._pipeline(job.settings.model)
-            self._sample(pipeline, job, record.id)
+            plan = self._plan(job, record)
+            if plan is None:
+                self._sample(self._pipeline(job.settings.model), job, record.id)
+            else:
+                self._sample_placed(job, record.id, plan)
         except Cancelled:
             if self._cancel.is_set():
                 self.store.mark_cancelled(record.id)
@@ -204,6 +235,40 @@ class Worker:
         else:
             self.store.finish(record.id)
             job_log.info("job %d done in %.0f s: %s", record.id, time.perf_counter() - began, record.out.name)
+
+    def _plan(self, job: JobDir, record: JobRecord) -> MemoryPlan | None:
+        """The job's memory plan; a NoPlanError (one line) fails the job before anything loads."""
+        if plans_memory(self.target):
+            self._pipelines.clear()  # a kept pipeline would hold the memory about to be measured
+            self._free_device()
+        plan = job_plan(job.settings, self.target, record.preserve_gb)
+        if plan is not None:
+            log.info("job %d: memory plan on %s (predicted peaks):\n%s", record.id, self.target, format_plan(plan))
+        return plan
+
+    def _sample_placed(self, job: JobDir, job_id: int, plan: MemoryPlan) -> None:
+        """Load the job's own pipeline on the host, place it as ``plan`` says, run, and let it go."""
+        from ..runtime.apply import apply_plan
+
+        assert self.target is not None  # only a worker with a device plans
+        pipeline: FramePackPipeline | None = None
+        try:
+            with self._loading:
+                pipeline = self._load_pipeline(job.settings.model, plan)  # type: ignore[call-arg]
+            with apply_plan(pipeline, plan, self.target, offload_dir=self._offload_dir):
+                self._sample(pipeline, job, job_id)
+        finally:
+            del pipeline  # placed for this plan only: never kept (see the module docstring)
+            self._free_device()
+            if self._offload_dir is not None:  # the placement removed its own folder; the parent goes when
+                with contextlib.suppress(OSError):  # empty (another worker's job may still offload there)
+                    self._offload_dir.rmdir()
+
+    def _free_device(self) -> None:
+        """Give a dropped pipeline's GPU memory back (offload hooks keep reference cycles)."""
+        gc.collect()
+        if self.target is not None and self.target.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _pipeline(self, model: str) -> FramePackPipeline:
         if model not in self._pipelines:
