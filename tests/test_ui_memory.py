@@ -113,6 +113,10 @@ def test_the_panel_shows_a_gpu_plan_by_the_model_name_or_the_reason(model, gpu):
     assert both.startswith(NO_PLAN) and "memory plan for my-model" in both
     refused = plan_panel(settings(model), [cuda], FREE / GiB + 1, "my-model")
     assert "leaves nothing" in refused and "memory plan for" not in refused and "\n" not in refused
+    gpu["free"] = 6 * GiB + 1024
+    too_small = plan_panel(settings(model), [cuda], 6, "my-model")
+    assert "no memory plan for my-model" in too_small and "smallest that works" in too_small
+    assert str(model) not in too_small and "\n" not in too_small
 
 
 # ---- the worker applies it ------------------------------------------------------------------------------------

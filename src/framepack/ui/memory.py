@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..runtime.choose import DEFAULT_PRESERVE_GB, plan_for_run
@@ -67,7 +66,8 @@ def plan_panel(settings: GenerationSettings, devices: Iterable[torch.device | No
             parts.append(f"**{device}**: this model cannot be sized offline; its components load on the GPU whole")
         else:
             parts.append(f"**{device}**, planned for its free memory now less {preserve_gb:g} GB preserved:\n\n"
-                         + format_plan(replace(plan, model=model_name)))
+                         + format_plan(plan))
     if unplanned:
         parts.insert(0, NO_PLAN)
+    # the plan's title and a NoPlanError name the model by its argument: a directory's path, here
     return "\n\n".join(parts).replace(settings.model, model_name)
