@@ -501,6 +501,12 @@ PLACEMENT_TEXT = {
     "offload": "block offload from RAM, prefetch",
     "disk": "block offload from disk, prefetch",
 }
+ONE_POOL_TEXT = {  # a CPU run: nothing moves between two memories, only disk offload streams
+    "resident": "resident",
+    "phase": "resident (used in one phase)",
+    "offload": "resident (block offload from RAM is a no-op)",
+    "disk": "block offload from disk",
+}
 
 
 def gb(nbytes: int) -> str:
@@ -522,9 +528,10 @@ def format_plan(plan: MemoryPlan) -> str:
              + _budget_text(plan.budget), "",
              "| component | parameters | placement | storage | weights | on GPU while running |",
              "|---|---:|---|---|---:|---:|"]
+    texts = ONE_POOL_TEXT if plan.budget is not None and plan.budget.unified else PLACEMENT_TEXT
     for c in plan.components:
         storage = c.choice.storage + (f", tiles {c.choice.tile} px" if c.choice.tile else "")
-        lines.append(f"| {c.name} | {c.params / 1e9:.3f} B | {PLACEMENT_TEXT[c.choice.placement]} | {storage} "
+        lines.append(f"| {c.name} | {c.params / 1e9:.3f} B | {texts[c.choice.placement]} | {storage} "
                      f"| {gb(c.weight_bytes)} | {gb(c.gpu_bytes)} |")
     lines += ["", "| phase | peak VRAM | peak RAM |", "|---|---:|---:|"]
     lines += [f"| {p.phase} | {gb(p.vram)} | {gb(p.ram)} |" for p in plan.phases]
