@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -119,6 +120,25 @@ def test_the_panel_shows_a_gpu_plan_by_the_model_name_or_the_reason(model, gpu):
     assert str(model) not in too_small and "\n" not in too_small
 
 
+def test_the_apps_panel_on_a_cuda_service_shows_the_plan_and_waits_for_no_load(tmp_path, model, gpu):
+    """The page's handler, in-process (a server here has no GPU to serve): the plan by the model's
+    name; while a worker loads a model (the load lock held), the panel says so instead of sizing."""
+    from framepack.ui.app import PLAN_WAIT_S, build_app
+    from framepack.ui.memory import BUSY
+
+    service = JobService(tmp_path / "out", [lambda name: None], devices=["cuda"])  # never started: no job runs
+    app = build_app(service, [str(model)])
+    on_plan = next(f.fn for f in app.fns.values() if f.api_name == "on_plan")
+    text = on_plan(model.name, "auto", 1.0, 6)
+    assert f"memory plan for {model.name}:" in text and str(model.parent) not in text
+    assert f"budget {(FREE - 6 * GiB) / GiB:.1f} GB VRAM" in text
+    assert "GPU memory to preserve" in on_plan(model.name, "auto", 1.0, -1)
+    with service.loading:  # a worker is loading
+        began = time.monotonic()
+        assert on_plan(model.name, "auto", 1.0, 6) == BUSY
+        assert time.monotonic() - began >= PLAN_WAIT_S * 0.9
+
+
 # ---- the worker applies it ------------------------------------------------------------------------------------
 
 
@@ -173,8 +193,6 @@ def test_a_cuda_worker_applies_each_jobs_plan_and_keeps_no_pipeline(tmp_path, mo
 
 
 def _wait(condition, what: str) -> None:
-    import time
-
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -30,7 +30,7 @@ from .files import FileGate, FileReferenceGuard, model_names, public_text
 from .form import (AUTO, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
                    job_number, length_note, plan_settings, preserve_gb, section_seconds, settings_from_form,
                    snap_seconds)
-from .memory import NO_PLAN, plan_panel, plans_memory
+from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
 from .service import JobService, JobView, public_settings
 from .store import JobRecord
 from .worker import one_line
@@ -47,6 +47,7 @@ FORM_FIELDS: tuple[str, ...] = ("image", "end_image", "prompt", "negative_prompt
 PLAN_FIELDS: tuple[str, ...] = ("model", "resolution", "cfg", "preserve_gb")  # what the memory plan panel follows
 PLANNING = "The memory plan of each GPU appears here (it is computed for the form's model and resolution)."
 PRESERVE_STEP_GB = 0.5
+PLAN_WAIT_S = 2.0  # the panel waits this long for a model load to end before saying one is running
 QUEUE_HEADERS = ["job", "status", "place", "prompt", "s", "seed"]
 HISTORY_HEADERS = ["job", "status", "finished", "prompt", "s", "seed", "steps", "model", "video / error"]
 # the tables wrap their text in these widths, so every column stays on screen at 1400 px
@@ -336,10 +337,19 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_plan(*values: Any) -> str:
             fields = dict(zip(PLAN_FIELDS, values))
+            devices = service.devices()
+            sizes = any(plans_memory(device) for device in devices)  # only a GPU's plan sizes the model
             try:
                 settings = plan_settings(fields, names)
-                text = plan_panel(settings, service.devices(), preserve_gb(fields["preserve_gb"]),
-                                  shown_name.get(settings.model, "model"))
+                preserve_value = preserve_gb(fields["preserve_gb"])
+                # never beside a load (ui.memory says why); a page does not wait minutes for a 13B load
+                if sizes and not service.loading.acquire(timeout=PLAN_WAIT_S):
+                    return BUSY
+                try:
+                    text = plan_panel(settings, devices, preserve_value, shown_name.get(settings.model, "model"))
+                finally:
+                    if sizes:
+                        service.loading.release()
             except ValueError as exc:  # the NoPlanError of a GPU is part of the panel; this is the form's
                 return _error(public_text(one_line(exc), outputs))
             return public_text(text, outputs)

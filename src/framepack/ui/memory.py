@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 NO_PLAN = ("CPU runs keep every component resident (no memory plan); the GPU memory to preserve "
            "applies to CUDA workers only.")
+BUSY = "A worker is loading a model now; the memory plan is shown once it has loaded (change a value to refresh)."
+# Why a plan is made under the workers' load lock: sizing a model (runtime.sizes) builds its modules under
+# accelerate's init_empty_weights, which patches torch.nn.Module for the whole process, so a load in
+# another thread would make its parameters on the meta device; and it imports the same lazily
+# imported transformers / diffusers classes as a load does, which is not safe from two threads.
 
 
 def plans_memory(device: torch.device | None) -> bool:

@@ -117,10 +117,12 @@ class JobService:
             log.info("continuing interrupted job(s) %s from their last finished section", interrupted)
         # shared by every worker: a claim and that worker's current job change as one step for all
         self._claims = threading.RLock()
-        loads = threading.Lock()  # one pipeline loads at a time (see Worker)
+        # one pipeline loads at a time (see Worker); sizing a model for a memory plan takes it too
+        self.loading = threading.Lock()
         labels = worker_labels(names) if any(names) else names
         self.workers: tuple[Worker, ...] = tuple(
-            Worker(self.store, load, device=label, claim_lock=self._claims, load_lock=loads, target=worker_device(name),
+            Worker(self.store, load, device=label, claim_lock=self._claims, load_lock=self.loading,
+                   target=worker_device(name),
                    offload_dir=self.outputs / OFFLOAD_DIR)
             for load, label, name in zip(loaders, labels, names))
 

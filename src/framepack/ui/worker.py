@@ -241,7 +241,8 @@ class Worker:
         if plans_memory(self.target):
             self._pipelines.clear()  # a kept pipeline would hold the memory about to be measured
             self._free_device()
-        plan = job_plan(job.settings, self.target, record.preserve_gb)
+        with self._loading:  # sizing the model must not run beside another worker's load (ui.memory says why)
+            plan = job_plan(job.settings, self.target, record.preserve_gb)
         if plan is not None:
             log.info("job %d: memory plan on %s (predicted peaks):\n%s", record.id, self.target, format_plan(plan))
         return plan
