@@ -41,6 +41,7 @@ from .sampling import TIMESTEP_SCALE, Step, get_sampler, guided_velocity, sigma_
 from .settings import GenerationSettings
 from .video import (
     Assembler,
+    SpanDecoder,
     assembly_layout,
     concat_segments,
     embedded_settings,
@@ -135,6 +136,7 @@ class _Run:
     backwards: bool
     assembler: Assembler
     layout: list[tuple[int, int]]  # per step: (frames it makes final, frames left pending)
+    decoder: SpanDecoder  # the VAE decode of each section's span, reusing frames where that is exact
 
     def needed_segments(self, upto: int) -> list[int]:
         """Steps before ``upto`` that wrote a segment (the others made no frame final)."""
@@ -291,6 +293,7 @@ class FramePackPipeline:
             backwards=backwards,
             assembler=Assembler(backwards, overlap),
             layout=assembly_layout([frame_count(len(decode_span(plan))) for plan in plans], backwards, overlap),
+            decoder=SpanDecoder(self.c.vae.decode, reuse=_decodes_latents_alone(self.c.vae)),
         )
         job.repair_state()
         if job.finished > len(plans):
@@ -400,7 +403,7 @@ class FramePackPipeline:
         run.store.put(plan.step, latents)
 
         release_freed_memory()  # start the decode, the largest transient, from a trimmed heap
-        clip = to_frames(self.c.vae.decode(run.store.gather(decode_span(plan))))
+        clip = run.decoder(decode_span(plan), run.store.gather)
         _check_finite(clip, plan, "pixels")  # both checked before anything of the section is written
         job.save_latents(plan.step, latents, run.generator.get_state())
         final = run.assembler.add(clip, last=plan.is_last)
@@ -484,6 +487,15 @@ class FramePackPipeline:
     @staticmethod
     def _metadata(job: JobDir) -> dict:
         return embedded_settings(job.settings.to_dict(), job.input_names)
+
+
+def _decodes_latents_alone(vae) -> bool:
+    """Whether each latent decodes to the same frames whatever its neighbours in the span (then
+    :class:`SpanDecoder` reuses them): the demo model's small VAE, on the CPU, where that is
+    tested bit for bit. Not on CUDA, where cuDNN may pick another kernel for another batch size."""
+    from .small_vae import SmallVideoAutoencoder
+
+    return isinstance(vae, SmallVideoAutoencoder) and next(vae.parameters()).device.type == "cpu"
 
 
 def _check_finite(values: torch.Tensor | np.ndarray, plan: SectionPlan, what: str) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -86,6 +86,38 @@ class Assembler:
         else:
             self.pending, final = joined[len(joined) - keep :], joined[: len(joined) - keep]
         return final
+
+
+@dataclass
+class SpanDecoder:
+    """Decodes a section's span of latent positions to (T, H, W, 3) float frames, as :func:`to_frames`
+    of one ``decode`` of the whole span would, but decoding each latent once where it can.
+
+    With ``reuse`` (a VAE whose latents decode independently, like the demo model's small VAE: the
+    first latent of a span makes one frame by its own head, every other latent its own four frames
+    whatever its neighbours) the frames of a latent decoded for the previous section are kept and the
+    span's first latent is decoded with only the latents not seen yet: 10 latents a section instead
+    of 18 at window 9. Without it (the causal HunyuanVideo VAE, whose frames depend on the latents
+    before them) every span is decoded whole.
+    """
+
+    decode: Callable[[torch.Tensor], torch.Tensor]  # (1, C, T, h, w) latents -> (1, 3, frames, H, W) in [-1, 1]
+    reuse: bool
+    kept: dict[int, np.ndarray] = field(default_factory=dict)  # position -> its frames, decoded not first in a span
+
+    def __call__(self, span: Sequence[int], gather: Callable[[Sequence[int]], torch.Tensor]) -> np.ndarray:
+        head, rest = span[0], list(span[1:])
+        missing = [pos for pos in rest if pos not in self.kept]
+        # a batch of one latent takes another convolution path than a batch of several (it differs in
+        # the last bits on CPU), so such a span is decoded whole, as it always was
+        if not self.reuse or len(missing) < 2:
+            self.kept = {}
+            return to_frames(self.decode(gather(span)))
+        frames = to_frames(self.decode(gather([head, *missing])))
+        made = dict(zip(missing, np.split(frames[1:], len(missing))))
+        # the next section's span shares latents only with this one
+        self.kept = {pos: self.kept[pos] if pos in self.kept else made[pos] for pos in rest}
+        return np.concatenate([frames[:1], *(self.kept[pos] for pos in rest)])
 
 
 def assembly_layout(clip_frames: list[int], backwards: bool, overlap: int) -> list[tuple[int, int]]:

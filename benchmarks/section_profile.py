@@ -1,0 +1,126 @@
+"""Where a demo section's time goes: transformer, VAE decode, previews, mp4 segment, provisional video, the rest.
+
+Runs ``framepack demo``'s settings on the embedded demo model (CPU) with timers around each part
+(wrapping the functions the pipeline calls; nothing in the library is changed) and prints each
+part's share of the sections' wall time. The provisional video is remuxed in a background thread
+beside the next section: its time is shown apart (it overlaps the sampling, and on a 2-core
+machine it takes CPU from it). The first section is left out of the shares (it warms up the
+allocator and the kernels) unless ``--all`` is given.
+
+Run: ``python benchmarks/section_profile.py [--seconds 5] [--steps 25] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+PARTS = ("transformer", "VAE decode", "preview", "mp4 segment", "provisional video")
+VIDEO_THREAD = "framepack-video"  # the pipeline's background thread (its thread_name_prefix)
+
+
+class Timers:
+    """Wall seconds per part and per section, from wrapped callables (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.section = 0
+        self.seconds: dict[tuple[int, str], float] = defaultdict(float)
+        self.lock = threading.Lock()
+
+    def wrap(self, part: str, fn: Callable, background: bool = False) -> Callable:
+        """``background``: the part runs in the pipeline's video thread; anything else called from
+        that thread (the provisional video's own segment) is counted in it, not on its own."""
+
+        def timed(*args, **kwargs):
+            if not background and threading.current_thread().name.startswith(VIDEO_THREAD):
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.seconds[(self.section, part)] += time.perf_counter() - t0
+
+        return timed
+
+
+def instrument(pipeline, timers: Timers) -> None:
+    """Wrap what a section calls: the model and VAE on the pipeline's components, the video
+    functions where ``framepack.pipeline`` looks them up."""
+    import framepack.pipeline as module
+
+    model = pipeline.c.transformer
+    model.forward = timers.wrap("transformer", model.forward)
+    pipeline.c.vae.decode = timers.wrap("VAE decode", pipeline.c.vae.decode)
+    module.preview_frames = timers.wrap("preview", module.preview_frames)
+    module.write_segment = timers.wrap("mp4 segment", module.write_segment)
+    # the provisional video (its pending-frames segment and the remux) is timed as one part
+    pipeline._provisional = timers.wrap("provisional video", pipeline._provisional, background=True)
+
+
+def profile(args: argparse.Namespace) -> tuple[list[float], Timers]:
+    import torch
+
+    from framepack.demo import demo_settings
+    from framepack.jobs import JobDir
+    from framepack.memory import tune_allocator
+    from framepack.pipeline import FramePackPipeline, SectionFinished, SectionStarted
+
+    torch.set_num_threads(args.threads)
+    tune_allocator()  # as the CLI does
+    settings = demo_settings(seconds=args.seconds, steps=args.steps)
+    pipeline = FramePackPipeline.from_model(settings.model)
+    timers = Timers()
+    instrument(pipeline, timers)
+    walls: list[float] = []
+
+    def on_event(event) -> None:
+        if isinstance(event, SectionStarted):
+            timers.section = event.step
+        elif isinstance(event, SectionFinished):
+            walls.append(event.seconds)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = JobDir.create(Path(tmp) / "job", settings, Path(tmp) / "demo.mp4")
+        pipeline.run(job, on_event=on_event)
+    return walls, timers
+
+
+def report(walls: list[float], timers: Timers, first: int) -> str:
+    steps = range(first, len(walls))
+    total = sum(walls[s] for s in steps)
+    part = {p: sum(timers.seconds[(s, p)] for s in steps) for p in PARTS}
+    inline = {p: part[p] for p in PARTS if p != "provisional video"}
+    background = part["provisional video"]
+    rest = total - sum(inline.values())
+    lines = [f"{len(steps)} sections timed (of {len(walls)}), {total:.2f} s of section wall time", "",
+             "| part | seconds per section | share of a section |", "|---|---:|---:|"]
+    for name, seconds in [*inline.items(), ("the rest", rest)]:
+        lines.append(f"| {name} | {seconds / len(steps):.3f} | {100 * seconds / total:.1f}% |")
+    lines.append(f"| provisional video (background thread, overlaps the next section) | "
+                 f"{background / len(steps):.3f} | ({100 * background / total:.1f}%) |")
+    outside = total - inline["transformer"]
+    lines += ["", f"not the transformer: **{100 * outside / total:.1f}%** of a section (goal <= 15%)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--all", action="store_true", help="include the first section")
+    args = p.parse_args(argv)
+    walls, timers = profile(args)
+    print(report(walls, timers, 0 if args.all else 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
