@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
 from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
 from .images import load_image, prepare_image, resize_and_crop
 from .jobs import JobDir
@@ -137,6 +138,8 @@ class _Run:
     assembler: Assembler
     layout: list[tuple[int, int]]  # per step: (frames it makes final, frames left pending)
     decoder: SpanDecoder  # the VAE decode of each section's span, reusing frames where that is exact
+    cache: CacheSpec  # the step cache in force ("model" resolved)
+    mag_ratios: list[float] | None  # the model's calibrated MagCache ratios, when MagCache runs
 
     def needed_segments(self, upto: int) -> list[int]:
         """Steps before ``upto`` that wrote a segment (the others made no frame final)."""
@@ -282,6 +285,7 @@ class FramePackPipeline:
         backwards = plans[0].mode == "inverted"
         overlap = overlap_frames(settings.window)
         cfg = self.c.source.cfg(settings.cfg)
+        cache = resolve_cache(settings.cache, self.c.source.extra)
         run = _Run(
             plans=plans,
             cond=cond,
@@ -294,6 +298,8 @@ class FramePackPipeline:
             assembler=Assembler(backwards, overlap),
             layout=assembly_layout([frame_count(len(decode_span(plan))) for plan in plans], backwards, overlap),
             decoder=SpanDecoder(self.c.vae.decode, reuse=_decodes_latents_alone(self.c.vae)),
+            cache=cache,
+            mag_ratios=magcache_ratios(self.c.source.extra, settings.model) if cache.method == "magcache" else None,
         )
         job.repair_state()
         if job.finished > len(plans):
@@ -386,8 +392,6 @@ class FramePackPipeline:
         # in the reference, whatever the device
         noise = torch.randn((1, self.c.transformer.config.in_channels, settings.window, h, w),
                             generator=run.generator, dtype=torch.float32)
-        denoise = self._denoiser(plan, run.store, cond, self.encode_text(run.prompts[plan.step]), run.negative,
-                                 run.cfg, settings)
         sigmas = sigma_schedule(settings.steps, tokens=settings.window * h * w // 4,
                                 shift=self.c.source.shift(settings.shift))
 
@@ -398,7 +402,11 @@ class FramePackPipeline:
                 raise Cancelled(f"stopped during section {plan.step + 1}/{plan.count}; resume with the job directory")
 
         sampler = get_sampler(settings.sampler)
-        latents = sampler(denoise, noise.to(self.device), sigmas.to(self.device), callback=progress).float().cpu()
+        # one step cache per section: its state never crosses from one section to the next
+        with section_cache(self.c.transformer, run.cache, settings.steps, run.mag_ratios) as cache:
+            denoise = self._denoiser(plan, run.store, cond, self.encode_text(run.prompts[plan.step]), run.negative,
+                                     run.cfg, settings, cache)
+            latents = sampler(denoise, noise.to(self.device), sigmas.to(self.device), callback=progress).float().cpu()
         _check_finite(latents, plan, "latents")
         run.store.put(plan.step, latents)
 
@@ -442,7 +450,7 @@ class FramePackPipeline:
     # ---- pieces ------------------------------------------------------------------------------------------
 
     def _denoiser(self, plan: SectionPlan, store: LatentStore, cond: Conditioning, text: TextEmbedding,
-                  negative: TextEmbedding | None, cfg: float, settings: GenerationSettings):
+                  negative: TextEmbedding | None, cfg: float, settings: GenerationSettings, cache=None):
         model, device = self.c.transformer, self.device
         history = [
             HistoryInput(level.kernel, store.gather(level.sources).to(device), torch.tensor(level.indices, device=device))
@@ -459,6 +467,8 @@ class FramePackPipeline:
         if model.dtype != torch.float32:
             guidance = guidance.to(model.dtype).float()  # the reference feeds bf16 timesteps (10.0 -> 9984)
         expand = [HistoryInput(h.kernel, h.latents.expand(batch, -1, -1, -1, -1), h.indices) for h in history]
+        # both CFG branches are one batch, so a step cache makes one decision for both
+        cached = {} if cache is None else {"cache": cache}
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             t = (sigma * TIMESTEP_SCALE).expand(batch)
@@ -467,7 +477,7 @@ class FramePackPipeline:
             with torch.no_grad():
                 v = model(x.expand(batch, -1, -1, -1, -1), t, states, mask, pooled,
                           None if embeds is None else embeds.expand(batch, -1, -1), window, expand,
-                          guidance if model.config.guidance_embeds else None).float()
+                          guidance if model.config.guidance_embeds else None, **cached).float()
             return guided_velocity(v[:1], v[1:] if batch > 1 else None, cfg, settings.guidance_rescale)
 
         return velocity_denoiser(velocity)

@@ -43,6 +43,7 @@ class GenerationSettings:
     resolution: int | None = None  # None: the model's own (640 for the 13B models)
     window: int = 9  # latent frames per section
     crf: int = 16
+    cache: str = "none"  # step cache, e.g. "teacache:0.15" or "model" (framepack.cache); absent in older videos
 
     def __post_init__(self) -> None:
         # the first problem only: later checks may assume the earlier ones passed (a number, not a string)
@@ -77,6 +78,12 @@ class GenerationSettings:
 
         if self.sampler not in SAMPLERS:
             yield f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}"
+        from .cache import parse_cache
+
+        try:
+            parse_cache(self.cache)
+        except ValueError as exc:
+            yield str(exc)
         if self.mode is not None and self.mode not in MODES:
             yield f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}"
         if self.resolution is not None and not 64 <= self.resolution <= 1280:

@@ -301,7 +301,11 @@ class DualStreamAttention(nn.Module):
 
 
 class DualStreamBlock(nn.Module):
-    """MM-DiT block: each stream has its own AdaLN-Zero, projections and MLP; attention is joint."""
+    """MM-DiT block: each stream has its own AdaLN-Zero, projections and MLP; attention is joint.
+
+    The stream arguments are named as in diffusers' blocks (``hidden_states`` the image stream,
+    ``encoder_hidden_states`` the conditioning), so its cache hooks find them by name.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -311,14 +315,20 @@ class DualStreamBlock(nn.Module):
         self.ff = FeedForward(dim, int(dim * mlp_ratio))
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio))
 
+    def modulated_input(self, hidden_states: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        """The image stream as this block's attention reads it: AdaLN(x) with its first shift and scale."""
+        shift, scale = self.norm1(temb_act)[:2]
+        return modulate(hidden_states, shift, scale)
+
     def forward(
         self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
         temb_act: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        img, txt = hidden_states, encoder_hidden_states
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb_act)
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb_act)
         attn_img, attn_txt = self.attn(modulate(img, shift, scale), modulate(txt, c_shift, c_scale), rope, key_mask)
@@ -348,10 +358,11 @@ class SingleStreamAttention(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """``x + gate * proj_out([attn(m) ; gelu(proj_mlp(m))])`` with m = AdaLN(x), over [image; text].
+    """``x + gate * proj_out([attn(m) ; gelu(proj_mlp(m))])`` with m = AdaLN(x), x = [image; text].
 
-    The rope tables cover the whole sequence with identity rotation on text tokens, so the
-    sequence never has to be split and re-joined inside the block.
+    The rope tables cover the whole sequence with identity rotation on text tokens. The streams
+    come in and go out separately, as in the dual-stream block and diffusers' single blocks, so
+    step caches (diffusers' hooks, TeaCache) see the image stream's residual on its own.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
@@ -363,15 +374,19 @@ class SingleStreamBlock(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
         temb_act: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_img = hidden_states.shape[1]
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, Limg + Lcond, D)
         shift, scale, gate = self.norm(temb_act)
         m = modulate(x, shift, scale)
         mixed = torch.cat([self.attn(m, rope, key_mask), F.gelu(self.proj_mlp(m), approximate="tanh")], dim=-1)
-        return x + gate[:, None] * self.proj_out(mixed)
+        update = gate[:, None] * self.proj_out(mixed)
+        return hidden_states + update[:, :n_img], encoder_hidden_states + update[:, n_img:]
 
 
 class OutputNorm(nn.Module):

@@ -12,7 +12,7 @@ then ``[SigLIP image tokens | refined text tokens]`` as the conditioning stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +35,12 @@ from .blocks import (
 from .inputs import HistoryInput, check_forward_inputs
 from .io import load_transformer, save_transformer
 from .rope import identity_rope, rope_cos_sin
+
+# A step cache: given the image stream entering the blocks, the first block's modulated input
+# (computed only if asked for) and the blocks themselves, returns the image stream leaving them.
+BlockCache = Callable[
+    [torch.Tensor, Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]], torch.Tensor
+]
 
 
 class FramePackTransformer(nn.Module):
@@ -75,13 +81,15 @@ class FramePackTransformer(nn.Module):
         latent_indices: torch.Tensor | None = None,
         history: Sequence[HistoryInput] = (),
         guidance: torch.Tensor | None = None,
+        cache: BlockCache | None = None,
     ) -> torch.Tensor:
         """Velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W) at ``timestep`` (B,).
 
         text: (B, Lt, text_dim) LLaMA states with ``text_mask`` (B, Lt) bool (None = all valid);
         pooled_text: (B, pooled_dim); image_embeds: (B, Li, image_dim); latent_indices: (B, T)
         frame indices of the noisy window (default 0..T-1); history: context levels, nearest
-        first; timestep and guidance are the model's units (sigma * 1000).
+        first; timestep and guidance are the model's units (sigma * 1000). ``cache`` is a step
+        cache the sampler owns (``framepack.cache``): the model itself keeps no state between calls.
         """
         b, _, t, height, width = latents.shape
         timestep, guidance, latent_indices, history = self._check_inputs(
@@ -110,16 +118,20 @@ class FramePackTransformer(nn.Module):
             key_mask = F.pad(text_mask, (img.shape[1] + txt.shape[1] - text_mask.shape[1], 0), value=True)
 
         temb_act = F.silu(temb)  # every AdaLN reads silu(temb); compute it once
-        for block in self.transformer_blocks:
-            img, txt = self._run(block, img, txt, temb_act, rope, key_mask)
-        x = torch.cat([img, txt], dim=1)  # single-stream from here on: [image; conditioning]
-        no_rope = identity_rope(b, txt.shape[1], rope[0].shape[-1], x.device)
+        # single-stream blocks attend over [image; conditioning]: no rotation on conditioning tokens
+        no_rope = identity_rope(b, txt.shape[1], rope[0].shape[-1], img.device)
         full_rope = (torch.cat([rope[0], no_rope[0]], dim=1), torch.cat([rope[1], no_rope[1]], dim=1))
-        for block in self.single_transformer_blocks:
-            x = self._run(block, x, temb_act, full_rope, key_mask)
+
+        def blocks(img: torch.Tensor) -> torch.Tensor:
+            return self._blocks(img, txt, temb_act, rope, full_rope, key_mask)
+
+        if cache is None:
+            img = blocks(img)
+        else:  # the cache decides whether to run the blocks or reuse their last residual
+            img = cache(img, lambda: self.transformer_blocks[0].modulated_input(img, temb_act), blocks)
 
         n_img, n_noisy = img.shape[1], streams[-1].shape[1]
-        x = self.norm_out(x[:, n_img - n_noisy : n_img], temb_act)  # keep the noisy window only
+        x = self.norm_out(img[:, n_img - n_noisy :], temb_act)  # keep the noisy window only
         x = self.proj_out(x.to(self.proj_out.weight.dtype))  # (B, T*h*w, C*pt*ph*pw)
         return unpatchify(x, grid, cfg.patch)
 
@@ -128,6 +140,22 @@ class FramePackTransformer(nn.Module):
     def _rope(self, indices: torch.Tensor, grid: tuple[int, int, int], pool: Kernel) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         return rope_cos_sin(indices, grid[1], grid[2], cfg.rope_axes_dim, cfg.rope_theta, pool)
+
+    def _blocks(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb_act: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        full_rope: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """All dual- then single-stream blocks; returns the image stream (B, Limg, D)."""
+        for block in self.transformer_blocks:
+            img, txt = self._run(block, img, txt, temb_act, rope, key_mask)
+        for block in self.single_transformer_blocks:
+            img, txt = self._run(block, img, txt, temb_act, full_rope, key_mask)
+        return img
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
