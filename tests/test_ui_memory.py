@@ -192,6 +192,28 @@ def test_a_cuda_worker_applies_each_jobs_plan_and_keeps_no_pipeline(tmp_path, mo
     assert "preserve_gb" not in service.view(a.id).record.settings  # the run's, not the video's
 
 
+def test_the_apps_loader_loads_a_planned_job_on_the_host_in_the_plans_storage(model, gpu):
+    """``framepack ui``'s loader: without a plan on the worker's device; with one on the host, the
+    transformer's block weights read straight into fp8 when the plan stores it so."""
+    from framepack.model.io import fp8_weight_names
+    from framepack.ui.worker import pipeline_loader
+
+    cuda = torch.device("cuda")
+    plan = job_plan(settings(model), cuda, 6)
+    fp8 = replace(plan, components=tuple(
+        replace(c, choice=replace(c.choice, storage="fp8")) if c.name == runtime_apply.TRANSFORMER else c
+        for c in plan.components))
+    pipeline = pipeline_loader(cuda, torch.float32)(str(model), fp8)
+    assert pipeline.device == cuda  # where the plan places it; loaded on the host until then
+    transformer = pipeline.c.transformer
+    assert {p.device.type for p in transformer.parameters()} == {"cpu"}
+    weights = dict(transformer.named_parameters())
+    names = fp8_weight_names(transformer)
+    assert names and {weights[name].dtype for name in names} == {torch.float8_e4m3fn}
+    unplanned = pipeline_loader(cuda, torch.float32)(str(model), plan).c.transformer  # bf16 storage: as loaded
+    assert {p.dtype for p in unplanned.parameters()} == {torch.float32}
+
+
 def _wait(condition, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():

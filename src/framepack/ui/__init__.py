@@ -95,14 +95,11 @@ def main_ui(args: argparse.Namespace) -> int:
         raise ValueError("the web app needs gradio: pip install 'framepack[ui]'") from None
     import torch
 
-    from ..cli import _load_storage
-    from ..components import load_components, resolve_device, resolve_dtype, resolve_model
+    from ..components import resolve_device, resolve_dtype, resolve_model
     from ..memory import tune_allocator
-    from ..pipeline import FramePackPipeline
-    from ..runtime.plan import MemoryPlan
     from .app import launch
     from .service import JobService
-    from .worker import PipelineLoader
+    from .worker import pipeline_loader
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own health checks, one line each
     jobs_log = logging.getLogger("framepack.ui.jobs")  # one line per job started/finished/failed
@@ -119,22 +116,7 @@ def main_ui(args: argparse.Namespace) -> int:
     models = available_models(default, any(device.type == "cuda" for device in devices))
     tune_allocator()
 
-    def loader(device: torch.device, dtype: torch.dtype) -> PipelineLoader:
-        def load(model: str, plan: MemoryPlan | None = None) -> FramePackPipeline:
-            if plan is None:  # each worker keeps its own pipeline on its own device
-                log.info("loading %s on %s", model, device)
-                return FramePackPipeline.from_model(model, device=device, dtype=dtype)
-            # a planned job (CUDA): every component loads on the host, the transformer's blocks straight
-            # into fp8 when the plan stores them so; the worker then places them (runtime.apply), as
-            # `framepack generate` does
-            log.info("loading %s on the host for a memory plan on %s", model, device)
-            components = load_components(resolve_model(model), dtype=dtype, device="cpu",
-                                         storage_dtype=_load_storage(plan))
-            return FramePackPipeline(components, device)
-
-        return load
-
-    service = JobService(Path(args.outputs), [loader(d, t) for d, t in zip(devices, dtypes)],
+    service = JobService(Path(args.outputs), [pipeline_loader(d, t) for d, t in zip(devices, dtypes)],
                          devices=[str(device) for device in devices])
     launch(service, models, host=args.host, port=args.port, auth=auth, share=args.share, poll_s=args.poll_seconds)
     return 0

@@ -62,6 +62,26 @@ class PipelineLoader(Protocol):
     def __call__(self, model: str, plan: MemoryPlan | None = None) -> FramePackPipeline: ...
 
 
+def pipeline_loader(device: torch.device, dtype: torch.dtype) -> PipelineLoader:
+    """The loader of ``framepack ui``'s worker on ``device``."""
+
+    def load(model: str, plan: MemoryPlan | None = None) -> FramePackPipeline:
+        if plan is None:  # each worker keeps its own pipeline on its own device
+            log.info("loading %s on %s", model, device)
+            return FramePackPipeline.from_model(model, device=device, dtype=dtype)
+        from ..cli import _load_storage
+        from ..components import load_components, resolve_model
+
+        # a planned job (CUDA): every component loads on the host, the transformer's blocks straight
+        # into fp8 when the plan stores them so; the worker then places them (runtime.apply), as
+        # `framepack generate` does
+        log.info("loading %s on the host for a memory plan on %s", model, device)
+        components = load_components(resolve_model(model), dtype=dtype, device="cpu", storage_dtype=_load_storage(plan))
+        return FramePackPipeline(components, device)
+
+    return load
+
+
 @dataclass(frozen=True)
 class Progress:
     """What the worker is doing now. Versions change whenever the preview / video does."""
