@@ -13,7 +13,7 @@ from tiny_hub import write_model_dir
 
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
-from framepack.runtime.apply import CLIP, LLAMA, SIGLIP, TRANSFORMER, VAE, apply_plan
+from framepack.runtime.apply import CLIP, LLAMA, SIGLIP, TRANSFORMER, VAE, apply_plan, load_options
 from framepack.runtime.placement import QuantizedLinear
 from framepack.runtime.plan import Choice, ComponentPlan, Job, MemoryPlan
 from framepack.settings import GenerationSettings
@@ -136,14 +136,14 @@ def test_an_fp8_plan_loads_straight_into_fp8_and_makes_the_same_video(tiny_model
     """What ``generate --memory`` does with an fp8 plan: the block weights are read into float8 from
     the file (no full-precision copy first), and placing the plan then gives the video of a model
     loaded in full precision and stored in fp8 afterwards: the same quantization either way."""
-    from framepack.cli import _load_storage
     from framepack.components import load_components, resolve_model
     from framepack.model.io import fp8_weight_names
 
     fp8 = plan_of(transformer=Choice("resident", "fp8"))
-    assert _load_storage(fp8) == torch.float8_e4m3fn and _load_storage(plan_of()) is None
-    assert _load_storage(None) is None
-    components = load_components(resolve_model(str(tiny_model)), storage_dtype=_load_storage(fp8))
+    assert load_options(fp8) == {"storage_dtype": torch.float8_e4m3fn, "mapped": False}
+    assert load_options(plan_of(transformer=Choice("disk", "fp8")))["mapped"]  # streamed: left in the file
+    assert load_options(plan_of()) == load_options(None) == {"storage_dtype": None, "mapped": False}
+    components = load_components(resolve_model(str(tiny_model)), **load_options(fp8))
     weights = dict(components.transformer.named_parameters())
     names = fp8_weight_names(components.transformer)
     assert names and {weights[name].dtype for name in names} == {torch.float8_e4m3fn}

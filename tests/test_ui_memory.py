@@ -314,3 +314,24 @@ def test_a_submission_with_a_bad_preserve_value_is_refused_with_one_line(server,
     client = Client(server.url, verbose=False)
     assert client.predict(job=job, api_name="/status")["preserve_gb"] == 2.5
     client.predict(job=job, api_name="/cancel")
+
+
+def test_the_api_submit_takes_preserve_through_the_same_parser(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False)
+    start = write_image(tmp_path / "api.png")
+    before = set(server.jobs())
+    for bad in (-1, 129, "lots"):
+        with pytest.raises(Exception, match="GPU memory to preserve"):
+            client.predict(image=handle_file(str(start)), prompt="a red circle", seconds=1.2, steps=1, preserve=bad,
+                           api_name="/submit")
+    assert set(server.jobs()) == before
+    job = client.predict(image=handle_file(str(start)), prompt="a red circle", seconds=1.2, steps=1, preserve=3,
+                         api_name="/submit")["job"]
+    assert server.jobs()[job]["preserve_gb"] == 3.0
+    default = client.predict(image=handle_file(str(start)), prompt="a red circle", seconds=1.2, steps=1,
+                             api_name="/submit")["job"]
+    assert server.jobs()[default]["preserve_gb"] == 6.0  # the reference's default
+    for done in (job, default):
+        client.predict(job=done, api_name="/cancel")

@@ -334,8 +334,10 @@ def _generate(args: argparse.Namespace) -> int:
         # the lock before the model loads: a second --resume of the same job is refused at once
         job = JobDir.open(Path(args.resume)).acquire()
         plan = _check_memory(job.settings, args)
+        _check_speed(args)
         with _job_kept(job.root):
             pipeline = _open_pipeline(job.settings.model, args, plan=plan)
+            _speed_up(pipeline, args)
             with _placed(pipeline, plan, job.root.parent):
                 _run_with_progress(pipeline, job)
         print(job.out)
@@ -349,12 +351,14 @@ def _generate(args: argparse.Namespace) -> int:
     replace_job = _check_job_dir(job_dir, args.overwrite)
     _device_and_dtype(args)
     plan = _check_memory(settings, args)
+    _check_speed(args)
     load_image(settings.image)
     if settings.end_image:
         load_image(settings.end_image)
     _warn_about_settings(settings)
 
     pipeline = _open_pipeline(settings.model, args, plan=plan)
+    _speed_up(pipeline, args)
     _announce_length(settings)  # after loading: a model that fails to load is the only line then
     plans = pipeline.plans(settings)
     _warn_about_plans(settings, plans)
@@ -363,6 +367,31 @@ def _generate(args: argparse.Namespace) -> int:
         _run_with_progress(pipeline, job)
     print(job.out)
     return 0
+
+
+def _check_speed(args: argparse.Namespace) -> None:
+    """--attention and --compile: one line, before anything loads, if they cannot run here."""
+    from .model.attention import missing_for
+    from .runtime.compile import compile_problem
+
+    device, _ = _device_and_dtype(args)
+    problem = missing_for(args.attention, device) or (compile_problem(args.attention) if args.compile else None)
+    if problem:
+        raise ValueError(problem)
+
+
+def _speed_up(pipeline, args: argparse.Namespace) -> None:
+    """The attention kernel and torch.compile for this run: logged, not in the video's settings
+    (compiled blocks and SDPA agree to float rounding; flash and sage do not, see docs/generation.md)."""
+    from .model.attention import use_attention
+
+    use_attention(pipeline.c.transformer, args.attention)
+    if args.compile:
+        from .runtime.compile import compile_blocks
+
+        compile_blocks(pipeline.c.transformer, args.attention)
+    _say(f"attention {args.attention}; torch.compile "
+         + ("of the transformer blocks (the first section compiles them)" if args.compile else "off"))
 
 
 @contextmanager
@@ -378,29 +407,6 @@ def _placed(pipeline, plan, offload_dir: Path) -> Iterator[None]:
         yield
 
 
-def _load_storage(plan):
-    """The dtype the transformer's weights are read into for ``plan``: fp8 straight from the file
-    when the plan stores them in fp8 (None: the load dtype)."""
-    import torch
-
-    from .runtime.apply import TRANSFORMER
-
-    if plan is None or plan.component(TRANSFORMER).choice.storage != "fp8":
-        return None
-    return torch.float8_e4m3fn
-
-
-def _streamed_from_disk(plan) -> bool:
-    """Does ``plan`` stream the fp8 transformer from disk? Then its float8 weights stay in the
-    file's pages until the offload copies them (the whole model never sits in RAM)."""
-    from .runtime.apply import TRANSFORMER
-
-    if plan is None:
-        return False
-    choice = plan.component(TRANSFORMER).choice
-    return choice.placement == "disk" and choice.storage == "fp8"
-
-
 def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
     """With a memory ``plan``: every component loads on the CPU (the plan then places them on the
     device), the transformer's block weights straight into fp8 when the plan stores it in fp8."""
@@ -408,6 +414,7 @@ def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
 
     from .components import LOAD_STEPS, load_components, resolve_model
     from .memory import tune_allocator
+    from .runtime.apply import load_options
     from .pipeline import FramePackPipeline
 
     device, dtype = _device_and_dtype(args)
@@ -425,7 +432,7 @@ def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
     try:
         components = load_components(source, dtype=dtype, device=device if plan is None else "cpu",
                                      vae_tiling=getattr(args, "vae_tiling", False), on_step=step,
-                                     storage_dtype=_load_storage(plan), mapped=_streamed_from_disk(plan))
+                                     **load_options(plan))
         bar.update(len(LOAD_STEPS) - bar.n)
     finally:
         bar.close()
@@ -717,13 +724,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--job-dir", dest="job_dir", help="job directory (default <out>.job next to the video)")
     run = gen.add_argument_group("running")
     run.add_argument("--resume", metavar="JOB_DIR", help="continue an interrupted job from its last finished "
-                     "section, with its own settings (only --device, --dtype, --vae-tiling, --memory and -v may be given)")
+                     "section, with its own settings (only --device, --dtype, --vae-tiling, --memory, --compile, --attention and -v "
+                     "may be given)")
     run.add_argument("--from", dest="from_video", metavar="VIDEO.mp4",
                      help="repeat the settings embedded in a framepack video (other options override them)")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                      help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
     run.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode the VAE in tiles (less memory)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (the first section "
+                     "compiles them, then no recompilation; CPU numbers in docs/generation.md)")
+    run.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa",
+                     help="attention kernel: sdpa (default, PyTorch), flash (flash-attn) or sage (SageAttention); the "
+                     "last two on CUDA only, where their package is installed")
     run.add_argument("--memory", type=_memory_budget, default=None, metavar="auto|GB",
                      help="memory to plan for: auto (default: on CUDA the GPU's free memory; on CPU no plan, everything "
                      "resident) or a number of GB (on CPU: RAM for weights, activations and runtime together); the plan "

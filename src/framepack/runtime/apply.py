@@ -135,6 +135,17 @@ def _component_modules(c: Any) -> dict[str, list[nn.Module]]:
     return found
 
 
+def load_options(plan: MemoryPlan | None) -> dict[str, Any]:
+    """``load_components`` keywords for a run under ``plan`` (loaded on the host, then placed):
+    the transformer's block weights read straight into fp8 when the plan stores it in fp8 (no
+    full-precision copy on the way), and left unread in the file's pages when the plan also
+    streams it from disk (``mapped``: the offload copies them group by group)."""
+    choice = None if plan is None else plan.component(TRANSFORMER).choice
+    if choice is None or choice.storage != "fp8":
+        return {"storage_dtype": None, "mapped": False}
+    return {"storage_dtype": torch.float8_e4m3fn, "mapped": choice.placement == "disk"}
+
+
 def apply_plan(pipeline: Any, plan: MemoryPlan, device: str | torch.device,
                offload_dir: str | Path | None = None) -> Placement:
     """Place ``pipeline.c``'s components as ``plan`` says; returns what to ``close()`` after the run.

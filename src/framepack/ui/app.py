@@ -528,13 +528,15 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
                seconds: float = defaults.seconds, seed: int = defaults.seed, random_seed: bool = False,
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
-               model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf) -> dict:
-        """Queue a job; returns its status (job id, seed used, place in the queue)."""
+               model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf,
+               preserve: float = defaults.preserve_gb) -> dict:
+        """Queue a job; returns its status (job id, seed used, place in the queue). ``preserve``: GB
+        of GPU memory the job's memory plan leaves free (CUDA workers)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
                     resolution=resolution, crf=crf)
-        record = service.submit(settings_from_form(form, names, accept_file=gate.upload))
+        record = service.submit(settings_from_form(form, names, accept_file=gate.upload), preserve_gb(preserve))
         return public(service.view(record.id))
 
     def status(job: int) -> dict:

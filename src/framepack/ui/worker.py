@@ -69,14 +69,14 @@ def pipeline_loader(device: torch.device, dtype: torch.dtype) -> PipelineLoader:
         if plan is None:  # each worker keeps its own pipeline on its own device
             log.info("loading %s on %s", model, device)
             return FramePackPipeline.from_model(model, device=device, dtype=dtype)
-        from ..cli import _load_storage
         from ..components import load_components, resolve_model
+        from ..runtime.apply import load_options
 
         # a planned job (CUDA): every component loads on the host, the transformer's blocks straight
         # into fp8 when the plan stores them so; the worker then places them (runtime.apply), as
         # `framepack generate` does
         log.info("loading %s on the host for a memory plan on %s", model, device)
-        components = load_components(resolve_model(model), dtype=dtype, device="cpu", storage_dtype=_load_storage(plan))
+        components = load_components(resolve_model(model), dtype=dtype, device="cpu", **load_options(plan))
         return FramePackPipeline(components, device)
 
     return load
