@@ -295,7 +295,7 @@ def test_a_submission_with_a_bad_preserve_value_is_refused_with_one_line(server,
     start = upload(server, write_image(tmp_path / "start.png"))
     form = dict(image=start, end_image=None, prompt="a red circle", negative_prompt="", seconds=1.2, seed=1,
                 random_seed=False, steps=1, distilled_guidance=10.0, cfg=1.0, sampler="unipc", mode="auto",
-                model=Path(server.model).name, resolution="auto", crf=16, preserve_gb=6)
+                model=Path(server.model).name, resolution="auto", crf=16, cache="none", preserve_gb=6)
     before = set(server.jobs())
     for bad in BAD_PRESERVE:
         message, _ = page_call(server, submit, [{**form, "preserve_gb": bad}[name] for name in FORM_FIELDS])
@@ -333,5 +333,12 @@ def test_the_api_submit_takes_preserve_through_the_same_parser(server, tmp_path)
     default = client.predict(image=handle_file(str(start)), prompt="a red circle", seconds=1.2, steps=1,
                              api_name="/submit")["job"]
     assert server.jobs()[default]["preserve_gb"] == 6.0  # the reference's default
-    for done in (job, default):
+    with pytest.raises(Exception, match="unknown cache"):  # the step cache, through the same form layer
+        client.predict(image=handle_file(str(start)), prompt="a red circle", seconds=1.2, steps=1, cache="turbo",
+                       api_name="/submit")
+    cached = client.predict(image=handle_file(str(start)), prompt="a red circle", seconds=1.2, steps=1,
+                            cache="teacache:0.3", api_name="/submit")["job"]
+    assert json.loads(server.jobs()[cached]["settings"])["cache"] == "teacache:0.3"
+    assert json.loads(server.jobs()[default]["settings"])["cache"] == "model"
+    for done in (job, default, cached):
         client.predict(job=done, api_name="/cancel")

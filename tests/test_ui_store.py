@@ -162,6 +162,9 @@ def form(start: Path | None, **changes) -> dict:
     ({"model": "../../etc"}, "unknown model"),
     ({"mode": "sideways"}, "unknown mode"),
     ({"resolution": "12"}, "resolution must be between 64 and 1280"),
+    ({"cache": "turbo"}, "unknown cache 'turbo'"),
+    ({"cache": "teacache:lots"}, "threshold must be a number"),
+    ({"cache": ["teacache"]}, "step cache"),
 ])
 def test_form_rejects_bad_input_with_one_line(changes, message, image):
     with pytest.raises(ValueError) as err:
@@ -177,6 +180,10 @@ def test_form_round_trip_and_random_seed(image):
     assert values["seed"] == s.seed and not values["random_seed"]
     assert values["image"] is None  # settings never hand out an image path: the caller does, for its own jobs
     assert settings_from_form({**values, "image": {"path": str(image)}}, MODELS, accept_file=any_file) == s
+    assert s.cache == "model"  # the form's default: the model's own step cache
+    cached = settings_from_form(form(image, cache="TeaCache:0.3"), MODELS, accept_file=any_file)
+    assert cached.cache == "teacache:0.3" and form_from_settings(cached.to_dict())["cache"] == "teacache:0.3"
+    assert form_from_settings({"prompt": "old video"})["cache"] == "none"  # made before caching existed
 
 
 @pytest.mark.parametrize("job", [1e30, float("inf"), float("nan"), 10**30, "abc", -1, 0, True, [1], {"a": 1}, "1e30"])

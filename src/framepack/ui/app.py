@@ -27,7 +27,7 @@ from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
 from .files import FileGate, FileReferenceGuard, model_names, public_text
-from .form import (AUTO, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
+from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
                    job_number, length_note, plan_settings, preserve_gb, section_seconds, settings_from_form,
                    snap_seconds)
 from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
@@ -43,7 +43,7 @@ LIVE_PREVIEW = "Section being denoised"
 IDLE_PREVIEW = "Preview (while a section is denoised)"
 FORM_FIELDS: tuple[str, ...] = ("image", "end_image", "prompt", "negative_prompt", "seconds", "seed", "random_seed",
                                 "steps", "distilled_guidance", "cfg", "sampler", "mode", "model", "resolution", "crf",
-                                "preserve_gb")
+                                "cache", "preserve_gb")
 PLAN_FIELDS: tuple[str, ...] = ("model", "resolution", "cfg", "preserve_gb")  # what the memory plan panel follows
 PLANNING = "The memory plan of each GPU appears here (it is computed for the form's model and resolution)."
 PRESERVE_STEP_GB = 0.5
@@ -254,6 +254,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                                                      elem_id="fp-resolution")
                         crf = gr.Slider(0, 51, value=defaults.crf, step=1, elem_id="fp-crf",
                                         label="MP4 quality (CRF: 0 lossless, lower is better)")
+                        # skips transformer evaluations whose result barely changes (docs/caching.md)
+                        cache = gr.Dropdown(list(CACHE_CHOICES), value=defaults.cache, elem_id="fp-cache",
+                                            label="Step cache (faster; 'off' is exact)")
                     with gr.Accordion("Memory plan", open=False, elem_id="fp-memory"):
                         # the reference's control: what a CUDA worker leaves free of the plan (for the
                         # desktop, other programs); more preserved means more offloading, slower
@@ -299,7 +302,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         by_name = {"image": start, "end_image": end, "prompt": prompt, "negative_prompt": negative, "seconds": seconds,
                    "seed": seed, "random_seed": random_seed, "steps": steps, "distilled_guidance": guidance,
                    "cfg": cfg, "sampler": sampler, "mode": mode, "model": model, "resolution": resolution, "crf": crf,
-                   "preserve_gb": preserve}
+                   "cache": cache, "preserve_gb": preserve}
         form = [by_name[name] for name in FORM_FIELDS]
         private: dict[str, Any] = {"api_visibility": "private"}
 
@@ -529,13 +532,14 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
                model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf,
-               preserve: float = defaults.preserve_gb) -> dict:
+               preserve: float = defaults.preserve_gb, cache: str = defaults.cache) -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue). ``preserve``: GB
-        of GPU memory the job's memory plan leaves free (CUDA workers)."""
+        of GPU memory the job's memory plan leaves free (CUDA workers); ``cache``: the step cache
+        (none, model, teacache:0.15, ...: docs/caching.md)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
-                    resolution=resolution, crf=crf)
+                    resolution=resolution, crf=crf, cache=cache)
         record = service.submit(settings_from_form(form, names, accept_file=gate.upload), preserve_gb(preserve))
         return public(service.view(record.id))
 

@@ -48,6 +48,7 @@ class FormDefaults:
     mode: str = AUTO
     resolution: str = AUTO
     crf: int = 16
+    cache: str = "model"  # the model's own step cache (the reference's UI has TeaCache on by default)
     preserve_gb: float = DEFAULT_PRESERVE_GB  # a property of the run (the worker's GPU), not of the video
 
 
@@ -218,7 +219,23 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
         mode=None if mode == AUTO else mode,
         resolution=_resolution(form.get("resolution")),
         crf=_whole("mp4 quality (CRF)", form.get("crf")),
+        cache=_cache(form.get("cache")),
     )
+
+
+CACHE_CHOICES: tuple[tuple[str, str], ...] = (
+    ("model's own", "model"), ("off", "none"), ("TeaCache 0.15 (the reference's)", "teacache:0.15"),
+    ("TeaCache 0.3", "teacache:0.3"), ("MagCache", "magcache"), ("First Block Cache", "fbcache"),
+    ("TaylorSeer", "taylorseer"))
+
+
+def _cache(value: Any) -> str:
+    """A step cache setting (framepack.cache), written the way the video will record it."""
+    from ..cache import parse_cache
+
+    text = _text("step cache", value).strip() or FormDefaults.cache
+    parse_cache(text)  # one line naming the problem
+    return text.lower()
 
 
 def form_from_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,6 +271,7 @@ def form_from_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         "resolution": str(resolution) if isinstance(resolution, int) and str(resolution) in map(str, RESOLUTIONS)
         else AUTO,
         "crf": pick("crf", defaults.crf, _whole),
+        "cache": pick("cache", "none", lambda _, v: _cache(v)),  # a video without one was made uncached
         "model": settings.get("model") if isinstance(settings.get("model"), str) else None,
         "image": None,
         "end_image": None,
