@@ -7,12 +7,17 @@ beside the next section: its time is shown apart (it overlaps the sampling, and 
 machine it takes CPU from it). The first section is left out of the shares (it warms up the
 allocator and the kernels) unless ``--all`` is given.
 
-Run: ``python benchmarks/section_profile.py [--seconds 5] [--steps 25] [--threads 2]``.
+With ``--compile`` the same run is then repeated with the transformer's blocks compiled
+(``generate --compile``), alternating with uncompiled runs, and a second table compares the two:
+the first section (which compiles) and the median of the others.
+
+Run: ``python benchmarks/section_profile.py [--compile] [--repeats 2] [--update-doc docs/generation.md]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import threading
@@ -64,7 +69,7 @@ def instrument(pipeline, timers: Timers) -> None:
     pipeline._provisional = timers.wrap("provisional video", pipeline._provisional, background=True)
 
 
-def profile(args: argparse.Namespace) -> tuple[list[float], Timers]:
+def profile(args: argparse.Namespace, compiled: bool = False) -> tuple[list[float], Timers]:
     import torch
 
     from framepack.demo import demo_settings
@@ -76,6 +81,10 @@ def profile(args: argparse.Namespace) -> tuple[list[float], Timers]:
     tune_allocator()  # as the CLI does
     settings = demo_settings(seconds=args.seconds, steps=args.steps)
     pipeline = FramePackPipeline.from_model(settings.model)
+    if compiled:
+        from framepack.runtime.compile import compile_blocks
+
+        compile_blocks(pipeline.c.transformer)
     timers = Timers()
     instrument(pipeline, timers)
     walls: list[float] = []
@@ -110,15 +119,45 @@ def report(walls: list[float], timers: Timers, first: int) -> str:
     return "\n".join(lines)
 
 
+def versus_compiled(args: argparse.Namespace) -> tuple[str, str]:
+    """(profile of a compiled run, eager vs compiled table), from alternating runs in this process."""
+    eager: list[list[float]] = []
+    compiled: list[list[float]] = []
+    for _ in range(args.repeats):
+        eager.append(profile(args)[0])
+        walls, timers = profile(args, compiled=True)
+        compiled.append(walls)
+    lines = [(f"{args.repeats} alternating runs of each; the first section of the first compiled run compiles the "
+              "blocks (later runs in the same process reuse the compiled code)"), "",
+             "| run | first section (s) | median of the other sections (s) |", "|---|---:|---:|"]
+    for name, runs in (("eager", eager), ("--compile", compiled)):
+        firsts = ", ".join(f"{r[0]:.2f}" for r in runs)
+        lines.append(f"| {name} | {firsts} | {statistics.median(t for r in runs for t in r[1:]):.3f} |")
+    ratio = statistics.median(t for r in compiled for t in r[1:]) / statistics.median(t for r in eager for t in r[1:])
+    lines += ["", f"compiled / eager, sections after the first: **{ratio:.2f}**"]
+    return report(walls, timers, 0 if args.all else 1), "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--all", action="store_true", help="include the first section")
+    p.add_argument("--compile", action="store_true", help="also compare with compiled blocks")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each, with --compile")
+    p.add_argument("--update-doc", type=Path, default=None)
     args = p.parse_args(argv)
     walls, timers = profile(args)
-    print(report(walls, timers, 0 if args.all else 1))
+    text = [f"### A demo section ({args.seconds:g} s video, {args.steps} steps, {args.threads} threads)", "",
+            report(walls, timers, 0 if args.all else 1)]
+    if args.compile:
+        compiled_profile, versus = versus_compiled(args)
+        text += ["", "### The same with --compile", "", compiled_profile, "", versus]
+    from doctable import publish
+
+    command = "python benchmarks/section_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    publish("\n".join(text), args.update_doc, "section_profile", command.strip())
     return 0
 
 
