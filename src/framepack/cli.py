@@ -248,7 +248,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import SectionStat, context_tokens, demo_settings, format_report
     from .video import read_frames
 
-    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model)
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model,
+                             cache=args.cache)
     out = Path(args.out) if args.out else Path("outputs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
     job_dir = out.with_name(out.stem + ".job")
     _check_out(out, args.overwrite)
@@ -511,7 +512,8 @@ def _calibrate_cache(args: argparse.Namespace) -> int:
     from .demo import demo_settings
 
     manifest = manifest_path(args.model)  # a model it cannot write into fails before anything loads
-    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model)
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model,
+                             cache=args.cache)
     pipeline = _open_pipeline(args.model, args)
     with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as scratch:
         ratios = calibrate_magcache(pipeline, settings, Path(scratch))
@@ -673,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
     demo.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     demo.add_argument("--model", default="tiny", help="model (default tiny, the embedded demo model)")
+    demo.add_argument("--cache", type=_cache_option, default="model", metavar="METHOD[:T]", help="step cache (default model: the model's own, "
+                      f"{_demo_manifest().get('cache', 'none')} for the demo model; none: every step exact; "
+                      "see generate --cache)")
     demo.add_argument("--out", help="output .mp4 (default outputs/demo-TIMESTAMP.mp4)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out (and its finished job) if it exists")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")

@@ -17,11 +17,13 @@ from .planning import SectionPlan
 from .settings import DEFAULT_SEED, GenerationSettings
 
 
-def demo_settings(seconds: float = 5.0, steps: int = 25, seed: int = DEFAULT_SEED, model: str = "tiny") -> GenerationSettings:
-    """The bundled start image and its prompt (a held-out scene of the training world)."""
+def demo_settings(seconds: float = 5.0, steps: int = 25, seed: int = DEFAULT_SEED, model: str = "tiny",
+                  cache: str = "model") -> GenerationSettings:
+    """The bundled start image and its prompt (a held-out scene of the training world), with the
+    model's own step cache by default (the demo model's passed the quality gate: docs/caching.md)."""
     prompt = asset("demo", "prompt.txt").read_text().strip()
     return GenerationSettings(image=str(asset("demo", "start.png")), prompt=prompt, model=model,
-                              seconds=seconds, steps=steps, seed=seed)
+                              seconds=seconds, steps=steps, seed=seed, cache=cache)
 
 
 def context_tokens(plan: SectionPlan, latent_height: int, latent_width: int, window_kernel=(1, 2, 2)) -> int:
