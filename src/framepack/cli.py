@@ -512,8 +512,8 @@ def _calibrate_cache(args: argparse.Namespace) -> int:
     from .demo import demo_settings
 
     manifest = manifest_path(args.model)  # a model it cannot write into fails before anything loads
-    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model,
-                             cache=args.cache)
+    # measured on the uncached video: the ratios describe every step
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model, cache="none")
     pipeline = _open_pipeline(args.model, args)
     with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as scratch:
         ratios = calibrate_magcache(pipeline, settings, Path(scratch))
