@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PRESERVE_GB = 6.0  # the reference's default "GPU memory to preserve"
 
 
-def run_budget(device: "torch.device", memory_gb: float | None = None, preserve_gb: float = 0.0) -> Budget | None:
+def run_budget(device: torch.device, memory_gb: float | None = None, preserve_gb: float = 0.0) -> Budget | None:
     """The budget of a run on ``device``, or None (no plan: everything resident).
 
     ``memory_gb``: the device memory the run may use, as asked (None: CUDA's free memory less
@@ -55,7 +55,7 @@ def run_budget(device: "torch.device", memory_gb: float | None = None, preserve_
     return Budget(int(memory_gb * GiB), ram)
 
 
-def generation_plan(settings: "GenerationSettings", budget: Budget) -> MemoryPlan:
+def generation_plan(settings: GenerationSettings, budget: Budget) -> MemoryPlan:
     """The memory plan of a generation's model and geometry for ``budget``; raises NoPlanError
     (a ValueError: one line) naming the smallest budget that works, or ValueError for a model
     that cannot be sized offline."""
@@ -69,7 +69,7 @@ def generation_plan(settings: "GenerationSettings", budget: Budget) -> MemoryPla
     return plan_memory(sizes, job, budget)
 
 
-def plan_for_run(settings: "GenerationSettings", device: "torch.device", memory_gb: float | None = None,
+def plan_for_run(settings: GenerationSettings, device: torch.device, memory_gb: float | None = None,
                  preserve_gb: float = 0.0) -> MemoryPlan | None:
     """The plan a run on ``device`` applies, or None where it runs without one (see the module
     docstring). A budget no plan fits raises NoPlanError; so does a model that cannot be sized
