@@ -306,3 +306,14 @@ def test_demo_model_ships_calibrated_with_the_benchmarks_choice():
     chosen = parse_cache(manifest["cache"])  # written by benchmarks/caching.py --write-default
     doc = (Path(__file__).resolve().parents[1] / "docs" / "caching.md").read_text()
     assert f"`{chosen}`" in doc.split("<!-- bench:caching -->")[1]  # the published table's choice
+
+
+def test_the_demo_command_uses_the_models_cache_and_the_library_stays_exact():
+    """`framepack demo` (make demo) runs at the demo model's quality-gated cache; demo_settings, which
+    the benchmarks and tests build on, stays exact unless asked."""
+    from framepack.cli import build_parser
+    from framepack.demo import demo_settings
+
+    assert build_parser().parse_args(["demo"]).cache == "model"
+    assert build_parser().parse_args(["demo", "--cache", "none"]).cache == "none"
+    assert demo_settings().cache == "none" and demo_settings(cache="model").cache == "model"

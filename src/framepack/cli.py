@@ -512,8 +512,8 @@ def _calibrate_cache(args: argparse.Namespace) -> int:
     from .demo import demo_settings
 
     manifest = manifest_path(args.model)  # a model it cannot write into fails before anything loads
-    # measured on the uncached video: the ratios describe every step
-    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model, cache="none")
+    # measured on the uncached video (demo_settings' default): the ratios describe every step
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, seed=args.seed, model=args.model)
     pipeline = _open_pipeline(args.model, args)
     with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as scratch:
         ratios = calibrate_magcache(pipeline, settings, Path(scratch))
