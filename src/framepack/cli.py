@@ -576,20 +576,25 @@ def _train(args: argparse.Namespace) -> int:
 # ---- plan ------------------------------------------------------------------------------------------------
 
 
-def _machine_memory(vram: float | None, ram: float | None) -> tuple[float, float]:
-    """The budgets in GB: as given, else what this machine has free (GPU: torch.cuda.mem_get_info)."""
-    if vram is None:
-        import torch
+def _free_ram(ram: float | None) -> float:
+    """The host budget in GB: as given, else what this machine has available (psutil)."""
+    if ram is not None:
+        return ram
+    import psutil
 
-        if not torch.cuda.is_available():
-            raise ValueError("no CUDA GPU here to measure: give --vram GB to plan for a GPU of that size, "
-                             "or --cpu to plan a CPU run")
-        vram = torch.cuda.mem_get_info()[0] / (1 << 30)
-    if ram is None:
-        import psutil
+    return psutil.virtual_memory().available / (1 << 30)
 
-        ram = psutil.virtual_memory().available / (1 << 30)
-    return vram, ram
+
+def _free_vram(vram: float | None) -> float:
+    """The GPU budget in GB: as given, else the CUDA GPU's free memory."""
+    if vram is not None:
+        return vram
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA GPU here to measure: give --vram GB to plan for a GPU of that size, "
+                         "or --cpu to plan a CPU run")
+    return torch.cuda.mem_get_info()[0] / (1 << 30)
 
 
 @contextmanager
@@ -634,10 +639,9 @@ def _plan(args: argparse.Namespace) -> int:
     if args.cpu:
         if args.vram is not None:
             raise ValueError("--cpu plans one pool of host memory (--ram); drop --vram")
-        _, ram = _machine_memory(1.0, args.ram)
-        budget = Budget.shared(ram)
+        budget = Budget.shared(_free_ram(args.ram))
     else:
-        budget = Budget.gb(*_machine_memory(args.vram, args.ram))
+        budget = Budget.gb(_free_vram(args.vram), _free_ram(args.ram))
     with _libraries_quiet():  # transformers / diffusers announce optional backends at import
         sizes = model_sizes(args.model)  # an unknown model: one line
     cfg = args.cfg if args.cfg is not None else sizes.cfg

@@ -381,13 +381,18 @@ def mapped_blocks(
     row_bytes = (end - start) // shape[0] if shape else end - start
     for rows in row_blocks(shape):
         a, b = (start, end) if not shape else (start + rows.start * row_bytes, start + rows.stop * row_bytes)
-        base = a - a % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned to this
-        # ACCESS_COPY: a private, writable mapping (torch.frombuffer warns on read-only buffers); we
-        # never write, so no page is ever copied. frombuffer's tensor keeps the mmap object alive.
-        raw = torch.frombuffer(mmap.mmap(fd, b - base, offset=base, access=mmap.ACCESS_COPY),
-                               dtype=torch.uint8, count=b - a, offset=a - base)
+        raw = _mapped_bytes(fd, a, b)
         yield rows, raw.view(dtype).reshape((rows.stop - rows.start, *shape[1:]) if shape else ())
         del raw
+
+
+def _mapped_bytes(fd: int, a: int, b: int) -> torch.Tensor:
+    """Bytes ``a:b`` of the file as a uint8 tensor over its own private mapping (nothing read yet)."""
+    base = a - a % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned to this
+    # ACCESS_COPY: a private, writable mapping (torch.frombuffer warns on read-only buffers); we
+    # never write, so no page is ever copied. frombuffer's tensor keeps the mmap object alive.
+    return torch.frombuffer(mmap.mmap(fd, b - base, offset=base, access=mmap.ACCESS_COPY),
+                            dtype=torch.uint8, count=b - a, offset=a - base)
 
 
 def mapped_tensor(fd: int, span: tuple[int, int], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -396,10 +401,7 @@ def mapped_tensor(fd: int, span: tuple[int, int], dtype: torch.dtype, shape: tup
     start, end = span
     if end == start:
         return torch.empty(shape, dtype=dtype)
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    raw = torch.frombuffer(mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_COPY),
-                           dtype=torch.uint8, count=end - start, offset=start - base)
-    return raw.view(dtype).reshape(shape)
+    return _mapped_bytes(fd, start, end).view(dtype).reshape(shape)
 
 
 class _Reader:

@@ -38,11 +38,9 @@ def run_budget(device: torch.device, memory_gb: float | None = None, preserve_gb
 
     if preserve_gb < 0:
         raise ValueError(f"GPU memory to preserve must be >= 0 GB, got {preserve_gb:g}")
-    ram = psutil.virtual_memory().available
     if device.type != "cuda":
-        if memory_gb is None:
-            return None
-        return Budget(int(memory_gb * GiB), int(memory_gb * GiB), unified=True)
+        return None if memory_gb is None else Budget.shared(memory_gb)
+    ram = psutil.virtual_memory().available
     if memory_gb is None:
         import torch
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import astuple, dataclass
 from typing import Literal
 
@@ -104,12 +105,20 @@ def usable(budget_bytes: int) -> int:
     return int(budget_bytes * (1 - MARGIN))
 
 
-def within(budget: Budget, vram: int, ram: int, total: int) -> bool:
-    """Do peaks of ``vram`` and ``ram`` bytes (``total``: the largest sum in one phase) fit the
-    usable part of ``budget``? One pool holds the sum; otherwise each its own."""
+def one_pool_peak(phases: Iterable[PhasePeak]) -> int:
+    """What one pool (a CPU run) must hold: the largest device + host bytes of a phase, less what a
+    CPU process does not load (:data:`NO_CUDA`)."""
+    return max(p.vram + p.ram for p in phases) - NO_CUDA
+
+
+def within(budget: Budget, phases: Iterable[PhasePeak]) -> bool:
+    """Do the phases' predicted peaks fit the usable part of ``budget``? One pool holds each
+    phase's sum; otherwise the GPU and the host each hold their own."""
+    phases = tuple(phases)
     if budget.unified:
-        return total - NO_CUDA <= usable(budget.ram)
-    return vram <= usable(budget.vram) and ram <= usable(budget.ram)
+        return one_pool_peak(phases) <= usable(budget.ram)
+    return (max(p.vram for p in phases) <= usable(budget.vram)
+            and max(p.ram for p in phases) <= usable(budget.ram))
 
 
 def needed_budget(peak: int) -> int:
@@ -250,13 +259,8 @@ class MemoryPlan:
     def peak_ram(self) -> int:
         return max(p.ram for p in self.phases)
 
-    @property
-    def peak_total(self) -> int:
-        """The largest device + host bytes of a phase (what one pool must hold)."""
-        return max(p.vram + p.ram for p in self.phases)
-
     def fits(self, budget: Budget) -> bool:
-        return within(budget, self.peak_vram, self.peak_ram, self.peak_total)
+        return within(budget, self.phases)
 
     def component(self, name: str) -> ComponentPlan:
         return next(c for c in self.components if c.name == name)
@@ -416,12 +420,8 @@ class Candidate:
     def ram(self) -> int:
         return max(p.ram for p in self.phases)
 
-    @property
-    def total(self) -> int:
-        return max(p.vram + p.ram for p in self.phases)
-
     def fits(self, budget: Budget) -> bool:
-        return within(budget, self.vram, self.ram, self.total)
+        return within(budget, self.phases)
 
 
 def candidates(sizes: ModelSizes, job: Job) -> list[Candidate]:
@@ -481,7 +481,7 @@ def smallest_budget(found: list[Candidate], budget: Budget) -> Budget:
     if any candidate fits that RAM, else the least RAM with the VRAM asked, else the pair of the
     candidate needing the least VRAM (then RAM). One pool: the least device + host total."""
     if budget.unified:
-        least = _round_up_tenth(needed_budget(min(c.total for c in found) - NO_CUDA))
+        least = _round_up_tenth(needed_budget(min(one_pool_peak(c.phases) for c in found)))
         return Budget(least, least, unified=True)
     ram_ok = [c for c in found if c.ram <= usable(budget.ram)]
     if ram_ok:
@@ -536,7 +536,7 @@ def format_plan(plan: MemoryPlan) -> str:
     lines += ["", "| phase | peak VRAM | peak RAM |", "|---|---:|---:|"]
     lines += [f"| {p.phase} | {gb(p.vram)} | {gb(p.ram)} |" for p in plan.phases]
     if plan.budget is not None and plan.budget.unified:
-        lines += ["", f"One pool (device = host): largest phase total {gb(plan.peak_total - NO_CUDA)} (the columns "
+        lines += ["", f"One pool (device = host): largest phase total {gb(one_pool_peak(plan.phases))} (the columns "
                   f"added, less the CUDA context and CUDA libraries a CPU run does not load)."]
     lines += ["", f"Predicted, not measured; GB = 2^30 bytes; {MARGIN:.0%} of each budget kept free."]
     return "\n".join(lines)
