@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .planning import MODES, parse_timeline, real_seconds, section_count
 
@@ -21,6 +21,16 @@ from .planning import MODES, parse_timeline, real_seconds, section_count
 MAX_SECONDS = 120.0  # the reference UI's limit; memory and time per section are flat, patience is not
 MAX_STEPS = 200
 DEFAULT_SEED = 31337
+MAX_LORAS = 16
+
+
+class LoraChoice(NamedTuple):
+    """A LoRA fused for a video (framepack.lora): the file, its scale, its sha256 prefix (so a
+    resumed job or ``--from VIDEO`` uses the same file, and a changed one is refused)."""
+
+    path: str
+    scale: float = 1.0
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class GenerationSettings:
     window: int = 9  # latent frames per section
     crf: int = 16
     cache: str = "none"  # step cache, e.g. "teacache:0.15" or "model" (framepack.cache); absent in older videos
+    loras: tuple[LoraChoice, ...] = ()  # fused LoRAs, in order (framepack.lora); absent in older videos
 
     def __post_init__(self) -> None:
         # the first problem only: later checks may assume the earlier ones passed (a number, not a string)
@@ -102,6 +113,15 @@ class GenerationSettings:
             yield str(exc)
         if self.section_prompts is not None:
             yield from self._section_prompt_problems()
+        yield from self._lora_problems()
+
+    def _lora_problems(self):
+        if not isinstance(self.loras, tuple) or len(self.loras) > MAX_LORAS:
+            yield f"loras must be a list of at most {MAX_LORAS} LoRAs, got {self.loras!r}"
+            return
+        problem = next(filter(None, map(_lora_problem, self.loras)), None)
+        if problem is not None:
+            yield problem
 
     def _section_prompt_problems(self):
         # checked here, not when the pipeline plans the sections: by then a job directory exists
@@ -126,6 +146,7 @@ class GenerationSettings:
         data = dataclasses.asdict(self)
         if self.section_prompts is not None:
             data["section_prompts"] = list(self.section_prompts)
+        data["loras"] = [choice._asdict() for choice in self.loras]
         return data
 
     @classmethod
@@ -137,6 +158,8 @@ class GenerationSettings:
         data = dict(data)
         if data.get("section_prompts") is not None:
             data["section_prompts"] = tuple(data["section_prompts"])
+        if "loras" in data:
+            data["loras"] = lora_choices(data["loras"])
         try:
             return cls(**data)
         except TypeError as exc:
@@ -153,3 +176,32 @@ class GenerationSettings:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _lora_problem(choice: Any) -> str | None:
+    if not isinstance(choice, LoraChoice) or not isinstance(choice.path, str) or not choice.path.strip():
+        return f"a LoRA needs a file, got {choice!r}"
+    scale = choice.scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        return f"the scale of LoRA {choice.path!r} must be a finite number, got {scale!r}"
+    if choice.sha256 is not None and not isinstance(choice.sha256, str):
+        return f"the sha256 of LoRA {choice.path!r} must be text, got {choice.sha256!r}"
+    return None
+
+
+def lora_choices(entries: Any) -> tuple[LoraChoice, ...]:
+    """Stored LoRAs ({"path", "scale", "sha256"} or [path, scale, sha256]) -> LoraChoice tuples."""
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"loras must be a list, got {entries!r}")
+    choices = []
+    for entry in entries:
+        try:
+            if isinstance(entry, dict):
+                choices.append(LoraChoice(**entry))
+            elif isinstance(entry, (list, tuple)):
+                choices.append(LoraChoice(*entry))
+            else:
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"not a LoRA entry: {entry!r}") from None
+    return tuple(choices)

@@ -1,0 +1,300 @@
+"""LoRA at generation (framepack.lora): the three key formats, checks, fuse / unfuse, saving.
+
+Key sets are built here by hand from each format's documented naming (not by our own writer), on
+the tiny model; the fused weight must change by exactly ``scale * alpha / rank * B @ A`` on the
+named layer and nowhere else. PEFT's own LoRA forward is the independent reference for the
+diffusers format.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from framepack.lora import (
+    FORMATS,
+    LoraError,
+    LoraFusion,
+    LoraLayer,
+    LoraWeights,
+    linear_shapes,
+    parse_lora_option,
+    read_lora,
+    save_lora,
+)
+from framepack.model import FramePackTransformer
+
+DIM = 128  # the tiny model's width
+# two layers with different shapes and ranks: a dual-stream attention projection and a
+# single-stream output projection (in = dim + mlp width)
+TARGETS = {"transformer_blocks.0.attn.to_q": 2, "single_transformer_blocks.1.proj_out": 3}
+
+
+@pytest.fixture
+def model() -> FramePackTransformer:
+    torch.manual_seed(0)
+    return FramePackTransformer("tiny").eval()
+
+
+def random_layers(model, alphas: dict[str, float], seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = linear_shapes(model)
+    out = {}
+    for path, rank in TARGETS.items():
+        o, i = shapes[path]
+        out[path] = (torch.randn(rank, i, generator=g) * 0.1, torch.randn(o, rank, generator=g) * 0.1)
+    return out
+
+
+def musubi_keys(layers, alphas) -> dict[str, torch.Tensor]:
+    """musubi-tuner: lora_unet_ + module path with '.' -> '_'; .lora_down/.lora_up.weight; .alpha."""
+    tensors = {}
+    for path, (down, up) in layers.items():
+        name = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = torch.tensor(alphas[path])
+    return tensors
+
+
+def diffusers_keys(layers) -> dict[str, torch.Tensor]:
+    """diffusers / PEFT: transformer.<path>.lora_A.weight (A) / .lora_B.weight (B)."""
+    tensors = {}
+    for path, (down, up) in layers.items():
+        tensors[f"transformer.{path}.lora_A.weight"] = down
+        tensors[f"transformer.{path}.lora_B.weight"] = up
+    return tensors
+
+
+def diffusers_metadata(alphas) -> dict[str, str]:
+    # diffusers' save_lora_weights: PEFT's LoraConfig under the key lora_adapter_metadata, packed with "transformer."
+    first = next(iter(alphas))
+    config = {"transformer.r": TARGETS[first], "transformer.lora_alpha": alphas[first],
+              "transformer.alpha_pattern": {p: a for p, a in alphas.items() if p != first}}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
+
+
+def ours_keys(layers) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path, (down, up) in layers.items():
+        tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = down, up
+    return tensors
+
+
+def write(tmp_path, fmt, layers, alphas) -> "Path":  # noqa: F821
+    path = tmp_path / f"{fmt}.safetensors"
+    if fmt == "musubi":
+        save_file(musubi_keys(layers, alphas), path)
+    elif fmt == "diffusers":
+        save_file(diffusers_keys(layers), path, metadata=diffusers_metadata(alphas))
+    else:
+        save_file(ours_keys(layers), path, metadata={"format": "framepack-lora", "alphas": json.dumps(alphas)})
+    return path
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_fused(model, before, layers, alphas, scale):
+    after = model.state_dict()
+    for name, value in before.items():
+        path = name.removesuffix(".weight")
+        if path in layers and name.endswith(".weight"):
+            down, up = layers[path]
+            expected = up @ down * scale * alphas[path] / down.shape[0]
+            torch.testing.assert_close(after[name] - value, expected, rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(after[name], value), f"{name} changed"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_fuses_its_delta_on_the_named_layer_only(model, tmp_path, fmt):
+    alphas = {"transformer_blocks.0.attn.to_q": 4.0, "single_transformer_blocks.1.proj_out": 1.5}
+    layers = random_layers(model, alphas)
+    weights = read_lora(write(tmp_path, fmt, layers, alphas), linear_shapes(model))
+    assert weights.format == fmt and set(weights.layers) == set(TARGETS)
+    before = weights_of(model)
+    LoraFusion(model).fuse([(weights, 0.7)])
+    assert_fused(model, before, layers, alphas, 0.7)
+
+
+def test_alpha_defaults_to_the_rank(model, tmp_path):
+    """musubi alpha 0 and diffusers without metadata both mean alpha = rank (scale 1)."""
+    layers = random_layers(model, {})
+    rank_alphas = {p: float(r) for p, r in TARGETS.items()}
+    musubi = musubi_keys(layers, {p: 0.0 for p in TARGETS})
+    save_file(musubi, tmp_path / "m.safetensors")
+    save_file(diffusers_keys(layers), tmp_path / "d.safetensors")
+    for name in ("m", "d"):
+        weights = read_lora(tmp_path / f"{name}.safetensors", linear_shapes(model))
+        assert {p: l.alpha for p, l in weights.layers.items()} == rank_alphas
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_saving_round_trips_through_each_format(model, tmp_path, fmt):
+    alphas = {"transformer_blocks.0.attn.to_q": 4.0, "single_transformer_blocks.1.proj_out": 1.5}
+    layers = random_layers(model, alphas)
+    original = LoraWeights({p: LoraLayer(d, u, alphas[p]) for p, (d, u) in layers.items()}, "framepack")
+    back = read_lora(save_lora(original, tmp_path / "x.safetensors", fmt), linear_shapes(model))
+    assert back.format == fmt
+    assert set(back.layers) == set(original.layers)
+    for path, layer in original.layers.items():
+        assert torch.equal(back.layers[path].down, layer.down) and torch.equal(back.layers[path].up, layer.up)
+        assert back.layers[path].alpha == layer.alpha
+
+
+def test_saved_diffusers_file_names_keys_as_diffusers_does(model, tmp_path):
+    alphas = {p: 1.0 for p in TARGETS}
+    layers = random_layers(model, alphas)
+    original = LoraWeights({p: LoraLayer(d, u, alphas[p]) for p, (d, u) in layers.items()}, "framepack")
+    from safetensors import safe_open
+
+    with safe_open(str(save_lora(original, tmp_path / "d.safetensors", "diffusers")), "pt") as f:
+        assert sorted(f.keys()) == sorted(diffusers_keys(layers))
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert config["transformer.r"] in TARGETS.values() and config["transformer.lora_alpha"] == 1.0
+    with safe_open(str(save_lora(original, tmp_path / "m.safetensors", "musubi")), "pt") as f:
+        assert sorted(f.keys()) == sorted(musubi_keys(layers, alphas))
+
+
+def test_another_architecture_is_named_by_its_first_key(model, tmp_path):
+    # musubi-tuner's HunyuanVideo (not FramePack) LoRA: the original double/single block names
+    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}
+    save_file(tensors, tmp_path / "hv.safetensors")
+    with pytest.raises(LoraError) as info:
+        read_lora(tmp_path / "hv.safetensors", linear_shapes(model))
+    message = str(info.value)
+    assert "'lora_unet_double_blocks_0_img_attn_qkv.alpha'" in message and "\n" not in message
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 5)}, tmp_path / "wan.safetensors")
+    with pytest.raises(LoraError, match=r"'transformer\.blocks\.0\.attn1\.to_q\.lora_A\.weight' fits no layer"):
+        read_lora(tmp_path / "wan.safetensors", linear_shapes(model))
+
+
+def test_a_shape_that_does_not_fit_is_named(model, tmp_path):
+    layers = random_layers(model, {})
+    down, up = layers["transformer_blocks.0.attn.to_q"]
+    layers["transformer_blocks.0.attn.to_q"] = (down, torch.zeros(DIM * 3, down.shape[0]))  # a wider model's B
+    save_file(diffusers_keys(layers), tmp_path / "wide.safetensors")
+    with pytest.raises(LoraError, match=r"key 'transformer\.transformer_blocks\.0\.attn\.to_q\.lora_B\.weight' "
+                       r"has shape \(384, 2\)"):
+        read_lora(tmp_path / "wide.safetensors", linear_shapes(model))
+    layers = random_layers(model, {})
+    down, up = layers["single_transformer_blocks.1.proj_out"]
+    layers["single_transformer_blocks.1.proj_out"] = (down, up[:, :1].contiguous())  # ranks of A and B disagree
+    save_file(ours_keys(layers), tmp_path / "rank.safetensors", metadata={"format": "framepack-lora"})
+    with pytest.raises(LoraError, match=r"'single_transformer_blocks\.1\.proj_out\.lora_B' has shape"):
+        read_lora(tmp_path / "rank.safetensors", linear_shapes(model))
+    tensors = musubi_keys(random_layers(model, {}), {p: 1.0 for p in TARGETS})
+    del tensors["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"]
+    save_file(tensors, tmp_path / "half.safetensors")
+    with pytest.raises(LoraError, match="no matching up"):
+        read_lora(tmp_path / "half.safetensors", linear_shapes(model))
+
+
+def test_not_a_lora_is_one_line(model, tmp_path):
+    save_file({"x_embedder.proj.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(LoraError, match="not a LoRA in a known format"):
+        read_lora(tmp_path / "model.safetensors", linear_shapes(model))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(LoraError, match="cannot read LoRA junk.safetensors"):
+        read_lora(tmp_path / "junk.safetensors", linear_shapes(model))
+
+
+def _lora(model, seed, scale_alpha=1.0) -> LoraWeights:
+    layers = random_layers(model, {}, seed=seed)
+    return LoraWeights({p: LoraLayer(d, u, scale_alpha) for p, (d, u) in layers.items()}, "framepack")
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "fp8", "int8"])
+def test_unfuse_restores_the_base_weights_bit_for_bit(model, storage):
+    from framepack.runtime.placement import store_weights
+
+    store_weights(model, storage, torch.float32 if storage == "fp32" else torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fusion = LoraFusion(model)
+    fusion.fuse([(_lora(model, 1), 0.8), (_lora(model, 2), -0.5)])
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert any(k.startswith("transformer_blocks.0.attn.to_q.") for k in changed)
+    fusion.fuse([(_lora(model, 3), 1.0)])  # switching unfuses first
+    fusion.unfuse()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_several_loras_sum_with_their_scales(model):
+    a, b = _lora(model, 1, 2.0), _lora(model, 2, 0.5)
+    before = weights_of(model)
+    LoraFusion(model).fuse([(a, 0.3), (b, -1.2)])
+    for path in TARGETS:
+        expected = a.layers[path].delta() * 0.3 + b.layers[path].delta() * -1.2
+        torch.testing.assert_close(model.state_dict()[f"{path}.weight"] - before[f"{path}.weight"], expected,
+                                   rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["fp8", "int8"])
+def test_quantized_weights_are_fused_and_stored_again(model, storage):
+    """fp8 / int8 storage: dequantize, add the delta in fp32, quantize again with a fresh scale."""
+    from framepack.runtime.placement import QuantizedLinear, store_weights
+
+    store_weights(model, storage, torch.bfloat16)
+    layer = model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert isinstance(layer, QuantizedLinear)
+    base = layer.dequantized(torch.float32)
+    lora = _lora(model, 1)
+    LoraFusion(model).fuse([(lora, 5.0)])  # large enough to move the weights by many quantization steps
+    assert layer.weight.dtype == (torch.float8_e4m3fn if storage == "fp8" else torch.int8)
+    expected = base + 5.0 * lora.layers["transformer_blocks.0.attn.to_q"].delta()
+    error = (layer.dequantized(torch.float32) - expected).abs().max()
+    step = layer.weight_scale.max() * (32 if storage == "fp8" else 1)  # fp8: 3 mantissa bits near 448
+    assert error <= step and (layer.dequantized(torch.float32) - base).abs().max() > 10 * error
+
+
+def test_an_offloaded_transformer_is_refused(model):
+    from framepack.runtime.placement import offload_blocks
+
+    offload_blocks(model, "cpu")
+    with pytest.raises(LoraError, match="offloaded"):
+        LoraFusion(model).fuse([(_lora(model, 1), 1.0)])
+
+
+def test_fused_model_matches_peft_lora_forward(model, tmp_path):
+    """Independent reference: PEFT's unmerged LoRA layers on a copy of the model give the output
+    our fused weights give, from the file diffusers' naming describes (PEFT state dict + prefix)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    targets = ["attn.to_q", "attn.to_v", "ff.net.2", "proj_mlp"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    reference = inject_adapter_in_model(config, copy.deepcopy(model))
+    state = {f"transformer.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(reference).items()}
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})}
+    save_file(state, tmp_path / "peft.safetensors", metadata=meta)
+    weights = read_lora(tmp_path / "peft.safetensors", linear_shapes(model))
+    assert len(weights.layers) == len(state) // 2 > 0
+    LoraFusion(model).fuse([(weights, 1.0)])
+    inputs = _inputs()
+    with torch.no_grad():
+        ours, theirs = model(**inputs), reference(**inputs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def _inputs() -> dict:
+    g = torch.Generator().manual_seed(3)
+    return dict(latents=torch.randn(1, 16, 2, 4, 4, generator=g), timestep=torch.tensor([500.0]),
+                text=torch.randn(1, 5, 64, generator=g), text_mask=None, pooled_text=torch.randn(1, 32, generator=g),
+                image_embeds=torch.randn(1, 3, 32, generator=g), guidance=torch.tensor([10000.0]))
+
+
+@pytest.mark.parametrize("text, parsed", [("a.safetensors", ("a.safetensors", 1.0)),
+                                          ("a.safetensors:0.5", ("a.safetensors", 0.5)),
+                                          ("dir:x/a.safetensors", ("dir:x/a.safetensors", 1.0)),
+                                          ("C:/l/a.safetensors:-2", ("C:/l/a.safetensors", -2.0))])
+def test_lora_option(text, parsed):
+    assert parse_lora_option(text) == parsed
