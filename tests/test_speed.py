@@ -192,3 +192,76 @@ def _tiny_forward_inputs(model):
     image = torch.randn(1, 3, cfg.image_proj_dim, generator=g) if cfg.has_image_proj else None
     guidance = torch.tensor([10_000.0]) if cfg.guidance_embeds else None
     return latents, torch.tensor([500.0]), text, None, pooled, image, None, (), guidance
+
+
+# ---- the HunyuanVideo VAE's repeated temporal tiles ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hunyuan_vae(tmp_path_factory):
+    from tiny_hub import write_hunyuan_video
+
+    return write_hunyuan_video(tmp_path_factory.mktemp("hv")) / "vae"
+
+
+def _spans(latents, mode: str, window: int = 9):
+    """The spans a 4-section video decodes, in generation order: each section's window with the
+    window before it in generation order (after it in video time in inverted mode)."""
+    n = latents.shape[2] // window
+    order = range(n - 2, -1, -1) if mode == "inverted" else range(n - 1)
+    return [latents[:, :, window * k: window * (k + 2)] for k in order]
+
+
+@pytest.mark.parametrize("mode", ["inverted", "forward"])
+def test_repeated_tiles_decode_bit_identical_to_diffusers_and_less(hunyuan_vae, mode):
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from framepack.components import HunyuanVAE
+
+    ours = HunyuanVAE.from_pretrained(hunyuan_vae)
+    plain = AutoencoderKLHunyuanVideo.from_pretrained(hunyuan_vae).eval()  # no hook: diffusers' own decode
+    latents = torch.randn(1, 16, 9 * 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for span in _spans(latents, mode):
+        before = ours.tiles.decoded
+        with torch.no_grad():
+            reference = plain.decode(span / ours.scaling).sample.float().clamp(-1, 1)
+        assert torch.equal(ours.decode(span), reference)  # bit for bit, tiles reused or not
+        runs.append(ours.tiles.decoded - before)
+    # 18 latents make 6 tiles (every 3 latents); from the second span on, 2 were made by the one before
+    assert runs == [6, 4, 4]
+    # a span that shares nothing with the previous one decodes every tile again
+    ours.decode(torch.randn(1, 16, 18, 8, 8))
+    assert ours.tiles.decoded - sum(runs) == 6
+
+
+def test_repeated_tiles_leave_the_pipelines_video_bit_identical(tmp_path):
+    import torch
+    from diffusers.hooks import HookRegistry
+
+    from framepack.settings import GenerationSettings
+    from framepack.tile_reuse import NAME
+    from tiny_hub import write_model_dir
+
+    model = write_model_dir(tmp_path / "model", mode="inverted")[0]
+    image = str(Path(__file__).parent.parent / "src/framepack/assets/demo/start.png")
+    settings = GenerationSettings(image=image, prompt="a red circle moves to the right", model=str(model),
+                                  seconds=3.6, steps=2, resolution=64, seed=7)
+    videos, decoded = [], []
+    for reuse in (True, False):
+        pipeline = FramePackPipeline.from_model(str(model))
+        vae = pipeline.c.vae
+        if not reuse:
+            HookRegistry.check_if_exists_or_initialize(vae.vae.decoder).remove_hook(NAME)
+            vae.tiles = None
+        runs = []
+        hook = vae.vae.decoder.conv_in.register_forward_hook(lambda *_: runs.append(1))
+        job = JobDir.create(tmp_path / f"job{reuse}", settings, tmp_path / f"out{reuse}.mp4")
+        pipeline.run(job)
+        hook.remove()
+        videos.append(read_frames(job.out))
+        decoded.append(len(runs))
+        del pipeline
+    assert decoded[0] < decoded[1]  # tiles were reused
+    assert np.array_equal(videos[0], videos[1])

@@ -16,11 +16,11 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torch
 from .model import FramePackTransformer
 from .model.io import CheckpointError, read_headers, resolve_source
 from .planning import Mode
+
+if TYPE_CHECKING:
+    from .tile_reuse import RepeatedTiles
 
 log = logging.getLogger(__name__)
 
@@ -343,13 +346,22 @@ class SiglipImageEncoder:
 
 
 class HunyuanVAE:
-    """diffusers' AutoencoderKLHunyuanVideo; the posterior mean is used so encoding is deterministic."""
+    """diffusers' AutoencoderKLHunyuanVideo; the posterior mean is used so encoding is deterministic.
 
-    def __init__(self, vae, tiling: bool = False) -> None:
+    Decoding reuses the decoder's output for temporal tiles the previous decode already made
+    (:class:`framepack.tile_reuse.RepeatedTiles`), unless ``reuse_tiles`` is off.
+    """
+
+    def __init__(self, vae, tiling: bool = False, reuse_tiles: bool = True) -> None:
         self.vae = vae.eval()
         if tiling:
             vae.enable_tiling()
         self.scaling = float(getattr(vae.config, "scaling_factor", VAE_SCALING))
+        self.tiles: RepeatedTiles | None = None
+        if reuse_tiles:
+            from .tile_reuse import RepeatedTiles
+
+            self.tiles = RepeatedTiles.attach(vae.decoder)
 
     @classmethod
     def from_pretrained(cls, directory: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -368,7 +380,8 @@ class HunyuanVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = (latents / self.scaling).to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.decode(z).sample.float().clamp(-1, 1).cpu()
+        with self.tiles.call() if self.tiles is not None else nullcontext():
+            return self.vae.decode(z).sample.float().clamp(-1, 1).cpu()
 
 
 # ---- model sources --------------------------------------------------------------------------------------

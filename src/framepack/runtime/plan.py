@@ -216,6 +216,16 @@ def host_decode_bytes(window: int, height: int, width: int, temporal: int) -> in
     return RGB * frames * height * width * HOST_FRAME_BYTES
 
 
+def kept_tile_bytes(geometry: VaeGeometry, window: int, height: int, width: int) -> int:
+    """The decoded temporal tiles kept on the host for the next section's decode
+    (``framepack.tile_reuse``): at most two calls' tiles (5 latents every 3) in float32."""
+    if geometry.frames_per_call is None:
+        return 0
+    tiles = -(-decode_latents(window) // (geometry.frames_per_call - 2))
+    frames = (geometry.frames_per_call - 1) * geometry.temporal + 1
+    return 2 * tiles * RGB * frames * height * width * 4
+
+
 # ---- choices, plan ------------------------------------------------------------------------------
 
 
@@ -351,7 +361,7 @@ def _work(sizes: ModelSizes, job: Job, tile: int | None) -> _Work:
         ("decode", "vae"): vae_decode_work(vg, job.window, h, w, tile),
     }
     host = {step: 0 for step in STEPS}
-    host[("decode", "vae")] = host_decode_bytes(job.window, h, w, vg.temporal)
+    host[("decode", "vae")] = host_decode_bytes(job.window, h, w, vg.temporal) + kept_tile_bytes(vg, job.window, h, w)
     return _Work(gpu, host)
 
 
