@@ -8,8 +8,15 @@ diffusers format.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -26,6 +33,7 @@ from framepack.lora import (
     save_lora,
 )
 from framepack.model import FramePackTransformer
+from framepack.video import read_frames, read_metadata
 
 DIM = 128  # the tiny model's width
 # two layers with different shapes and ranks: a dual-stream attention projection and a
@@ -84,7 +92,7 @@ def ours_keys(layers) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write(tmp_path, fmt, layers, alphas) -> "Path":  # noqa: F821
+def write(tmp_path, fmt, layers, alphas) -> Path:
     path = tmp_path / f"{fmt}.safetensors"
     if fmt == "musubi":
         save_file(musubi_keys(layers, alphas), path)
@@ -298,3 +306,110 @@ def _inputs() -> dict:
                                           ("C:/l/a.safetensors:-2", ("C:/l/a.safetensors", -2.0))])
 def test_lora_option(text, parsed):
     assert parse_lora_option(text) == parsed
+
+
+# ---- through `framepack generate` on the demo model ----------------------------------------------------------
+
+FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
+DEMO_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.proj_mlp",
+                "single_transformer_blocks.3.proj_out")
+
+
+def demo_lora(path: Path, seed: int = 5) -> Path:
+    """A random rank-4 LoRA for the demo model (the tiny preset's shapes), in our format."""
+    shapes = linear_shapes(FramePackTransformer("tiny"))
+    g = torch.Generator().manual_seed(seed)
+    layers = {p: LoraLayer(torch.randn(4, shapes[p][1], generator=g) * 0.3,
+                           torch.randn(shapes[p][0], 4, generator=g) * 0.3, 4.0) for p in DEMO_TARGETS}
+    return save_lora(LoraWeights(layers, "framepack"), path)
+
+
+def generate(tmp: Path, out: str, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    args = [FRAMEPACK, "generate", "--out", str(tmp / out), *extra]
+    if "--from" not in extra:
+        args += ["--model", "tiny", "--image", str(tmp / "start.png"), "--prompt", "a red circle moves right",
+                 "--seconds", "1", "--steps", "2", "--resolution", "64", "--seed", "1"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd or tmp,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("lora_demo")
+    yy, xx = np.mgrid[0:64, 0:64]
+    img = np.stack([xx * 4, yy * 4, np.full((64, 64), 90)], axis=-1).astype(np.uint8)
+    img[(yy - 30) ** 2 + (xx - 20) ** 2 < 100] = (220, 30, 30)
+    Image.fromarray(img).save(tmp / "start.png")
+    demo_lora(tmp / "style.safetensors")
+    result = generate(tmp, "base.mp4")
+    assert result.returncode == 0, result.stderr
+    return tmp
+
+
+def test_a_lora_changes_the_video_and_scale_zero_is_the_base_video(demo_dir):
+    base = read_frames(demo_dir / "base.mp4")
+    result = generate(demo_dir, "zero.mp4", "--lora", "style.safetensors:0")
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(read_frames(demo_dir / "zero.mp4"), base)
+    result = generate(demo_dir, "one.mp4", "--lora", "style.safetensors")
+    assert result.returncode == 0, result.stderr
+    with_lora = read_frames(demo_dir / "one.mp4")
+    assert with_lora.shape == base.shape
+    assert np.abs(with_lora.astype(int) - base.astype(int)).mean() > 1.0  # visibly, not by codec noise
+    # the mp4 records the file by name, its sha256 prefix and its scale
+    recorded = read_metadata(demo_dir / "one.mp4")["framepack"]["loras"]
+    sha = hashlib.sha256((demo_dir / "style.safetensors").read_bytes()).hexdigest()
+    assert recorded == [{"path": "style.safetensors", "scale": 1.0, "sha256": sha[: len(recorded[0]["sha256"])]}]
+    assert len(recorded[0]["sha256"]) >= 12
+
+
+def test_from_a_video_repeats_its_loras_when_the_file_is_found(demo_dir):
+    made = demo_dir / "one.mp4"
+    if not made.exists():
+        assert generate(demo_dir, "one.mp4", "--lora", "style.safetensors").returncode == 0
+    result = generate(demo_dir, "again.mp4", "--from", str(made))
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(read_frames(demo_dir / "again.mp4"), read_frames(made))
+    # moved away from its LoRA (and the image beside it), the video names the missing file in one line
+    away = demo_dir / "away"
+    away.mkdir(exist_ok=True)
+    shutil.copy(made, away / "one.mp4")
+    shutil.copy(demo_dir / "start.png", away / "start.png")
+    result = generate(away, "third.mp4", "--from", str(away / "one.mp4"), cwd=away)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"framepack: error: {away / 'one.mp4'} was made with the LoRA 'style.safetensors' (sha256 "
+        f"{read_metadata(made)['framepack']['loras'][0]['sha256']}), which is neither beside the video nor in the "
+        "current directory; give the LoRAs with --lora"]
+    # another file under the same name is not taken for it
+    demo_lora(away / "style.safetensors", seed=6)
+    result = generate(away, "third.mp4", "--from", str(away / "one.mp4"), cwd=away)
+    assert result.returncode == 2 and "has another sha256" in result.stderr
+    assert not (away / "third.mp4").exists() and not (away / "third.job").exists()
+
+
+@pytest.mark.parametrize("case", ["another architecture", "wrong shape", "missing", "not safetensors"])
+def test_a_lora_that_does_not_fit_is_one_line_before_anything_is_made(demo_dir, case):
+    bad = demo_dir / f"bad-{case.replace(' ', '-')}.safetensors"
+    if case == "another architecture":
+        save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4)}, bad)
+        expected = "key 'lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight' fits no layer of this model"
+    elif case == "wrong shape":  # a LoRA of the 13B model (width 3072) on the demo model (width 128)
+        save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+                   "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, bad)
+        expected = "key 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' has shape (4, 3072)"
+    elif case == "missing":
+        expected = "does not exist"
+    else:
+        bad.write_text("hello")
+        expected = "cannot read LoRA"
+    out = f"bad-{case.replace(' ', '-')}.mp4"
+    result = generate(demo_dir, out, "--lora", str(bad))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("framepack: error")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (demo_dir / out).exists() and not (demo_dir / out.replace(".mp4", ".job")).exists()

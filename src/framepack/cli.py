@@ -292,11 +292,36 @@ def _settings_from_args(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             base[field] = tuple(value) if field == "section_prompts" else value
+    base = _with_loras(base, args)
     for required in ("image", "prompt"):
         if not base.get(required):
             raise ValueError(f"--{required} is required (or --from a framepack video)")
     base.setdefault("model", _default_model())
     return GenerationSettings.from_dict(base)
+
+
+def _with_loras(base: dict, args: argparse.Namespace) -> dict:
+    """--lora FILE[:SCALE] (replacing a video's own), else the LoRAs a --from video records, found
+    again beside it or in the current directory with the same sha256."""
+    if args.lora is not None:
+        from .lora import lora_choice
+
+        return {**base, "loras": tuple(lora_choice(path, scale) for path, scale in args.lora)}
+    if args.from_video and base.get("loras"):
+        from .lora import find_recorded
+        from .settings import lora_choices
+
+        return {**base, "loras": find_recorded(Path(args.from_video), lora_choices(base["loras"]))}
+    return base
+
+
+def _lora_option(text: str) -> tuple[str, float]:
+    from .lora import parse_lora_option
+
+    try:
+        return parse_lora_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _default_model() -> str:
@@ -315,7 +340,7 @@ def _device_and_dtype(args: argparse.Namespace):
 
 # options a resumed job takes from its own settings: giving them would silently do nothing
 _RESUME_FIXED = {**{flag: "--" + flag.replace("_", "-") for flag in _SETTING_FLAGS},
-                 "out": "--out", "job_dir": "--job-dir", "from_video": "--from"}
+                 "out": "--out", "job_dir": "--job-dir", "from_video": "--from", "lora": "--lora"}
 
 
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
@@ -338,6 +363,7 @@ def _generate(args: argparse.Namespace) -> int:
         _check_speed(args)
         with _job_kept(job.root):
             pipeline = _open_pipeline(job.settings.model, args, plan=plan)
+            pipeline.use_loras(job.settings.loras)  # fused before the plan places the weights
             _speed_up(pipeline, args)
             with _placed(pipeline, plan, job.root.parent):
                 _run_with_progress(pipeline, job)
@@ -359,6 +385,7 @@ def _generate(args: argparse.Namespace) -> int:
     _warn_about_settings(settings)
 
     pipeline = _open_pipeline(settings.model, args, plan=plan)
+    pipeline.use_loras(settings.loras)  # a LoRA that does not fit: one line, before any job exists
     _speed_up(pipeline, args)
     _announce_length(settings)  # after loading: a model that fails to load is the only line then
     plans = pipeline.plans(settings)
@@ -708,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--seconds", type=_number, help="video length in seconds (default 5; at most 120); rounded to "
                      "whole sections: 5 makes 4.83 s (the real length is printed before the run)")
     src.add_argument("--seed", type=int, help=f"random seed (default {DEFAULT_SEED}); the same seed gives the same video")
+    src.add_argument("--lora", action="append", type=_lora_option, metavar="FILE[:SCALE]",
+                     help="fuse a LoRA (.safetensors: ours, musubi-tuner's or diffusers' naming) at SCALE (default "
+                     "1); repeat for several; recorded in the video by file name and sha256 (docs/lora.md)")
     samp = gen.add_argument_group("sampling")
     samp.add_argument("--steps", type=int, help="denoising steps per section (default 25)")
     samp.add_argument("--sampler", choices=["unipc", "euler"], help="unipc (default; order-3 UniPC) or euler")

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
 from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
 from .images import load_image, prepare_image, resize_and_crop
 from .jobs import JobDir
+from .lora import LoraFusion, load_choices, recorded_loras
 from .memory import release_freed_memory
 from .model import HistoryInput
 from .planning import (
@@ -39,7 +40,7 @@ from .planning import (
     section_count,
 )
 from .sampling import TIMESTEP_SCALE, Step, get_sampler, guided_velocity, sigma_schedule, velocity_denoiser
-from .settings import GenerationSettings
+from .settings import GenerationSettings, LoraChoice
 from .video import (
     Assembler,
     SpanDecoder,
@@ -192,11 +193,29 @@ class FramePackPipeline:
         self.c = components
         self.device = torch.device(device)
         self._text_cache: dict[str, TextEmbedding] = {}
+        self._loras: LoraFusion | None = None  # the LoRAs fused into the transformer (framepack.lora)
 
     @classmethod
     def from_model(cls, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    vae_tiling: bool = False) -> "FramePackPipeline":
         return cls(load_components(resolve_model(model), dtype=dtype, device=device, vae_tiling=vae_tiling), device)
+
+    # ---- LoRAs -----------------------------------------------------------------------------------------
+
+    def use_loras(self, loras: Sequence[LoraChoice]) -> None:
+        """Fuse exactly these LoRAs into the transformer (those fused before are unfused first);
+        a no-op when they are already the fused ones. One-line LoraError for a file that does not fit."""
+        key = tuple(loras)
+        if self._loras is not None and self._loras.fused == key:
+            return
+        if self._loras is None:
+            if not key:
+                return
+            self._loras = LoraFusion(self.c.transformer)
+        if key:
+            self._loras.fuse(load_choices(key, self.c.transformer), key)
+        else:
+            self._loras.unfuse()
 
     # ---- encoding, once per distinct input -----------------------------------------------------------
 
@@ -280,6 +299,7 @@ class FramePackPipeline:
         for folder in ("sections", "video"):
             (job.root / folder).mkdir(exist_ok=True)  # an emptied job has lost these too: its sections are recomputed
         plans = self.plans(settings)
+        self.use_loras(settings.loras)
         cond = self.condition(settings)
         timeline = list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt)
         backwards = plans[0].mode == "inverted"
@@ -496,7 +516,9 @@ class FramePackPipeline:
 
     @staticmethod
     def _metadata(job: JobDir) -> dict:
-        return embedded_settings(job.settings.to_dict(), job.input_names)
+        meta = embedded_settings(job.settings.to_dict(), job.input_names)
+        meta["framepack"]["loras"] = recorded_loras(job.settings.loras)  # by file name, as the images
+        return meta
 
 
 def _decodes_latents_alone(vae) -> bool:
