@@ -33,11 +33,33 @@ Motions (``v = speed * frame / SIZE`` px/s):
   right in the frame. The object is not clamped and eventually leaves the frame. Pans only occur
   on striped backgrounds (a plain or vertically graded background would not show the pan).
 
-Held-out evaluation set. Every :class:`WorldParams` falls in one of :data:`HELD_OUT_MODULUS`
-buckets by a stable hash (BLAKE2b) of its fields; the sampler quantises the continuous fields so
-the hash is well defined. :func:`stream` never yields params in bucket 0 and :func:`held_out` only
-returns params in bucket 0, so the two are disjoint for every seed (see :func:`is_held_out`), while
-both come from the same distribution.
+Start positions: two samplers (:data:`STARTS`).
+
+* ``"by-motion"`` (the first world, what the shipped demo model was trained on, and still the
+  default of :func:`sample_params` and :func:`stream` so that existing training configs reproduce
+  their data): translations and pans start near the edge they move away from, grow starts small,
+  shrink large. The start frame gives the answer away: "near an edge, move away from it;
+  otherwise stay" needs no caption (issue 18).
+* ``"independent"``: the start frame is drawn independently of the motion. The centre is uniform
+  in :data:`CENTRAL` (fractions of the frame, both axes) and the size uniform in
+  :data:`SIZE_RANGE`, for every motion; motions are uniform over those valid for the start frame
+  (rotate needs a non-circle, pans stripes). We chose "room from any start in a central region"
+  over letting objects leave the frame, because then every caption the start frame admits is a
+  video the world can show: from the region's edge the largest shape (extent 0.208) still has
+  ``(0.3 - 0.208) * 128 = 11.8`` px to travel, a full second at the top speed, before it stops at
+  the border, so the caption, not the position, decides what happens. Only pans (the camera, not
+  the object) carry it out of the frame, after seconds; metrics that need the object skip them.
+
+Splits (:data:`SPLITS`). Every :class:`WorldParams` falls in one of :data:`HELD_OUT_MODULUS`
+buckets by a stable hash (BLAKE2b); the sampler quantises the continuous fields so the hash is
+well defined. Bucket 0 is held out and halved by the next bits of the same hash into
+``validation`` (for choosing models and settings) and ``test`` (reported once per shipped model);
+the rest is ``train``. For ``"by-motion"`` the hash covers every field, exactly as the first
+world's single held-out bucket did (:func:`is_held_out`, :func:`held_out`), so its training streams
+are unchanged. For ``"independent"`` it covers the start frame's fields only
+(:func:`start_frame_key`): a held-out start frame is held out with every motion, which the caption
+control (every motion caption on one start frame) needs. :func:`stream` yields ``train`` only and
+:func:`scenes` one split only, so they are disjoint for every seed.
 """
 
 from __future__ import annotations
@@ -128,6 +150,9 @@ STRIPE_PERIOD: Final = 16.0  # px at SIZE
 STRIPE_SHARPNESS: Final = 3.0  # stripes: clip(k * sin), soft (anti-aliased) edges ~2 px wide
 MIN_CONTRAST: Final = 90  # min Chebyshev RGB distance object <-> any background shade
 HELD_OUT_MODULUS: Final = 16  # 1/16 of the params space is reserved for evaluation
+STARTS: Final = ("by-motion", "independent")  # start-position samplers (module docstring)
+CENTRAL: Final = (0.3, 0.7)  # "independent": start centres, fraction of the frame on both axes
+SPLITS: Final = ("train", "validation", "test")
 DIRECTION_THRESHOLD: Final = 2.0  # px of net displacement below which a track is "still"
 _GROW_SIZES: Final = (0.08, 0.11)  # start sizes: room to grow / shrink by a clear factor
 _SHRINK_SIZES: Final = (0.13, 0.16)
@@ -459,6 +484,12 @@ def _background(p: WorldParams, t: np.ndarray, size: int) -> np.ndarray:
     return shade.astype(np.float32)[..., None] * base
 
 
+def background(p: WorldParams, frames: int, size: int = SIZE, fps: int = FPS, start: int = 0) -> np.ndarray:
+    """The background behind the object in the frames :func:`render` draws: (frames or 1, size,
+    size, 3) float32 in 0..255 (one frame where it does not move)."""
+    return _background(p, _times(frames, fps, start), size)
+
+
 def render(p: WorldParams, frames: int, size: int = SIZE, fps: int = FPS, start: int = 0) -> np.ndarray:
     """Frames (frames, size, size, 3) uint8; frame ``k`` shows time ``(start + k) / fps``."""
     if size < 8:
@@ -504,21 +535,35 @@ def _start_position(motion: str, extent: float, u: float, w: float) -> tuple[flo
     return _uniform(u, 0.35, 0.65), _uniform(w, 0.35, 0.65)  # grow, shrink, rotate
 
 
-def sample_params(rng: np.random.Generator) -> WorldParams:
+def _check_start(start: str) -> None:
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+
+
+def sample_params(rng: np.random.Generator, start: str = "by-motion") -> WorldParams:
     """One clip: uniform over :func:`combinations`, then uniform continuous fields.
 
-    Sizes: grow starts in 0.08-0.11, shrink in 0.13-0.16, the rest in :data:`SIZE_RANGE`; speed is
-    uniform in :data:`SPEED_RANGE` (0 for ``stay``); bounce headings are 20-70 degrees off the axes.
-    Continuous fields are quantised (x, y, size to 1e-3, speed to 1e-2, heading to 0.1 degree).
+    ``start="by-motion"`` (the first world): grow starts in 0.08-0.11, shrink in 0.13-0.16, the
+    rest in :data:`SIZE_RANGE`, positions as :func:`_start_position`. ``start="independent"``:
+    size in :data:`SIZE_RANGE` and centre in :data:`CENTRAL` whatever the motion (module
+    docstring). Both: speed uniform in :data:`SPEED_RANGE` (0 for ``stay``); bounce headings 20-70
+    degrees off the axes. Continuous fields are quantised (x, y, size to 1e-3, speed to 1e-2,
+    heading to 0.1 degree). Both draw the same random numbers, so a seed gives the same scenes'
+    motions and colours under either sampler.
     """
+    _check_start(start)
     combos = combinations()
     u = rng.random(7).tolist()  # Python floats: fast scalar arithmetic and rounding
     combo = combos[min(int(u[0] * len(combos)), len(combos) - 1)]
     shape, color, background, background_color, motion = combo
-    size_range = _GROW_SIZES if motion == "grow" else _SHRINK_SIZES if motion == "shrink" else SIZE_RANGE
-    size = round(_uniform(u[1], *size_range), 3)
     speed = 0.0 if motion == "stay" else round(_uniform(u[2], *SPEED_RANGE), 2)
-    x, y = _start_position(motion, _EXTENT[shape] * size, u[3], u[4])
+    if start == "independent":
+        size = round(_uniform(u[1], *SIZE_RANGE), 3)
+        x, y = _uniform(u[3], *CENTRAL), _uniform(u[4], *CENTRAL)
+    else:
+        size_range = _GROW_SIZES if motion == "grow" else _SHRINK_SIZES if motion == "shrink" else SIZE_RANGE
+        size = round(_uniform(u[1], *size_range), 3)
+        x, y = _start_position(motion, _EXTENT[shape] * size, u[3], u[4])
     heading = 0.0
     if motion == "bounce":  # 20-70 degrees into one of the four quadrants
         heading = round(_uniform(u[5], 20.0, 70.0) + 90.0 * min(int(u[6] * 4), 3), 1)
@@ -536,32 +581,52 @@ def sample_params(rng: np.random.Generator) -> WorldParams:
     )
 
 
-def _bucket(p: WorldParams) -> int:
-    """Stable hash bucket of every field (``__post_init__`` makes the floats canonical)."""
-    key = repr(
-        (p.shape, p.color, p.background, p.background_color, p.motion, p.speed, p.x, p.y, p.size, p.heading)
-    )
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % HELD_OUT_MODULUS
+def start_frame_key(p: WorldParams) -> tuple:
+    """The fields the start frame shows (at t = 0 every motion renders the same frame)."""
+    return (p.shape, p.color, p.background, p.background_color, p.x, p.y, p.size)
+
+
+def _hash(key: tuple) -> int:
+    """Stable 64-bit hash of a tuple of canonical values (``__post_init__`` makes the floats canonical)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+
+
+def _scene_hash(p: WorldParams, start: str) -> int:
+    if start == "independent":
+        return _hash(start_frame_key(p))
+    return _hash((p.shape, p.color, p.background, p.background_color, p.motion, p.speed, p.x, p.y, p.size, p.heading))
 
 
 def is_held_out(p: WorldParams) -> bool:
-    """Whether ``p`` is reserved for evaluation (hash bucket 0 of :data:`HELD_OUT_MODULUS`)."""
-    return _bucket(p) == 0
+    """Whether ``p`` is reserved for evaluation in the first (``"by-motion"``) world: hash bucket 0
+    of :data:`HELD_OUT_MODULUS` over every field, validation and test together."""
+    return _scene_hash(p, "by-motion") % HELD_OUT_MODULUS == 0
 
 
-def stream(seed: int) -> Iterator[WorldParams]:
-    """Endless deterministic training stream; never yields held-out params (:func:`is_held_out`)."""
+def split_of(p: WorldParams, start: str = "by-motion") -> str:
+    """Which of :data:`SPLITS` ``p`` belongs to in the world of sampler ``start`` (module docstring)."""
+    _check_start(start)
+    h = _scene_hash(p, start)
+    if h % HELD_OUT_MODULUS:
+        return "train"
+    return "validation" if (h // HELD_OUT_MODULUS) % 2 == 0 else "test"
+
+
+def stream(seed: int, start: str = "by-motion") -> Iterator[WorldParams]:
+    """Endless deterministic training stream of sampler ``start``; only ``train`` params
+    (:func:`split_of`), so never a held-out one."""
+    _check_start(start)
     rng = np.random.default_rng(seed)
     while True:
-        p = sample_params(rng)
-        if not is_held_out(p):
+        p = sample_params(rng, start)
+        if split_of(p, start) == "train":
             yield p
 
 
 def held_out(n: int = 64, seed: int = 1_000_003) -> list[WorldParams]:
-    """A fixed evaluation set of ``n`` distinct params, all in the held-out bucket, so disjoint from
-    :func:`stream` for every seed; same distribution as training otherwise."""
+    """The first world's fixed evaluation set: ``n`` distinct ``"by-motion"`` params, all held out
+    (:func:`is_held_out`: validation and test together), so disjoint from :func:`stream` for every
+    seed. Kept as it was: the shipped demo model's published numbers were measured on it."""
     rng = np.random.default_rng(seed)
     chosen: dict[WorldParams, None] = {}
     draws = 0
@@ -572,6 +637,39 @@ def held_out(n: int = 64, seed: int = 1_000_003) -> list[WorldParams]:
             chosen[p] = None
     logger.debug("held_out: %d params from %d draws (seed %d)", n, draws, seed)
     return list(chosen)
+
+
+def scenes(split: str, n: int, start: str = "independent", seed: int = 1_000_003) -> list[WorldParams]:
+    """``n`` params of ``split`` from sampler ``start``, in a fixed order, with distinct start
+    frames (:func:`start_frame_key`), so that a start frame is never evaluated twice."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    _check_start(start)
+    rng = np.random.default_rng(seed)
+    chosen: dict[tuple, WorldParams] = {}
+    while len(chosen) < n:
+        p = sample_params(rng, start)
+        if split_of(p, start) == split:
+            chosen.setdefault(start_frame_key(p), p)
+    return list(chosen.values())
+
+
+def applicable_motions(p: WorldParams) -> tuple[str, ...]:
+    """The motions the world can show from ``p``'s start frame (rotate needs a non-circle, pans stripes)."""
+    return tuple(m for m in MOTIONS if _combination_problem(p.shape, p.color, p.background, p.background_color, m) is None)
+
+
+_DEFAULT_SPEED: Final = sum(SPEED_RANGE) / 2
+_DEFAULT_HEADING: Final = 45.0
+
+
+def with_motion(p: WorldParams, motion: str) -> WorldParams:
+    """The scene with ``p``'s start frame doing ``motion`` instead: ``p``'s speed (the middle of
+    :data:`SPEED_RANGE` if ``p`` stays), 0 for ``stay``, ``p``'s heading for a bounce if it bounces
+    (else 45 degrees). Renders the same frame at t = 0."""
+    speed = 0.0 if motion == "stay" else (p.speed or _DEFAULT_SPEED)
+    heading = p.heading if p.motion == "bounce" else (_DEFAULT_HEADING if motion == "bounce" else 0.0)
+    return replace(p, motion=motion, speed=speed, heading=heading)
 
 
 # --------------------------------------------------------------------------------------------
