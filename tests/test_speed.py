@@ -265,3 +265,28 @@ def test_repeated_tiles_leave_the_pipelines_video_bit_identical(tmp_path):
         del pipeline
     assert decoded[0] < decoded[1]  # tiles were reused
     assert np.array_equal(videos[0], videos[1])
+
+
+# ---- RoPE as a complex product ---------------------------------------------------------------------
+
+
+def test_rope_as_a_complex_product_is_the_pairwise_rotation():
+    import torch
+
+    from framepack.model.rope import apply_rope, avg_pool_grid, rotate_pairs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, 4, 16, generator=g).flatten(1, 3)  # (B, L, H, d)
+    angles = torch.randn(2, 3, 4, 5, 8, generator=g).repeat_interleave(2, dim=-1)  # one angle per pair
+    # pooled tables (history levels) are no longer unit rotations; the identity holds for them too
+    for cos, sin in ((angles.cos(), angles.sin()),
+                     (avg_pool_grid(angles.cos(), (1, 2, 2)), avg_pool_grid(angles.sin(), (1, 2, 2)))):
+        cos, sin = cos.flatten(1, 3), sin.flatten(1, 3)
+        xs = x[:, : cos.shape[1]]
+        expected = xs * cos[:, :, None] + rotate_pairs(xs) * sin[:, :, None]  # the definition, in fp32
+        # the complex product may fuse a multiply-add: within 2 float32 ulps of the definition
+        torch.testing.assert_close(apply_rope(xs, cos, sin), expected, rtol=2.5e-7, atol=1e-7)
+        xb = xs.bfloat16()  # bf16 queries are rotated in fp32 and rounded back
+        rounded = (xb.float() * cos[:, :, None] + rotate_pairs(xb.float()) * sin[:, :, None]).bfloat16()
+        torch.testing.assert_close(apply_rope(xb, cos, sin), rounded, rtol=0.008, atol=0)
+        assert not torch.allclose(apply_rope(xs, cos, -sin), expected, atol=1e-3)  # the direction matters
