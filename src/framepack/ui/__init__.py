@@ -35,6 +35,9 @@ UI_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
                                                  "time: cuda:0,cuda:1 (a device may repeat: cpu,cpu)")),
     (("--dtype",), dict(default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")),
+    (("--lora-dir",), dict(dest="lora_dir", metavar="DIR",
+                           help="a folder of LoRA .safetensors files the page offers by name (default: none; "
+                                "only files directly in it are read, see docs/lora.md)")),
 )
 
 
@@ -106,6 +109,9 @@ def main_ui(args: argparse.Namespace) -> int:
     if jobs_log.getEffectiveLevel() > logging.INFO:
         jobs_log.setLevel(logging.INFO)
     auth = parse_auth(args.auth)
+    from .loras import LoraFolder
+
+    loras = LoraFolder(args.lora_dir) if args.lora_dir else None  # not a folder: one line, before anything loads
     if not 0.1 <= args.poll_seconds <= 60:
         raise ValueError(f"--poll-seconds must be between 0.1 and 60, got {args.poll_seconds:g}")
     # a typo or a missing GPU: one line, before anything loads
@@ -118,5 +124,6 @@ def main_ui(args: argparse.Namespace) -> int:
 
     service = JobService(Path(args.outputs), [pipeline_loader(d, t) for d, t in zip(devices, dtypes)],
                          devices=[str(device) for device in devices])
-    launch(service, models, host=args.host, port=args.port, auth=auth, share=args.share, poll_s=args.poll_seconds)
+    launch(service, models, host=args.host, port=args.port, auth=auth, share=args.share, poll_s=args.poll_seconds,
+           loras=loras)
     return 0

@@ -27,6 +27,7 @@ from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
 from .files import FileGate, FileReferenceGuard, model_names, public_text
+from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
                    job_number, length_note, plan_settings, preserve_gb, section_seconds, settings_from_form,
                    snap_seconds)
@@ -131,6 +132,14 @@ def _table(rows: list[list[Any]], headers: list[str]) -> dict[str, Any]:
     return {"data": rows, "headers": headers}
 
 
+def lora_listing(folder: LoraFolder) -> str:
+    """The LoRA folder's files, as the panel lists them."""
+    names = folder.names()
+    if not names:
+        return "The LoRA folder holds no .safetensors files."
+    return "LoRA files: " + ", ".join(f"`{name}`" for name in names)
+
+
 def uses_distilled_guidance(model: str) -> bool:
     """Whether a model reads the distilled-guidance scale (its transformer embeds it); the demo
     model does not. A model on the hub (the 13B ones) does."""
@@ -188,11 +197,12 @@ def endpoint(outputs: Path) -> Callable[[Callable[..., T]], Callable[..., T]]:
 
 
 def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults = FormDefaults(),
-              poll_s: float = POLL_S, gate: FileGate | None = None) -> gr.Blocks:
+              poll_s: float = POLL_S, gate: FileGate | None = None, loras: LoraFolder | None = None) -> gr.Blocks:
     """The page and its API; ``service`` must be started by the caller (see :func:`launch`).
 
     ``gate`` decides which files clients may name (by default: this app's uploads); :func:`launch`
-    shares it with the request guard in front of Gradio.
+    shares it with the request guard in front of Gradio. ``loras``: the LoRA folder whose files the
+    page offers (``framepack ui --lora-dir``); None: no LoRA control.
     """
     if not models:
         raise ValueError("the app needs at least one model")
@@ -257,6 +267,15 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         # skips transformer evaluations whose result barely changes (docs/caching.md)
                         cache = gr.Dropdown(list(CACHE_CHOICES), value=defaults.cache, elem_id="fp-cache",
                                             label="Step cache (faster; 'off' is exact)")
+                    lora_box = lora_add = lora_list = None
+                    if loras is not None:
+                        with gr.Accordion("LoRAs", open=False, elem_id="fp-loras-panel"):
+                            lora_list = gr.Markdown(lora_listing(loras), elem_id="fp-lora-list")
+                            lora_add = gr.Dropdown(loras.names(), value=None, label="Add a LoRA",
+                                                   elem_id="fp-lora-add")
+                            lora_box = gr.Textbox(label="LoRAs and weights (name:weight, comma-separated; "
+                                                  "weight 1 when left out)", value="", elem_id="fp-loras",
+                                                  placeholder="style.safetensors:0.8, motion.safetensors")
                     with gr.Accordion("Memory plan", open=False, elem_id="fp-memory"):
                         # the reference's control: what a CUDA worker leaves free of the plan (for the
                         # desktop, other programs); more preserved means more offloading, slower
@@ -304,16 +323,37 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                    "cfg": cfg, "sampler": sampler, "mode": mode, "model": model, "resolution": resolution, "crf": crf,
                    "cache": cache, "preserve_gb": preserve}
         form = [by_name[name] for name in FORM_FIELDS]
+        # the LoRA field travels beside the form, not in it (see on_submit): what "use these settings" fills
+        filled = form + ([lora_box] if lora_box is not None else [])
         private: dict[str, Any] = {"api_visibility": "private"}
+        # The LoRA choice travels by session (PendingLoras): the click on Generate hands the LoRA field
+        # over, then on_submit (the next step of the same click) takes it. The form handler and /submit
+        # keep their arguments, so clients that know nothing of LoRAs call them as before.
+        chosen_loras = PendingLoras()
 
         # ---- handlers -----------------------------------------------------------------------------------------
         # Every handler that takes what a client typed gets it raw (preprocess=False) and reads it through
         # the parsers of .form and the FileGate, as the API does.
 
-        def on_submit(*values: Any) -> tuple[str, Any]:
+        def on_loras(value: Any, request: gr.Request) -> None:
+            chosen_loras.put(getattr(request, "session_hash", None), value)
+
+        def on_add_lora(name: Any, current: Any) -> Any:
+            if not isinstance(name, str) or not name:
+                return gr.skip()
+            text = current.strip() if isinstance(current, str) else ""
+            return f"{text}, {name}:1" if text else f"{name}:1"
+
+        def on_lora_files() -> tuple[Any, Any]:
+            assert loras is not None
+            return lora_listing(loras), gr.update(choices=loras.names(), value=None)
+
+        def on_submit(request: gr.Request, *values: Any) -> tuple[str, Any]:
             try:
                 fields = dict(zip(FORM_FIELDS, values))
+                chosen = chosen_loras.take(getattr(request, "session_hash", None))
                 settings = settings_from_form(fields, names, accept_file=gate.upload)
+                settings = settings.replace(loras=loras_from_form(chosen, loras))
                 record = service.submit(settings, preserve_gb(fields.get("preserve_gb")))
             except (ValueError, OSError) as exc:
                 return _error(public_text(one_line(exc), outputs)), gr.skip()
@@ -470,13 +510,14 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                     values[name] = gr.skip() if name == "image" else None
             values["preserve_gb"] = gr.skip()  # this machine's GPU memory, not the video's: kept as it is
             note = f"Settings of {source} are in the Generate tab" + (f"; {'; '.join(notes)}." if notes else ".")
-            return (*[values[name] for name in FORM_FIELDS], note)
+            lora_value = [loras_text(settings.get("loras"))] if lora_box is not None else []
+            return (*[values[name] for name in FORM_FIELDS], *lora_value, note)
 
         def on_use(job: Any) -> tuple[Any, ...]:
             try:
                 record = service.view(job_number(job)).record
             except ValueError as exc:
-                return (*[gr.skip()] * len(FORM_FIELDS), _error(str(exc)))
+                return (*[gr.skip()] * len(filled), _error(str(exc)))
             return fill_form(record.settings, f"job {record.id}", record)
 
         def on_use_mp4(upload: Any) -> tuple[Any, ...]:
@@ -490,13 +531,19 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 except ValueError as exc:  # the reason names the upload by its name, not where it lies
                     raise ValueError(str(exc).replace(path, name)) from None
             except ValueError as exc:
-                return (*[gr.skip()] * len(FORM_FIELDS), _error(public_text(str(exc), outputs)))
+                return (*[gr.skip()] * len(filled), _error(public_text(str(exc), outputs)))
             return fill_form(meta["framepack"], name)
 
         # ---- wiring ---------------------------------------------------------------------------------------------
 
         raw: dict[str, Any] = dict(private, preprocess=False)  # raw values: a broken payload reaches our checks
-        generate.click(checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
+        if lora_box is None:
+            generate.click(checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
+        else:  # the LoRA field is handed over first, in the same click (on_loras says why)
+            generate.click(checked(on_loras), lora_box, None, show_progress="hidden", **raw).then(
+                checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
+            lora_add.input(checked(on_add_lora), [lora_add, lora_box], lora_box, show_progress="hidden", **raw)
+            app.load(checked(on_lora_files), None, [lora_list, lora_add], show_progress="hidden", **private)
         cancel.click(checked(on_cancel), [watched, shown], [message, cancelling], show_progress="hidden", **raw)
         resume.click(checked(on_resume), [watched, shown], message, show_progress="hidden", **raw)
         seconds.change(checked(on_length), seconds, length, show_progress="hidden", queue=False, **raw)
@@ -511,14 +558,15 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         refresh.click(checked(on_history), None, history_table, **private)
         history_table.select(checked(on_pick), None, picked, **private)
         show.click(checked(on_show), picked, [history_video, history_settings, history_message], **raw)
-        use.click(checked(on_use), picked, [*form, history_message], **raw)
-        use_mp4.click(checked(on_use_mp4), mp4, [*form, history_message], **raw)
+        use.click(checked(on_use), picked, [*filled, history_message], **raw)
+        use_mp4.click(checked(on_use_mp4), mp4, [*filled, history_message], **raw)
 
-        _api(service, names, defaults, gate, video)
+        _api(service, names, defaults, gate, video, loras, chosen_loras)
     return app
 
 
-def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gate: FileGate, cache: Any) -> None:
+def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gate: FileGate, cache: Any,
+         folder: LoraFolder | None = None, chosen_loras: PendingLoras | None = None) -> None:
     """Named endpoints for gradio_client. Each reads its arguments through the parsers of .form (files
     through ``gate``) and answers bad ones with a gr.Error carrying the one-line reason."""
     checked = endpoint(service.outputs)
@@ -527,7 +575,9 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
     def public(view: JobView) -> dict:
         return view.to_dict(service.outputs)
 
-    def submit(image: gr.FileData, prompt: str, end_image: gr.FileData | None = None, negative_prompt: str = "",
+    chosen_loras = chosen_loras or PendingLoras()
+
+    def submit(request: gr.Request, image: gr.FileData, prompt: str, end_image: gr.FileData | None = None, negative_prompt: str = "",
                seconds: float = defaults.seconds, seed: int = defaults.seed, random_seed: bool = False,
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
@@ -535,13 +585,28 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
                preserve: float = defaults.preserve_gb, cache: str = defaults.cache) -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue). ``preserve``: GB
         of GPU memory the job's memory plan leaves free (CUDA workers); ``cache``: the step cache
-        (none, model, teacache:0.15, ...: docs/caching.md)."""
+        (none, model, teacache:0.15, ...: docs/caching.md). LoRAs: those this session chose last
+        with /choose_loras (none otherwise)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
                     resolution=resolution, crf=crf, cache=cache)
-        record = service.submit(settings_from_form(form, names, accept_file=gate.upload), preserve_gb(preserve))
+        settings = settings_from_form(form, names, accept_file=gate.upload)
+        chosen = loras_from_form(chosen_loras.take(getattr(request, "session_hash", None)), folder)
+        record = service.submit(settings.replace(loras=chosen), preserve_gb(preserve))
         return public(service.view(record.id))
+
+    def lora_files() -> list:
+        """The LoRA files this server offers (names for /choose_loras); empty without --lora-dir."""
+        return [] if folder is None else folder.names()
+
+    def choose_loras(loras: str, request: gr.Request) -> list:
+        """LoRAs for this session's next /submit (gradio_client keeps one session per Client): files
+        of /loras by name with weights, "a.safetensors:0.8, b.safetensors" (weight 1 when left out),
+        or a list of [name, weight]. Checked now; returns the choice as the job will record it."""
+        chosen = loras_from_form(loras, folder)
+        chosen_loras.put(getattr(request, "session_hash", None), loras)
+        return public_loras(chosen)
 
     def status(job: int) -> dict:
         """A job's status, settings and, while it runs, section/step/ETA; 'video' is set once done."""
@@ -572,6 +637,8 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
 
     for fn in (submit, status, cancel, resume, video, history, queue):
         gr.api(checked(fn), api_name=fn.__name__, concurrency_limit=None)
+    gr.api(checked(lora_files), api_name="loras", concurrency_limit=None)
+    gr.api(checked(choose_loras), api_name="choose_loras", concurrency_limit=None)
 
 
 # ---- launching -----------------------------------------------------------------------------------------------
@@ -599,10 +666,10 @@ def theme() -> gr.themes.Base:
 
 def launch(service: JobService, models: Sequence[str], host: str = "127.0.0.1", port: int = 7860,
            auth: tuple[str, str] | None = None, share: bool = False, max_file_size: str = "50mb",
-           poll_s: float = POLL_S) -> None:
+           poll_s: float = POLL_S, loras: LoraFolder | None = None) -> None:
     """Serve until interrupted; the running job is then put back in the queue (it resumes next start)."""
     gate = FileGate(service.outputs, lambda: app.upload_file_set)
-    app = build_app(service, models, poll_s=poll_s, gate=gate)
+    app = build_app(service, models, poll_s=poll_s, gate=gate, loras=loras)
     app.queue(default_concurrency_limit=4)
     extra: dict[str, Any] = {}
     if "_frontend" in inspect.signature(app.launch).parameters:

@@ -23,6 +23,7 @@ from ..images import load_image
 from ..jobs import JobDir
 from ..settings import GenerationSettings
 from .files import public_text
+from .loras import public_loras
 from .store import FINISHED, STORE_NAME, JobRecord, JobStore
 from .worker import PipelineLoader, Progress, Worker
 
@@ -65,8 +66,11 @@ class JobView:
 
 def public_settings(settings: dict[str, Any], outputs: Path) -> dict[str, Any]:
     """A job's settings as a client sees them: its files relative to ``outputs``, a model directory by name."""
-    return {key: public_text(value, outputs) if key in PATH_SETTINGS and isinstance(value, str) else value
-            for key, value in settings.items()}
+    shown = {key: public_text(value, outputs) if key in PATH_SETTINGS and isinstance(value, str) else value
+             for key, value in settings.items()}
+    if "loras" in shown:  # LoRA files by name, as the video records them
+        shown["loras"] = public_loras(shown["loras"])
+    return shown
 
 
 def _check_image(label: str, path: str) -> None:

@@ -276,6 +276,7 @@ class Worker:
         try:
             with self._loading:
                 pipeline = self._load_pipeline(job.settings.model, plan)  # type: ignore[call-arg]
+            pipeline.use_loras(job.settings.loras)  # fused before the plan stores or offloads the weights
             with apply_plan(pipeline, plan, self.target, offload_dir=self._offload_dir):
                 self._sample(pipeline, job, job_id)
         finally:
