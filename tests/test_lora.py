@@ -271,6 +271,18 @@ def test_an_offloaded_transformer_is_refused(model):
         LoraFusion(model).fuse([(_lora(model, 1), 1.0)])
 
 
+def test_weights_stored_again_after_fusing_are_not_unfused_wrongly(model):
+    """fp8 storage applied after fusing (a memory plan on a model loaded in full precision): the
+    kept fp32 copies no longer fit the layers, and unfusing says so instead of casting them in."""
+    from framepack.runtime.placement import store_weights
+
+    fusion = LoraFusion(model)
+    fusion.fuse([(_lora(model, 1), 1.0)])
+    store_weights(model, "fp8", torch.bfloat16)
+    with pytest.raises(LoraError, match="stored in another format after the LoRAs were fused"):
+        fusion.unfuse()
+
+
 def test_fused_model_matches_peft_lora_forward(model, tmp_path):
     """Independent reference: PEFT's unmerged LoRA layers on a copy of the model give the output
     our fused weights give, from the file diffusers' naming describes (PEFT state dict + prefix)."""
@@ -413,3 +425,93 @@ def test_a_lora_that_does_not_fit_is_one_line_before_anything_is_made(demo_dir, 
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (demo_dir / out).exists() and not (demo_dir / out.replace(".mp4", ".job")).exists()
+
+
+# ---- the pipeline: switching between jobs, memory plans ----------------------------------------------------------
+
+
+def demo_settings(image: Path, loras=()):
+    from framepack.settings import GenerationSettings
+
+    return GenerationSettings(image=str(image), prompt="a red circle moves", model="tiny", seconds=1.0, steps=2,
+                              resolution=64, seed=3, loras=tuple(loras))
+
+
+def first_latents(pipeline, settings, root: Path) -> torch.Tensor:
+    from framepack.jobs import JobDir
+
+    job = JobDir.create(root, settings, root.with_suffix(".mp4"))
+    pipeline.run(job)
+    return job.load_latents(0)
+
+
+def test_one_pipeline_switches_loras_between_jobs_and_back_to_the_base(demo_dir, tmp_path):
+    from framepack.lora import lora_choice
+    from framepack.pipeline import FramePackPipeline
+
+    pipeline = FramePackPipeline.from_model("tiny")
+    style = lora_choice(demo_dir / "style.safetensors", 1.0)
+    other = lora_choice(demo_lora(tmp_path / "other.safetensors", seed=11), 0.5)
+    base = first_latents(pipeline, demo_settings(demo_dir / "start.png"), tmp_path / "a")
+    styled = first_latents(pipeline, demo_settings(demo_dir / "start.png", [style]), tmp_path / "b")
+    both = first_latents(pipeline, demo_settings(demo_dir / "start.png", [style, other]), tmp_path / "c")
+    again = first_latents(pipeline, demo_settings(demo_dir / "start.png"), tmp_path / "d")
+    fresh = FramePackPipeline.from_model("tiny")
+    assert not torch.equal(base, styled) and not torch.equal(styled, both)
+    assert torch.equal(again, base)  # unfused exactly
+    assert torch.equal(first_latents(fresh, demo_settings(demo_dir / "start.png", [style, other]), tmp_path / "e"),
+                       both)  # switching on one pipeline = loading them on a fresh one
+
+
+def test_a_changed_file_is_refused_at_resume(demo_dir, tmp_path):
+    from framepack.jobs import JobDir
+    from framepack.lora import lora_choice
+    from framepack.pipeline import FramePackPipeline
+
+    path = demo_lora(tmp_path / "mine.safetensors")
+    job = JobDir.create(tmp_path / "job", demo_settings(demo_dir / "start.png", [lora_choice(path)]),
+                        tmp_path / "out.mp4")
+    demo_lora(path, seed=12)  # replaced under the same name after the job was made
+    with pytest.raises(LoraError, match=r"mine\.safetensors has changed since it was chosen"):
+        FramePackPipeline.from_model("tiny").run(job)
+
+
+def test_fused_before_a_memory_plan_fp8_offloaded_equals_fp8_resident(demo_dir, tmp_path):
+    """What generate --memory and the web app's planned jobs do: load (the blocks straight into fp8),
+    fuse, then place. Block offload gives the resident video; switching LoRAs on an offloaded
+    transformer is refused in one line."""
+    from framepack.components import load_components, resolve_model
+    from framepack.jobs import JobDir
+    from framepack.lora import lora_choice
+    from framepack.pipeline import FramePackPipeline
+    from framepack.runtime.apply import CLIP, LLAMA, TRANSFORMER, VAE, apply_plan, load_options
+    from framepack.runtime.plan import Choice, ComponentPlan, Job, MemoryPlan
+
+    def plan_of(transformer: Choice) -> MemoryPlan:  # by hand, for the demo model's components (no SigLIP)
+        parts = {TRANSFORMER: transformer, LLAMA: Choice(), CLIP: Choice(), VAE: Choice()}
+        return MemoryPlan("tiny", Job(resolution=64, window=9), None,
+                          tuple(ComponentPlan(n, 0, c, 0, 0) for n, c in parts.items()), (), ())
+
+    style = lora_choice(demo_dir / "style.safetensors", 1.0)
+    results = []
+    for name, choice in (("resident", Choice("resident", "fp8")), ("offload", Choice("offload", "fp8"))):
+        plan = plan_of(transformer=choice)
+        pipeline = FramePackPipeline(load_components(resolve_model("tiny"), **load_options(plan)), "cpu")
+        loaded = {k: v.clone() for k, v in pipeline.c.transformer.state_dict().items()}
+        pipeline.use_loras([style])
+        fused = pipeline.c.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+        assert fused.weight.dtype == torch.float8_e4m3fn  # requantized in place, scale and all
+        assert not torch.equal(fused.weight, loaded["transformer_blocks.0.attn.to_q.weight"])
+        with apply_plan(pipeline, plan, "cpu", offload_dir=tmp_path / name / "offload"):
+            results.append(first_latents(pipeline, demo_settings(demo_dir / "start.png", [style]), tmp_path / name))
+            if name == "offload":
+                with pytest.raises(LoraError, match="offloaded"):
+                    pipeline.use_loras([])
+    assert torch.equal(results[0], results[1])
+    # and unfusing a model loaded into fp8 gives back the loaded bytes
+    pipeline = FramePackPipeline(load_components(resolve_model("tiny"), **load_options(plan_of(
+        transformer=Choice("resident", "fp8")))), "cpu")
+    loaded = {k: v.clone() for k, v in pipeline.c.transformer.state_dict().items()}
+    pipeline.use_loras([style])
+    pipeline.use_loras([])
+    assert all(torch.equal(v, loaded[k]) for k, v in pipeline.c.transformer.state_dict().items())

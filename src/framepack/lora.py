@@ -373,9 +373,7 @@ class LoraFusion:
 
     def fuse(self, loras: Sequence[tuple[LoraWeights, float]], key: tuple = ()) -> int:
         """Fuse ``loras`` (weights, scale) into the model; returns the number of layers changed."""
-        if _uses_offload_hooks(self.model):
-            raise LoraError("LoRAs cannot be fused into a transformer whose blocks are offloaded; fuse them "
-                            "before the memory plan is applied (framepack generate and the web app do)")
+        self._check_writable()
         self.unfuse()
         shapes = linear_shapes(self.model)
         for weights, _ in loras:  # all checked before any layer changes
@@ -408,8 +406,24 @@ class LoraFusion:
             # in place (copy_): hooks, compiled graphs and tied references all see the new values
             weight.copy_((weight.float() + delta).to(weight.dtype))
 
+    def _check_writable(self) -> None:
+        if _uses_offload_hooks(self.model):
+            raise LoraError("LoRAs cannot be changed on a transformer whose blocks are offloaded; they are fused "
+                            "before a memory plan is applied (framepack generate and the web app do), once per load")
+        for path, (weight, scale) in self._originals.items():
+            module = self.model.get_submodule(path)
+            now_scale = getattr(module, "weight_scale", None)
+            if (module.weight.dtype != weight.dtype or module.weight.shape != weight.shape
+                    or (scale is None) != (now_scale is None)):
+                # e.g. fp8 storage applied after fusing: the kept copies no longer fit the layers
+                raise LoraError(f"{path} was stored in another format after the LoRAs were fused; load the model "
+                                "again to change its LoRAs")
+
     def unfuse(self) -> None:
         """Put the base weights back, exactly."""
+        if not self._originals:
+            return
+        self._check_writable()
         with torch.no_grad():
             for path, (weight, scale) in self._originals.items():
                 module = self.model.get_submodule(path)
