@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -265,20 +266,20 @@ class FramePackPipeline:
              began: float) -> Path:
         run = self._prepare(job)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-video") as video_writer:
-            provisional: Future | None = None
-            for plan in run.plans[job.finished :]:
-                self._section(plan, job, run, on_event, should_stop)
-                if not plan.is_last:
-                    # remuxing all segments grows with the video: it runs beside the next section,
-                    # one at a time (.result() also surfaces its errors)
-                    if provisional is not None:
-                        provisional.result()
-                    newest = job.segments()[-PROVISIONAL_SECTIONS:]
-                    provisional = video_writer.submit(
-                        self._provisional, job, newest, run.assembler.pending, run.backwards, on_event
-                    )
-            if provisional is not None:
-                provisional.result()
+            # a section's writes (mp4 segment, pending frames, the commit, the provisional video) run
+            # beside the next section's sampling, one section behind at most; .result() surfaces errors
+            behind: Future | None = None
+            try:
+                for plan in run.plans[job.finished :]:
+                    write = self._section(plan, job, run, on_event, should_stop)
+                    if behind is not None:
+                        behind.result()
+                    behind = video_writer.submit(write)
+            except BaseException:
+                _settle(behind)  # a stopped run still commits the section it had finished
+                raise
+            if behind is not None:
+                behind.result()
 
         segments = [job.segment_path(step) for step in run.needed_segments(len(run.plans))]
         job.out.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +404,7 @@ class FramePackPipeline:
         run.assembler.pending = assembler.pending
 
     def _section(self, plan: SectionPlan, job: JobDir, run: "_Run", on_event: Callable[[Event], None],
-                 should_stop: Callable[[], bool]) -> None:
+                 should_stop: Callable[[], bool]) -> Callable[[], None]:
         settings, cond = job.settings, run.cond
         t0 = time.perf_counter()
         on_event(SectionStarted(plan.step, plan.count, run.prompts[plan.step]))
@@ -435,13 +436,23 @@ class FramePackPipeline:
         _check_finite(clip, plan, "pixels")  # both checked before anything of the section is written
         job.save_latents(plan.step, latents, run.generator.get_state())
         final = run.assembler.add(clip, last=plan.is_last)
-        if len(final):
-            write_segment(job.segment_path(plan.step), to_uint8(final), settings.crf)
-            job.note(job.segment_path(plan.step))
-        job.save_pending(plan.step, run.assembler.pending)
-        job.commit(plan.step)
         release_freed_memory()
         on_event(SectionFinished(plan.step, plan.count, time.perf_counter() - t0))
+        return partial(self._write_section, plan, job, final, run.assembler.pending, run.backwards, on_event)
+
+    def _write_section(self, plan: SectionPlan, job: JobDir, final: np.ndarray, pending: np.ndarray | None,
+                       backwards: bool, on_event: Callable[[Event], None]) -> None:
+        """What a section leaves on disk, in the video thread: its frames that no later section
+        changes (an mp4 segment), the frames a later blend still needs, then the commit that makes it
+        count; then, unless it is the last, the provisional video. A run killed before the commit
+        computes the section again on resume (its latents and RNG state make it the same section)."""
+        if len(final):
+            write_segment(job.segment_path(plan.step), to_uint8(final), job.settings.crf)
+            job.note(job.segment_path(plan.step))
+        job.save_pending(plan.step, pending)
+        job.commit(plan.step)
+        if not plan.is_last:
+            self._provisional(job, job.segments()[-PROVISIONAL_SECTIONS:], pending, backwards, on_event)
 
     def events(self, job: JobDir, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """The same run as a stream: iterate events while it works in a background thread.
@@ -519,6 +530,12 @@ class FramePackPipeline:
         meta = embedded_settings(job.settings.to_dict(), job.input_names)
         meta["framepack"]["loras"] = recorded_loras(job.settings.loras)  # by file name, as the images
         return meta
+
+
+def _settle(writes: Future | None) -> None:
+    """Wait for a section's writes while another exception ends the run; theirs is logged, not raised."""
+    if writes is not None and (error := writes.exception()) is not None:
+        log.warning("writing the last finished section failed as well: %s", error)
 
 
 def _decodes_latents_alone(vae) -> bool:
