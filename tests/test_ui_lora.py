@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_lora import demo_lora
 from ui_slow_server import Server
 from ui_tiny_model import write_image, write_tiny_model
@@ -125,19 +124,13 @@ def test_a_chosen_lora_is_kept_with_the_job_and_recorded_in_the_video(site, tmp_
 
 
 def page_call(server: Server, fn_index: int, data: list[Any], session: str) -> list[Any]:
-    request = urllib.request.Request(f"{server.url}gradio_api/queue/join", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"data": data, "fn_index": fn_index, "session_hash": session,
-                                                      "trigger_id": None}).encode())
-    urllib.request.urlopen(request, timeout=30).read()
-    with urllib.request.urlopen(f"{server.url}gradio_api/queue/data?session_hash={session}", timeout=60) as stream:
-        for raw in stream:
-            line = raw.decode().strip()
-            if line.startswith("data:"):
-                message = json.loads(line[len("data:"):])
-                if message.get("msg") == "process_completed":
-                    assert message.get("success"), message
-                    return message["output"]["data"]
-    raise AssertionError("the event stream ended before the handler completed")
+    """test_ui_memory's call of a page handler, in the given session (two calls share one)."""
+    from unittest import mock
+
+    import test_ui_memory
+
+    with mock.patch.object(test_ui_memory.uuid, "uuid4", return_value=mock.Mock(hex=session)):
+        return test_ui_memory.page_call(server, fn_index, data)
 
 
 def submitted(message: str) -> int:
@@ -148,8 +141,9 @@ def submitted(message: str) -> int:
 
 def test_the_page_hands_its_lora_field_to_the_submission_of_the_same_click(site):
     """Generate runs on_loras (the LoRA field) then on_submit (the form) in one chain, per session."""
-    from framepack.ui.app import FORM_FIELDS
     from test_ui_security import upload
+
+    from framepack.ui.app import FORM_FIELDS
 
     server = site["server"]
     with urllib.request.urlopen(f"{server.url}config", timeout=30) as response:
@@ -177,7 +171,7 @@ def test_the_page_hands_its_lora_field_to_the_submission_of_the_same_click(site)
 def test_lora_dir_must_be_a_folder(tmp_path):
     framepack = str(Path(sys.executable).with_name("framepack"))
     result = subprocess.run([framepack, "ui", "--lora-dir", str(tmp_path / "nope"), "--outputs", str(tmp_path / "o"),
-                             "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                             "--device", "cpu"], check=False, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"framepack: error: --lora-dir {tmp_path / 'nope'} is not a directory"]

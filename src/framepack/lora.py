@@ -96,13 +96,8 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     ``QuantizedLinear`` of a memory plan, by module path."""
     from .runtime.placement import QuantizedLinear
 
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-        elif isinstance(module, QuantizedLinear):
-            shapes[name] = (module.out_features, module.in_features)
-    return shapes
+    return {name: (module.out_features, module.in_features) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, QuantizedLinear))}
 
 
 def musubi_name(path: str) -> str:
@@ -258,7 +253,7 @@ def read_lora(path: str | Path, shapes: Mapping[str, tuple[int, int]]) -> LoraWe
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise LoraError(f"cannot read LoRA {path.name} as safetensors ({first})") from None

@@ -27,10 +27,10 @@ from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
 from .files import FileGate, FileReferenceGuard, model_names, public_text
-from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
                    job_number, length_note, plan_settings, preserve_gb, section_seconds, settings_from_form,
                    snap_seconds)
+from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
 from .service import JobService, JobView, public_settings
 from .store import JobRecord
