@@ -514,3 +514,21 @@ def test_fused_before_a_memory_plan_fp8_offloaded_equals_fp8_resident(demo_dir, 
     pipeline.use_loras([style])
     pipeline.use_loras([])
     assert all(torch.equal(v, loaded[k]) for k, v in pipeline.c.transformer.state_dict().items())
+
+
+def test_settings_take_pairs_and_old_settings_load_without_loras(tmp_path):
+    from framepack.lora import file_sha256, recorded_loras
+    from framepack.settings import GenerationSettings, LoraChoice
+
+    old = {"image": "a.png", "prompt": "p", "seconds": 2.0}  # a job or video made before LoRAs existed
+    assert GenerationSettings.from_dict(old).loras == ()
+    path = demo_lora(tmp_path / "x.safetensors")
+    settings = GenerationSettings(image="a.png", prompt="p", loras=((str(path), 0.5),))  # as a user writes them
+    assert settings.loras == (LoraChoice(str(path), 0.5, None),)
+    assert GenerationSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    # a video records the file's sha256 even when the settings were made without it
+    assert recorded_loras(settings.loras) == [{"path": "x.safetensors", "scale": 0.5, "sha256": file_sha256(path)}]
+    for bad, message in (((("x", float("inf")),), "must be a finite number"), (("x",), "needs a file"),
+                         ((("", 1.0),), "needs a file"), (((str(path), True),), "must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            GenerationSettings(image="a.png", prompt="p", loras=bad)

@@ -298,8 +298,12 @@ def parse_lora_option(text: str) -> tuple[str, float]:
 
 
 def recorded_loras(loras: Sequence[LoraChoice]) -> list[dict]:
-    """What a video records of its LoRAs: each file by name only, its sha256 prefix and scale."""
-    return [{"path": Path(c.path).name, "scale": c.scale, "sha256": c.sha256} for c in loras]
+    """What a video records of its LoRAs: each file by name only, its sha256 prefix (hashed now
+    where the settings were made without one, from the file just used) and scale."""
+    def sha(c: LoraChoice) -> str | None:
+        return c.sha256 if c.sha256 is not None or not Path(c.path).is_file() else file_sha256(c.path)
+
+    return [{"path": Path(c.path).name, "scale": c.scale, "sha256": sha(c)} for c in loras]
 
 
 def find_recorded(video: Path, recorded: Sequence[LoraChoice]) -> tuple[LoraChoice, ...]:

@@ -57,6 +57,11 @@ class GenerationSettings:
     loras: tuple[LoraChoice, ...] = ()  # fused LoRAs, in order (framepack.lora); absent in older videos
 
     def __post_init__(self) -> None:
+        if isinstance(self.loras, (list, tuple)) and not all(isinstance(c, LoraChoice) for c in self.loras):
+            try:  # (path, scale) pairs, as a user writes them
+                object.__setattr__(self, "loras", lora_choices(self.loras))
+            except ValueError:
+                pass  # named by _lora_problems
         # the first problem only: later checks may assume the earlier ones passed (a number, not a string)
         problem = next(self._problems(), None)
         if problem is not None:
