@@ -532,3 +532,27 @@ def test_settings_take_pairs_and_old_settings_load_without_loras(tmp_path):
                          ((("", 1.0),), "needs a file"), (((str(path), True),), "must be a finite number")):
         with pytest.raises(ValueError, match=message):
             GenerationSettings(image="a.png", prompt="p", loras=bad)
+
+
+def test_musubi_names_of_the_13b_model_map_back_to_one_layer_each():
+    """On the released 13B checkpoint's own parameter names (tests/data): every 2-D block weight
+    gets a musubi-tuner name that no other layer shares, and a musubi key set over the names
+    musubi-tuner's FramePack network targets (Linear layers of the blocks, 'norm' excluded) reads
+    back onto those layers with the 13B shapes."""
+    from framepack.lora import musubi_name, parse_lora
+
+    names = json.loads((Path(__file__).parent / "data" / "framepack_13b_state_dict.json").read_text())["shapes"]
+    shapes = {k.removesuffix(".weight"): tuple(v) for k, v in names.items() if k.endswith(".weight") and len(v) == 2}
+    assert len({musubi_name(p) for p in shapes}) == len(shapes)
+    targets = [p for p in shapes if p.startswith(("transformer_blocks.0.", "single_transformer_blocks.0."))
+               and "norm" not in p]
+    assert {"transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.ff.net.0.proj",
+            "transformer_blocks.0.attn.add_k_proj", "single_transformer_blocks.0.proj_mlp"} <= set(targets)
+    tensors = {}
+    for path in targets:
+        out_features, in_features = shapes[path]
+        name = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.zeros(2, in_features)
+        tensors[f"{name}.lora_up.weight"] = torch.zeros(out_features, 2)
+    weights = parse_lora(tensors, {}, shapes, "13b.safetensors")
+    assert set(weights.layers) == set(targets)
