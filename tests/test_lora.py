@@ -556,3 +556,36 @@ def test_musubi_names_of_the_13b_model_map_back_to_one_layer_each():
         tensors[f"{name}.lora_up.weight"] = torch.zeros(out_features, 2)
     weights = parse_lora(tensors, {}, shapes, "13b.safetensors")
     assert set(weights.layers) == set(targets)
+
+
+def test_a_resumed_lora_job_is_bit_identical(demo_dir, tmp_path):
+    """A fresh pipeline (a new process after an interrupt) fuses the job's LoRAs from its settings."""
+    from framepack.jobs import JobDir
+    from framepack.lora import lora_choice
+    from framepack.pipeline import Cancelled, FramePackPipeline, SectionFinished
+
+    settings = demo_settings(demo_dir / "start.png", [lora_choice(demo_dir / "style.safetensors", 0.6)])
+    settings = settings.replace(seconds=2.4)  # 2 sections
+    full = JobDir.create(tmp_path / "full", settings, tmp_path / "full.mp4")
+    FramePackPipeline.from_model("tiny").run(full)
+    broken = JobDir.create(tmp_path / "broken", settings, tmp_path / "broken.mp4")
+    events: list = []
+    with pytest.raises(Cancelled):
+        FramePackPipeline.from_model("tiny").run(broken, on_event=events.append,
+                                                should_stop=lambda: any(isinstance(e, SectionFinished) for e in events))
+    resumed = JobDir.open(broken.root)
+    assert resumed.finished == 1
+    FramePackPipeline.from_model("tiny").run(resumed)
+    assert all(torch.equal(full.load_latents(s), resumed.load_latents(s)) for s in range(2))
+    plain = JobDir.create(tmp_path / "plain", settings.replace(loras=()), tmp_path / "plain.mp4")
+    FramePackPipeline.from_model("tiny").run(plain)
+    assert not torch.equal(plain.load_latents(1), full.load_latents(1))  # the LoRA was in force throughout
+
+
+def test_lora_with_resume_is_refused_in_one_line(tmp_path):
+    result = subprocess.run([FRAMEPACK, "generate", "--resume", str(tmp_path / "job"), "--lora", "x.safetensors"],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "framepack: error: --resume continues a job with the settings it was started with; drop --lora (or start a "
+        "new job to change them)"]
