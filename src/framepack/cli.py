@@ -555,13 +555,23 @@ def _calibrate_cache(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .train.evaluate import EvalConfig, format_table, run_eval, save
+    from .train.evaluate import (
+        EvalConfig,
+        config_from_options,
+        format_table,
+        format_yardstick,
+        run_eval,
+        run_yardstick,
+        save,
+    )
 
-    config = EvalConfig(model=args.model, prompts=args.prompts, seconds=args.seconds, long_videos=args.long_videos,
-                        long_seconds=args.long_seconds, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                        workdir=args.workdir, split=args.split)
+    options = {name: getattr(args, name) for name in (
+        "model", "split", "start", "start_frames", "caption_seconds", "long_videos", "shape_seconds",
+        "persistence_seconds", "drift_seconds", "prompts", "seconds", "long_seconds", "steps", "cfg", "seed", "workdir")}
+    config = config_from_options(args.yardstick, **options)
+    direction = isinstance(config, EvalConfig)
     pipeline = _open_pipeline(args.model, args)
-    total = config.prompts + 2 * config.long_videos
+    total = config.prompts + 2 * config.long_videos if direction else config.videos()
     bar = tqdm(total=total, unit="video", file=sys.stderr, dynamic_ncols=True, disable=None)
 
     done = itertools.count(1)
@@ -575,13 +585,12 @@ def _eval(args: argparse.Namespace) -> int:
             logging.getLogger("framepack").info(message)
 
     try:
-        result = run_eval(config, pipeline, progress)
+        result = run_eval(config, pipeline, progress) if direction else run_yardstick(config, pipeline, progress)
     finally:
         bar.close()
-    table = format_table(result)
     if args.json:
         save(result, Path(args.json))
-    print(table)
+    print(format_table(result) if direction else format_yardstick(result))
     return 0
 
 
@@ -784,20 +793,34 @@ def build_parser() -> argparse.ArgumentParser:
                      "only while they run (logged with -v); a budget no plan fits is refused with the smallest that works")
     gen.set_defaults(run=_generate)
 
-    ev = commands.add_parser("eval", help="evaluate a model on held-out scenes of the synthetic world "
-                                          "(motion direction, persistence, drift)")
+    ev = commands.add_parser("eval", help="evaluate a model on the synthetic world: caption control, shape fidelity, "
+                                          "persistence, drift (docs/evaluation.md)")
     ev.add_argument("--model", default="tiny", help="model (default tiny, the embedded demo model)")
-    ev.add_argument("--prompts", type=_positive, default=50, help="held-out prompts for motion direction (default 50)")
-    ev.add_argument("--seconds", type=_number, default=2.0, help="length of each direction video (default 2)")
-    ev.add_argument("--long-videos", type=int, default=6, help="long videos for persistence and drift (default 6)")
-    ev.add_argument("--long-seconds", type=_number, default=30.0, help="length of each long video (default 30)")
+    ev.add_argument("--yardstick", choices=["caption", "direction"],
+                    help="caption (default): every start frame with every caption, shape IoU, persistence vs the true "
+                         "area, drift, on start frames independent of the motion; direction (the default when "
+                         "--prompts, --seconds or --long-seconds is given): the first yardstick, on the first world "
+                         "(the shipped model's published table)")
+    ev.add_argument("--split", choices=["validation", "test", "held-out"],
+                    help="caption: validation (default; for choosing models and settings) or test (reported once per "
+                         "shipped model); direction: held-out (default) or validation")
+    ev.add_argument("--start", choices=["independent", "by-motion"],
+                    help="caption: the world's start frames, independent of the motion (default) or the first world's")
+    ev.add_argument("--start-frames", type=int, help="caption: start frames, each with every caption (default 10)")
+    ev.add_argument("--caption-seconds", type=_number, help="caption: length of each caption video (default 2)")
+    ev.add_argument("--long-videos", type=int, help="scenes for the long videos (default 4; direction: 6)")
+    ev.add_argument("--shape-seconds", help="caption: lengths for shape IoU, comma-separated (default 5,30)")
+    ev.add_argument("--persistence-seconds", help="caption: lengths for persistence (default 30,60)")
+    ev.add_argument("--drift-seconds", type=_number,
+                    help="caption: the long videos of this length are also made with vanilla sampling, for drift "
+                         "(default 30; 0: not)")
+    ev.add_argument("--prompts", type=_positive, help="direction: held-out prompts (default 50)")
+    ev.add_argument("--seconds", type=_number, help="direction: length of each direction video (default 2)")
+    ev.add_argument("--long-seconds", type=_number, help="direction: length of each long video (default 30)")
     ev.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
     ev.add_argument("--cfg", type=_number,
                     help="real classifier-free guidance against the empty prompt (default: the model's own)")
     ev.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    ev.add_argument("--split", choices=["held-out", "validation"], default="held-out",
-                    help="direction scenes: held-out (the reported ones, default) or validation (unseen "
-                         "training-distribution scenes, for choosing models and settings)")
     ev.add_argument("--workdir", help="keep every generated video in this directory (default: a temporary one)")
     ev.add_argument("--json", help="also write the per-video results to this JSON file")
     ev.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")

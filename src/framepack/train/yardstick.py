@@ -1,7 +1,7 @@
 """The demo model's yardstick (issue 18): measurements that a caption-blind model cannot pass.
 
-A *generator* is any function ``(start frame (H, W, 3) uint8, caption, frames, seed) -> frames
-(T, H, W, 3) uint8``: the model behind ``framepack eval``, or, in the tests, the world's own clips,
+A *generator* is any function ``(start frame (H, W, 3) uint8, caption, seconds, seed) -> frames
+(T, H, W, 3) uint8`` (any size; the metrics read it from the frames): the model behind ``framepack eval``, or, in the tests, the world's own clips,
 a frozen video, random noise or a caption-blind rule. Everything here is pure numpy on decoded
 frames, so the negative controls need no model.
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from . import world
 
-Generator = Callable[[np.ndarray, str, int, int], np.ndarray]
+Generator = Callable[[np.ndarray, str, float, int], np.ndarray]
 
 COLOUR_TOLERANCE = 60  # Chebyshev RGB distance to the object's colour (world.colour_mask's default)
 AREA_FACTOR = 4.0  # persistence: tracked area within [true / 4, true * 4]
@@ -123,7 +123,7 @@ def background_shift(frames: np.ndarray, masks: np.ndarray) -> float | None:
     Per frame, the phase of the stripes' fundamental (period :data:`world.STRIPE_PERIOD`, scaled)
     in the column profile of the luma away from the object; unwrapped over time (a pan moves them
     well under half a period per frame), so a shift of several periods is read correctly."""
-    t, h, w = masks.shape
+    w = masks.shape[2]
     period = world.STRIPE_PERIOD * w / world.SIZE
     luma = frames.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     away = ~_grow(masks, 2)
@@ -223,7 +223,7 @@ class CaptionTrial:
         return self.got == self.motion
 
 
-def caption_control(generate: Generator, starts: Sequence[world.WorldParams], frames: int, seed: int = 0,
+def caption_control(generate: Generator, starts: Sequence[world.WorldParams], seconds: float, seed: int = 0,
                     progress: Callable[[str], None] = lambda s: None) -> list[CaptionTrial]:
     """Every start frame of ``starts`` with every caption that applies to it, at one seed per start frame."""
     trials = []
@@ -232,7 +232,7 @@ def caption_control(generate: Generator, starts: Sequence[world.WorldParams], fr
         motions = world.applicable_motions(p)
         for motion in motions:
             text = world.caption(world.with_motion(p, motion))
-            got = classify_motion(generate(first, text, frames, seed + i), world.PALETTE[p.color])
+            got = classify_motion(generate(first, text, seconds, seed + i), world.PALETTE[p.color])
             trials.append(CaptionTrial(i, len(motions), text, motion, got))
             progress(f"caption {len(trials)}: {got} for '{text}'")
     return trials
@@ -315,3 +315,107 @@ def fit_start_frame_rule(training: Iterable[world.WorldParams]) -> Callable[[wor
         return max(allowed, key=lambda m: (seen.get(m, 0), overall.get(m, 0)))
 
     return rule
+
+
+# ---- long videos: shape fidelity and persistence -------------------------------------------------------
+
+
+def long_scenes(split: str, n: int, start: str = "independent") -> list[world.WorldParams]:
+    """``n`` scenes of ``split`` for long videos, one per motion first (round-robin), no camera
+    pans: a pan carries the object out of the frame within seconds, leaving nothing to measure."""
+    return one_per_motion_first([p for p in world.scenes(split, 16 * n + 16, start) if p.motion not in world.PANS], n)
+
+
+def one_per_motion_first(pool: Sequence[world.WorldParams], n: int) -> list[world.WorldParams]:
+    """``n`` of ``pool``: one of each motion first (in pool order), so that a handful of videos covers the variety."""
+    chosen: list[world.WorldParams] = []
+    for p in pool:
+        if p.motion not in {c.motion for c in chosen}:
+            chosen.append(p)
+        if len(chosen) == n:
+            return chosen
+    return (chosen + [p for p in pool if p not in chosen])[:n]
+
+
+def long_videos(generate: Generator, scenes: Sequence[world.WorldParams], shape_seconds: Sequence[float],
+                persistence_seconds: Sequence[float], seed: int = 0,
+                extra: Callable[[np.ndarray], dict[str, float]] = lambda frames: {},
+                progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Each scene generated once per length in ``shape_seconds`` and ``persistence_seconds`` (a
+    length in both serves both), from its start frame and caption; a row per video with its IoUs
+    (:func:`shape_fidelity`) and/or :func:`persistence`, plus ``extra(frames)``."""
+    rows = []
+    for i, p in enumerate(scenes):
+        for seconds in sorted({*shape_seconds, *persistence_seconds}):
+            frames = generate(world.render(p, 1)[0], world.caption(p), seconds, seed + i)
+            row: dict = {"scene": i, "caption": world.caption(p), "motion": p.motion, "seconds": seconds,
+                         "frames": len(frames)}
+            if seconds in shape_seconds:
+                row["iou"], row["centred_iou"] = shape_fidelity(frames, p)
+            if seconds in persistence_seconds:
+                row["persistence"] = persistence(frames, p)
+            rows.append({**row, **extra(frames)})
+            progress(f"long video {len(rows)}: {seconds:g} s of '{world.caption(p)}'")
+    return rows
+
+
+def column(rows: Iterable[dict], key: str, seconds: float) -> list[float]:
+    """``key`` of the rows of videos ``seconds`` long that have it."""
+    return [r[key] for r in rows if r["seconds"] == seconds and key in r]
+
+
+def frame_count(seconds: float) -> int:
+    """Frames of a clip of ``seconds`` from t = 0, both ends included (what the world renders for a
+    generated video of that length)."""
+    return round(seconds * world.FPS) + 1
+
+
+# ---- reference generators: full marks and negative controls -------------------------------------------
+
+
+def world_generator(scenes: Iterable[world.WorldParams], size: int = world.SIZE) -> Generator:
+    """The world's own clips as a generator: a perfect model of ``scenes`` (and of every motion their
+    start frames admit), found by start frame and caption."""
+    known = {}
+    for p in scenes:
+        for motion in world.applicable_motions(p):
+            q = world.with_motion(p, motion) if motion != p.motion else p
+            known[world.caption(q), world.render(q, 1)[0].tobytes()] = q
+
+    def generate(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
+        return world.render(known[caption, first.tobytes()], frame_count(seconds), size=size)
+
+    return generate
+
+
+def blind_generator(scenes: Iterable[world.WorldParams], size: int = world.SIZE) -> Generator:
+    """A caption-blind control: the world's own clip of a motion the start frame alone decides (a
+    function of its position), whatever the caption says."""
+    by_frame = {world.render(p, 1)[0].tobytes(): p for p in scenes}
+
+    def generate(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
+        p = by_frame[first.tobytes()]
+        motions = world.applicable_motions(p)
+        motion = motions[round(p.x * 1000) % len(motions)]
+        return world.render(world.with_motion(p, motion), frame_count(seconds), size=size)
+
+    return generate
+
+
+def frozen_generator(size: int = world.SIZE) -> Generator:
+    """A control: the start frame repeated."""
+    def generate(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
+        from PIL import Image
+
+        frame = np.asarray(Image.fromarray(first).resize((size, size), Image.BILINEAR))
+        return np.repeat(frame[None], frame_count(seconds), axis=0)
+
+    return generate
+
+
+def noise_generator(size: int = world.SIZE) -> Generator:
+    """A control: uniform random pixels (seeded)."""
+    def generate(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).integers(0, 256, (frame_count(seconds), size, size, 3), dtype=np.uint8)
+
+    return generate

@@ -1,0 +1,146 @@
+"""The yardstick of ``framepack eval`` (issue 18.2): the world's own clips score full marks, and
+negative controls (caption-blind, frozen, random videos; no model) score at chance or low."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from framepack.train import world, yardstick
+from framepack.train.evaluate import YardstickConfig, format_yardstick, measure
+
+SIZE = 64  # the generators' frames: small, so the tests stay fast (the metrics read the size from the frames)
+CONFIG = YardstickConfig(start_frames=8, long_videos=5, shape_seconds=(5.0,), persistence_seconds=(5.0, 20.0),
+                         drift_seconds=5.0)
+
+
+frozen = yardstick.frozen_generator(SIZE)
+noise = yardstick.noise_generator(SIZE)
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[world.WorldParams]:
+    return world.scenes(CONFIG.split, CONFIG.start_frames) + yardstick.long_scenes(CONFIG.split, CONFIG.long_videos)
+
+
+@pytest.fixture(scope="module")
+def truth(scenes):
+    generate = yardstick.world_generator(scenes, size=SIZE)
+    return measure(CONFIG, generate, generate)
+
+
+def test_the_classifier_names_every_motion_of_the_worlds_own_clips():
+    """Checked before it judges a model: 2 s of every motion every start frame admits, at 64 and 128 px."""
+    checked = set()
+    for size, starts in ((SIZE, world.scenes("validation", 12)), (world.SIZE, world.scenes("test", 2))):
+        for p in starts:
+            for motion in world.applicable_motions(p):
+                frames = world.render(world.with_motion(p, motion), 61, size=size)
+                assert yardstick.classify_motion(frames, world.PALETTE[p.color]) == motion, (p, motion, size)
+                checked.add(motion)
+    assert checked == set(world.MOTIONS)
+    p = world.scenes("validation", 1)[0]
+    gone = world.render(p, 61, size=SIZE)
+    gone[20:] = gone[0, 0, 0]
+    assert yardstick.classify_motion(gone, world.PALETTE[p.color]) == yardstick.LOST
+
+
+def test_the_worlds_own_clips_score_full_marks(truth):
+    summary = truth.summary()
+    control = summary["caption_control"]
+    assert control["trials"] == sum(len(world.applicable_motions(p)) for p in world.scenes("validation", 8))
+    assert control["accuracy"] == 1.0 and control["interval"][1] == pytest.approx(1.0)
+    assert all(set(row) == {motion} for motion, row in control["confusion"].items())
+    for key in ("iou@5s", "centred_iou@5s"):
+        assert summary[key]["videos"] == 5 and summary[key]["mean"] > 0.98, (key, summary[key])
+    for key in ("persistence@5s", "persistence@20s"):
+        assert summary[key]["mean"] == 1.0, (key, summary[key])
+    table = format_yardstick(truth)
+    assert "| 100.0% |" in table and "chance" in table and "confusion matrix" in table
+
+
+def test_a_caption_blind_generator_scores_at_chance(scenes):
+    result = measure(CONFIG, yardstick.blind_generator(scenes, SIZE))
+    trials = result.trials()
+    per_start = {t.start: sum(u.right for u in trials if u.start == t.start) for t in trials}
+    assert max(per_start.values()) <= 1  # one video for all k captions: right at most once in k
+    control = result.summary()["caption_control"]
+    low, high = control["interval"]
+    assert low <= control["chance"] <= high
+    assert control["accuracy"] <= control["chance"] + 1e-9
+
+
+def test_a_frozen_video_scores_at_chance_and_loses_the_shape_in_place(truth):
+    result = measure(CONFIG, frozen, frozen)
+    summary = result.summary()
+    control = summary["caption_control"]
+    assert {got for row in control["confusion"].values() for got in row} == {"stay"}
+    assert control["accuracy"] <= control["chance"] + 1e-9
+    # the world's long scenes move or change their object (one per motion first): frozen, it leaves its true place
+    assert summary["iou@5s"]["mean"] < 0.5 < truth.summary()["iou@5s"]["mean"]
+    # persistence is about the object's size: a frozen square that should shrink is lost once it is 4x too big
+    shrinking = world.WorldParams("square", "yellow", "plain", "blue", "shrink", speed=9.0, size=0.16)
+    first = world.render(shrinking, 1)[0]
+    assert yardstick.persistence(frozen(first, "", 30.0, 0), shrinking) < 0.25
+    assert yardstick.persistence(world.render(shrinking, 901, size=SIZE), shrinking) == 1.0
+
+
+def test_a_random_video_scores_nothing():
+    result = measure(CONFIG, noise, noise)
+    summary = result.summary()
+    assert summary["caption_control"]["accuracy"] == 0.0
+    assert {got for row in summary["caption_control"]["confusion"].values() for got in row} == {yardstick.LOST}
+    for key in ("iou@5s", "centred_iou@5s", "persistence@5s", "persistence@20s"):
+        assert summary[key]["mean"] < 0.05, (key, summary[key])
+
+
+def test_intervals():
+    # Wilson: for 0 of n the upper bound is z^2 / (n + z^2); it always holds the observed proportion
+    assert yardstick.wilson(0, 10) == pytest.approx((0.0, 1.96**2 / (10 + 1.96**2)))
+    for k, n in ((3, 10), (50, 100), (99, 100)):
+        low, high = yardstick.wilson(k, n)
+        assert low < k / n < high and 0 <= low and high <= 1
+    assert all(math.isnan(v) for v in yardstick.wilson(0, 0))
+    assert yardstick.mean_interval([0.5] * 6) == (0.5, 0.5, 0.5)
+    mean, low, high = yardstick.mean_interval([0.0, 1.0, 0.2, 0.9, 0.4])
+    assert mean == pytest.approx(0.5) and low < mean < high
+    assert math.isnan(yardstick.mean_interval([0.3])[1])
+
+
+def _framepack(*args: str) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).with_name("framepack"))
+    return subprocess.run([exe, "eval", *args], capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--yardstick", "caption", "--prompts", "3"], "--prompts is an option of --yardstick direction"),
+    (["--prompts", "3", "--start", "by-motion"], "--start is an option of --yardstick caption"),
+    (["--yardstick", "direction", "--start-frames", "2"], "--start-frames is an option of --yardstick caption"),
+    (["--split", "held-out"], "split must be validation or test"),
+    (["--shape-seconds", "5,x"], "--shape-seconds takes seconds"),
+    (["--drift-seconds", "7"], "drift seconds 7 must be one of the long videos' lengths"),
+    (["--start-frames", "0", "--long-videos", "0"], "nothing to measure"),
+])
+def test_eval_refuses_bad_options_in_one_line(args, message, tmp_path):
+    out = _framepack(*args, "--json", str(tmp_path / "eval.json"))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_runs_the_yardstick_on_the_demo_model(tmp_path):
+    """Through the real entry point, with a few steps: every caption of one start frame, a table and the JSON."""
+    out = _framepack("--start-frames", "1", "--long-videos", "0", "--caption-seconds", "0.5", "--steps", "1",
+                     "--json", str(tmp_path / "eval.json"))
+    assert out.returncode == 0, out.stderr
+    captions = len(world.applicable_motions(world.scenes("validation", 1)[0]))
+    lines = [line for line in out.stderr.splitlines() if line.startswith("framepack eval: video")]
+    assert [line.split()[3] for line in lines] == [f"{i}/{captions}" for i in range(1, captions + 1)]
+    assert "caption control" in out.stdout and "validation split" in out.stdout
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert len(data["captions"]) == captions == data["summary"]["caption_control"]["trials"]
