@@ -144,3 +144,27 @@ def test_eval_runs_the_yardstick_on_the_demo_model(tmp_path):
     assert "caption control" in out.stdout and "validation split" in out.stdout
     data = json.loads((tmp_path / "eval.json").read_text())
     assert len(data["captions"]) == captions == data["summary"]["caption_control"]["trials"]
+
+
+def test_the_docs_table_script_writes_the_model_beside_the_controls(tmp_path):
+    """benchmarks/evaluation.py: a run's JSON (here the world's own clips, measured as a model would
+    be) beside the controls, between the doc's markers; the model's column is the JSON's."""
+    from framepack.train.evaluate import save
+
+    config = YardstickConfig(start_frames=1, long_videos=1, shape_seconds=(1.0,), persistence_seconds=(1.0,),
+                             drift_seconds=0)
+    scenes = world.scenes("validation", 1) + yardstick.long_scenes("validation", 1)
+    save(measure(config, yardstick.world_generator(scenes)), tmp_path / "run.json")
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- bench:yardstick -->\nold\n<!-- /bench:yardstick -->\nend\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluation.py"
+    out = subprocess.run([sys.executable, str(script), "--model-json", str(tmp_path / "run.json"), "--doc", str(doc)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| caption control ("))
+    model, truth, blind, frozen_cell, random_cell = (cell.strip() for cell in row.split("|")[2:7])
+    assert model.startswith("100.0%") and truth.startswith("100.0%") and random_cell.startswith("0.0%")
+    assert "| model tiny | world's own clips | caption-blind | frozen video | random video |" in text
+    assert "new world (independent starts)" in text

@@ -1,0 +1,122 @@
+"""The yardstick's table for docs/evaluation.md: a model's `framepack eval` run beside the controls.
+
+The model's numbers come from the JSON of `framepack eval --json FILE` (it takes minutes to hours);
+the controls are measured here, on the same split, start frames, scenes and lengths, in seconds:
+the world's own clips (full marks), a caption-blind generator (the world's clip of a motion the
+start frame alone decides), a frozen video (the start frame repeated) and random noise. Also the
+caption-blind rules of issue 18 on both worlds' held-out start frames.
+
+    python benchmarks/evaluation.py --model-json runs/eval-yardstick-tiny.json --doc docs/evaluation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from framepack.train import world, yardstick
+from framepack.train.evaluate import YardstickConfig, YardstickResult, format_yardstick, measure
+
+RULE_SCENES = 500  # per held-out split, for the blind rules
+RULE_TRAINING = 20_000  # training scenes the fitted rule learns from
+
+
+def _config(saved: dict) -> YardstickConfig:
+    lists = ("shape_seconds", "persistence_seconds")
+    return YardstickConfig(**{k: tuple(v) if k in lists else v for k, v in saved.items()})
+
+
+def controls(config: YardstickConfig) -> dict[str, YardstickResult]:
+    scenes = world.scenes(config.split, config.start_frames, config.start) + yardstick.long_scenes(
+        config.split, config.long_videos, config.start)
+    generators = {
+        "world's own clips": yardstick.world_generator(scenes),
+        "caption-blind": yardstick.blind_generator(scenes),
+        "frozen video": yardstick.frozen_generator(),
+        "random video": yardstick.noise_generator(),
+    }
+    return {name: measure(config, g, g) for name, g in generators.items()}
+
+
+def _cell(summary: dict, key: str) -> str:
+    if key == "caption":
+        cc = summary["caption_control"]
+        low, high = cc["interval"]
+        return f"{100 * cc['accuracy']:.1f}% ({100 * low:.0f}-{100 * high:.0f})" if cc["trials"] else ""
+    row = summary.get(key)
+    if row is None or not row["videos"]:
+        return ""
+    interval = "" if np.isnan(row["low"]) else f" ({row['low']:.2f}-{row['high']:.2f})"
+    return f"{row['mean']:.3f}{interval}"
+
+
+def side_by_side(results: dict[str, YardstickResult]) -> str:
+    """One row per measurement, one column per generator, with 95% intervals."""
+    config = next(iter(results.values())).config
+    names = list(results)
+    summaries = {name: r.summary() for name, r in results.items()}
+    first = summaries[names[0]]["caption_control"]
+    rows = [("caption", (f"caption control ({first['trials']} captions on {first['start_frames']} start frames, "
+                         f"{config['caption_seconds']:g} s; chance {100 * first['chance']:.1f}%)"))]
+    for key, name in (("iou", "shape IoU in place"), ("centred_iou", "shape IoU centred"),
+                      ("persistence", "persistence")):
+        lengths = config["shape_seconds"] if key != "persistence" else config["persistence_seconds"]
+        rows += [(f"{key}@{s:g}s", f"{name}, {s:g} s ({config['long_videos']} videos)") for s in lengths]
+    lines = ["| measurement | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in rows:
+        lines.append(f"| {label} | " + " | ".join(_cell(summaries[n], key) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def blind_rules() -> str:
+    """The issue's edge rule and the fitted start-frame rule on both worlds' held-out start frames."""
+    lines = ["| world (held-out start frames) | chance | near an edge, move away; else stay | best fitted start-frame rule |",
+             "|---|---|---|---|"]
+    for start, label in (("by-motion", "first world (start by motion)"), ("independent", "new world (independent starts)")):
+        scenes = world.scenes("validation", RULE_SCENES, start) + world.scenes("test", RULE_SCENES, start)
+        fitted = yardstick.fit_start_frame_rule(itertools.islice(world.stream(11, start), RULE_TRAINING))
+        chance = np.mean([1 / len(world.applicable_motions(p)) for p in scenes])
+        cells = []
+        for rule in (lambda p: yardstick.edge_rule(world.render(p, 1, size=64)[0], world.PALETTE[p.color]), fitted):
+            right = sum(rule(p) == p.motion for p in scenes)
+            low, high = yardstick.wilson(right, len(scenes))
+            cells.append(f"{100 * right / len(scenes):.1f}% ({100 * low:.0f}-{100 * high:.0f}), n = {len(scenes)}")
+        lines.append(f"| {label} | {100 * chance:.1f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-json", required=True, help="the JSON of `framepack eval --json FILE`")
+    parser.add_argument("--doc", help="write the tables between this Markdown file's bench:yardstick markers")
+    parser.add_argument("--command", default="", help="the `framepack eval` command that made the JSON, for the doc")
+    args = parser.parse_args()
+
+    saved = json.loads(Path(args.model_json).read_text())
+    config = _config(saved["config"])
+    model = YardstickResult(config=saved["config"], captions=saved["captions"], long=saved["long"],
+                            vanilla=saved["vanilla"])
+    results = {f"model {config.model}": model, **controls(config)}
+    report = "\n\n".join([
+        f"`{args.command}`:" if args.command else "",
+        format_yardstick(model),
+        "Beside the controls, on the same start frames, scenes and lengths (95% intervals in brackets):",
+        side_by_side(results),
+        f"Caption-blind rules on {2 * RULE_SCENES} held-out start frames of each world (Wilson 95% intervals):",
+        blind_rules(),
+    ]).strip()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from doctable import publish  # beside this script
+
+    publish(report, Path(args.doc) if args.doc else None, "yardstick",
+            f"python benchmarks/evaluation.py --model-json {args.model_json}"
+            + (f" --command '{args.command}'" if args.command else "") + (f" --doc {args.doc}" if args.doc else ""))
+
+
+if __name__ == "__main__":
+    main()
