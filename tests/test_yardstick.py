@@ -166,5 +166,6 @@ def test_the_docs_table_script_writes_the_model_beside_the_controls(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| caption control ("))
     model, truth, blind, frozen_cell, random_cell = (cell.strip() for cell in row.split("|")[2:7])
     assert model.startswith("100.0%") and truth.startswith("100.0%") and random_cell.startswith("0.0%")
+    assert not blind.startswith("100.0%") and not frozen_cell.startswith("100.0%")
     assert "| model tiny | world's own clips | caption-blind | frozen video | random video |" in text
     assert "new world (independent starts)" in text
