@@ -150,3 +150,24 @@ def test_history_changes_the_prediction_and_positions_matter():
         shifted = model(**{**inputs, "history": moved})
     assert rel_err(no_history, base) > 1e-3
     assert rel_err(shifted, base) > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_memo_reuses_the_history_across_steps_bit_for_bit(name):
+    """A section's steps share the history tokens and RoPE tables: made once, the same outputs."""
+    model = FramePackTransformer(CONFIGS[name]).eval()
+    inputs = random_inputs(model.config)
+    embedded = []
+    model.clean_x_embedder.register_forward_hook(lambda *_: embedded.append(1))
+    memo: dict = {}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for step in range(3):  # new noisy latents and timestep every step, as a sampler does
+            x = torch.randn(inputs["latents"].shape, generator=g)
+            t = inputs["timestep"] * (1 - step / 4)
+            plain = model(**{**inputs, "latents": x, "timestep": t})
+            assert torch.equal(model(**{**inputs, "latents": x, "timestep": t}, memo=memo), plain)
+        history_calls = len(inputs["history"])
+        assert len(embedded) == 3 * history_calls + history_calls  # 3 plain forwards, the memo's first only
+        with pytest.raises(ValueError, match="memo made for latents of shape"):  # another section's inputs
+            model(**random_inputs(model.config, height=16, width=16), memo=memo)

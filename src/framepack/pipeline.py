@@ -498,8 +498,9 @@ class FramePackPipeline:
         if model.dtype != torch.float32:
             guidance = guidance.to(model.dtype).float()  # the reference feeds bf16 timesteps (10.0 -> 9984)
         expand = [HistoryInput(h.kernel, h.latents.expand(batch, -1, -1, -1, -1), h.indices) for h in history]
-        # both CFG branches are one batch, so a step cache makes one decision for both
-        cached = {} if cache is None else {"cache": cache}
+        # both CFG branches are one batch, so a step cache makes one decision for both; the memo
+        # keeps what the history alone decides (its tokens, the RoPE tables) for all of the section's steps
+        per_section = {"memo": {}} if cache is None else {"memo": {}, "cache": cache}
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             t = (sigma * TIMESTEP_SCALE).expand(batch)
@@ -508,7 +509,7 @@ class FramePackPipeline:
             with torch.no_grad():
                 v = model(x.expand(batch, -1, -1, -1, -1), t, states, mask, pooled,
                           None if embeds is None else embeds.expand(batch, -1, -1), window, expand,
-                          guidance if model.config.guidance_embeds else None, **cached).float()
+                          guidance if model.config.guidance_embeds else None, **per_section).float()
             return guided_velocity(v[:1], v[1:] if batch > 1 else None, cfg, settings.guidance_rescale)
 
         return velocity_denoiser(velocity)

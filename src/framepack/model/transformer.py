@@ -13,6 +13,7 @@ then ``[SigLIP image tokens | refined text tokens]`` as the conditioning stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,14 @@ from .rope import identity_rope, rope_cos_sin
 BlockCache = Callable[
     [torch.Tensor, Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]], torch.Tensor
 ]
+
+
+@dataclass(frozen=True)
+class _Context:
+    shape: torch.Size  # of the noisy latents it was made for
+    history: torch.Tensor | None  # (B, Lhist, D) the history levels' tokens, farthest first
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin over the history and the noisy window
+    image_tokens: torch.Tensor | None  # (B, Li, D) projected SigLIP tokens
 
 
 class FramePackTransformer(nn.Module):
@@ -82,6 +91,7 @@ class FramePackTransformer(nn.Module):
         history: Sequence[HistoryInput] = (),
         guidance: torch.Tensor | None = None,
         cache: BlockCache | None = None,
+        memo: dict | None = None,
     ) -> torch.Tensor:
         """Velocity (B, C, T, H, W) for noisy ``latents`` (B, C, T, H, W) at ``timestep`` (B,).
 
@@ -90,6 +100,9 @@ class FramePackTransformer(nn.Module):
         frame indices of the noisy window (default 0..T-1); history: context levels, nearest
         first; timestep and guidance are the model's units (sigma * 1000). ``cache`` is a step
         cache the sampler owns (``framepack.cache``): the model itself keeps no state between calls.
+        ``memo``: a dict the caller keeps for calls whose history, window indices and image
+        embeddings are the same (a section's steps): what depends only on them (the history's patch
+        embeddings, the RoPE tables, the image tokens) is computed at the first call and reused.
         """
         b, _, t, height, width = latents.shape
         timestep, guidance, latent_indices, history = self._check_inputs(
@@ -98,21 +111,24 @@ class FramePackTransformer(nn.Module):
         cfg, dtype = self.config, self.dtype
         grid = (t // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
 
-        # Image stream: each level patchified by its own kernel, RoPE pooled to match.
-        streams = [self.x_embedder(latents.to(dtype))]  # (B, T*h*w, D)
-        ropes = [self._rope(latent_indices, grid, (1, 1, 1))]
-        for level in history:  # nearest first, so every level is put in front of the last
-            streams.insert(0, self.clean_x_embedder(level.latents.to(dtype), level.kernel))
-            ropes.insert(0, self._rope(level.indices, grid, _pool_kernel(level.kernel, cfg.patch)))
-        img = torch.cat(streams, dim=1)  # (B, Limg, D)
-        rope = (torch.cat([c for c, _ in ropes], dim=1), torch.cat([s for _, s in ropes], dim=1))
+        # Image stream: the history levels, each patchified by its own kernel, then the noisy window
+        if memo is None or "context" not in memo:
+            context = self._context(latents.shape, latent_indices, history, image_embeds, grid)
+            if memo is not None:
+                memo["context"] = context
+        context = memo["context"] if memo is not None else context
+        if context.shape != latents.shape:
+            raise ValueError(f"memo made for latents of shape {tuple(context.shape)}, called with {tuple(latents.shape)}")
+        noisy = self.x_embedder(latents.to(dtype))  # (B, T*h*w, D)
+        img = torch.cat([context.history, noisy], dim=1) if context.history is not None else noisy  # (B, Limg, D)
+        rope = context.rope
 
         # Conditioning stream: [SigLIP tokens | refined text], padded text only at the end.
         temb = self.time_text_embed(timestep, pooled_text.to(dtype), guidance)
         text, text_mask = compact_text(text.to(dtype), text_mask)
         txt = self.context_embedder(text, timestep, text_mask)
-        if self.image_projection is not None:
-            txt = torch.cat([self.image_projection(image_embeds.to(dtype)), txt], dim=1)
+        if context.image_tokens is not None:
+            txt = torch.cat([context.image_tokens, txt], dim=1)
         key_mask = None  # (B, Limg + Lcond) bool: image stream and SigLIP tokens always visible
         if text_mask is not None:
             key_mask = F.pad(text_mask, (img.shape[1] + txt.shape[1] - text_mask.shape[1], 0), value=True)
@@ -130,12 +146,25 @@ class FramePackTransformer(nn.Module):
         else:  # the cache decides whether to run the blocks or reuse their last residual
             img = cache(img, lambda: self.transformer_blocks[0].modulated_input(img, temb_act), blocks)
 
-        n_img, n_noisy = img.shape[1], streams[-1].shape[1]
+        n_img, n_noisy = img.shape[1], noisy.shape[1]
         x = self.norm_out(img[:, n_img - n_noisy :], temb_act)  # keep the noisy window only
         x = self.proj_out(x.to(self.proj_out.weight.dtype))  # (B, T*h*w, C*pt*ph*pw)
         return unpatchify(x, grid, cfg.patch)
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _context(self, shape: torch.Size, latent_indices: torch.Tensor, history: Sequence[HistoryInput],
+                 image_embeds: torch.Tensor | None, grid: tuple[int, int, int]) -> _Context:
+        """What a forward reads from its history, window indices and image embeddings only."""
+        cfg, dtype = self.config, self.dtype
+        streams: list[torch.Tensor] = []
+        ropes = [self._rope(latent_indices, grid, (1, 1, 1))]
+        for level in history:  # nearest first, so every level is put in front of the last
+            streams.insert(0, self.clean_x_embedder(level.latents.to(dtype), level.kernel))
+            ropes.insert(0, self._rope(level.indices, grid, _pool_kernel(level.kernel, cfg.patch)))
+        rope = (torch.cat([c for c, _ in ropes], dim=1), torch.cat([s for _, s in ropes], dim=1))
+        image = None if self.image_projection is None else self.image_projection(image_embeds.to(dtype))
+        return _Context(shape, torch.cat(streams, dim=1) if streams else None, rope, image)
 
     def _rope(self, indices: torch.Tensor, grid: tuple[int, int, int], pool: Kernel) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
