@@ -1,11 +1,14 @@
-"""Where a demo section's time goes: transformer, VAE decode, previews, mp4 segment, provisional video, the rest.
+"""Where a demo section's time goes: transformer, VAE decode, previews, the section's writes, the rest.
 
 Runs ``framepack demo``'s settings on the embedded demo model (CPU) with timers around each part
 (wrapping the functions the pipeline calls; nothing in the library is changed) and prints each
-part's share of the sections' wall time. The provisional video is remuxed in a background thread
-beside the next section: its time is shown apart (it overlaps the sampling, and on a 2-core
-machine it takes CPU from it). The first section is left out of the shares (it warms up the
-allocator and the kernels) unless ``--all`` is given.
+part's share of the sections' wall time. A section's wall time runs from its start to the next
+section's start (the last one's to the end of the run), so it includes any wait for the previous
+section's writes. Those writes (mp4 segment, pending frames, commit, provisional video) run in the
+pipeline's video thread beside the next section's sampling: their time is shown apart (they
+overlap the sampling, and on a 2-core machine they take CPU from it, which shows up as a slower
+transformer). The first section is left out of the shares (it warms up the allocator and the
+kernels) unless ``--all`` is given.
 
 With ``--compile`` the same run is then repeated with the transformer's blocks compiled
 (``generate --compile``), alternating with uncompiled runs, and a second table compares the two:
@@ -26,7 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-PARTS = ("transformer", "VAE decode", "preview", "mp4 segment", "provisional video")
+PARTS = ("transformer", "VAE decode", "preview", "writes and provisional video")
+BACKGROUND = PARTS[-1]
 VIDEO_THREAD = "framepack-video"  # the pipeline's background thread (its thread_name_prefix)
 
 
@@ -64,9 +68,8 @@ def instrument(pipeline, timers: Timers) -> None:
     model.forward = timers.wrap("transformer", model.forward)
     pipeline.c.vae.decode = timers.wrap("VAE decode", pipeline.c.vae.decode)
     module.preview_frames = timers.wrap("preview", module.preview_frames)
-    module.write_segment = timers.wrap("mp4 segment", module.write_segment)
-    # the provisional video (its pending-frames segment and the remux) is timed as one part
-    pipeline._provisional = timers.wrap("provisional video", pipeline._provisional, background=True)
+    # a section's writes and the provisional video, in the video thread, are timed as one part
+    pipeline._write_section = timers.wrap(BACKGROUND, pipeline._write_section, background=True)
 
 
 def profile(args: argparse.Namespace, compiled: bool = False) -> tuple[list[float], Timers]:
@@ -75,7 +78,7 @@ def profile(args: argparse.Namespace, compiled: bool = False) -> tuple[list[floa
     from framepack.demo import demo_settings
     from framepack.jobs import JobDir
     from framepack.memory import tune_allocator
-    from framepack.pipeline import FramePackPipeline, SectionFinished, SectionStarted
+    from framepack.pipeline import Done, FramePackPipeline, SectionStarted
 
     torch.set_num_threads(args.threads)
     tune_allocator()  # as the CLI does
@@ -87,32 +90,32 @@ def profile(args: argparse.Namespace, compiled: bool = False) -> tuple[list[floa
         compile_blocks(pipeline.c.transformer)
     timers = Timers()
     instrument(pipeline, timers)
-    walls: list[float] = []
+    starts: list[float] = []
 
     def on_event(event) -> None:
+        if isinstance(event, SectionStarted | Done):
+            starts.append(time.perf_counter())
         if isinstance(event, SectionStarted):
             timers.section = event.step
-        elif isinstance(event, SectionFinished):
-            walls.append(event.seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         job = JobDir.create(Path(tmp) / "job", settings, Path(tmp) / "demo.mp4")
         pipeline.run(job, on_event=on_event)
-    return walls, timers
+    return [b - a for a, b in zip(starts, starts[1:])], timers
 
 
 def report(walls: list[float], timers: Timers, first: int) -> str:
     steps = range(first, len(walls))
     total = sum(walls[s] for s in steps)
     part = {p: sum(timers.seconds[(s, p)] for s in steps) for p in PARTS}
-    inline = {p: part[p] for p in PARTS if p != "provisional video"}
-    background = part["provisional video"]
+    inline = {p: part[p] for p in PARTS if p != BACKGROUND}
+    background = part[BACKGROUND]
     rest = total - sum(inline.values())
     lines = [f"{len(steps)} sections timed (of {len(walls)}), {total:.2f} s of section wall time", "",
              "| part | seconds per section | share of a section |", "|---|---:|---:|"]
     for name, seconds in [*inline.items(), ("the rest", rest)]:
         lines.append(f"| {name} | {seconds / len(steps):.3f} | {100 * seconds / total:.1f}% |")
-    lines.append(f"| provisional video (background thread, overlaps the next section) | "
+    lines.append(f"| mp4 segment, pending frames, commit, provisional video (video thread, beside the next section) | "
                  f"{background / len(steps):.3f} | ({100 * background / total:.1f}%) |")
     outside = total - inline["transformer"]
     lines += ["", f"not the transformer: **{100 * outside / total:.1f}%** of a section (goal <= 15%)"]
