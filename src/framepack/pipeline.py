@@ -431,11 +431,12 @@ class FramePackPipeline:
         _check_finite(latents, plan, "latents")
         run.store.put(plan.step, latents)
 
-        release_freed_memory()  # start the decode, the largest transient, from a trimmed heap
         clip = run.decoder(decode_span(plan), run.store.gather)
         _check_finite(clip, plan, "pixels")  # both checked before anything of the section is written
         job.save_latents(plan.step, latents, run.generator.get_state())
         final = run.assembler.add(clip, last=plan.is_last)
+        # freed heap back to the OS once a section (not also before the decode: the pages it returns
+        # are faulted back at once; the peak stays flat over a long video either way)
         release_freed_memory()
         on_event(SectionFinished(plan.step, plan.count, time.perf_counter() - t0))
         return partial(self._write_section, plan, job, final, run.assembler.pending, run.backwards, on_event)
