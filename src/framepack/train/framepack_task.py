@@ -14,7 +14,12 @@ real CFG guides against, ``text_train_steps`` trains freshly built text encoders
 first, ``init`` starts from exported transformer weights, ``object_weight`` weights the loss where
 the object is (see :func:`object_cells`; ``object_region`` says which frames' object),
 ``motion_weights`` draws clips of some motions more often (see :func:`motion_probabilities`), and
-``mirror`` adds every clip's left-right reflection (see :func:`framepack.train.world.mirror`).
+``mirror`` adds every clip's left-right reflection (see :func:`framepack.train.world.mirror`), and
+``world_start`` picks the world's start-position sampler (:data:`framepack.train.world.STARTS`):
+"by-motion", the first world and the default (the shipped model's configs draw the same clips as
+before), or "independent", the world whose start frame does not give the motion away. Training
+only ever sees that world's ``train`` split (:func:`framepack.train.world.split_of`), mirrors
+included.
 
 With ``clips`` set, a fixed set of clips is encoded once into a latent cache file (``cache``; a
 larger ``clips`` later encodes only the new ones, as the set is a prefix of one stream) and
@@ -95,11 +100,12 @@ def motion_probabilities(motions: list[str], weights: dict[str, float]) -> np.nd
     return w / w.sum()
 
 
-def training_mirror(p: world.WorldParams) -> world.WorldParams | None:
-    """``p``'s mirror if it is a training scene: None for rotations (no mirror) and for a mirror in
-    the held-out bucket, which training must never see."""
+def training_mirror(p: world.WorldParams, start: str = "by-motion") -> world.WorldParams | None:
+    """``p``'s mirror if it is a training scene of the world of sampler ``start``: None for
+    rotations (no mirror) and for a mirror in a held-out split (validation or test), which training
+    must never see. (For "by-motion", not ``train`` is exactly :func:`world.is_held_out`.)"""
     m = world.mirror(p)
-    return None if m is None or world.is_held_out(m) else m
+    return None if m is None or world.split_of(m, start) != "train" else m
 
 
 def context_latents(plan: SectionPlan, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,6 +177,11 @@ class FramePackTask:
         # imbalance in the data (the demo model's still misses lean left: docs/demo-model.md).
         # Rotations have no mirror, so they become rarer unless motion_weights compensates
         self.mirror = bool(args.get("mirror", False))
+        # the first world (the default, so existing configs draw the same clips) or the one whose
+        # start frame is independent of the motion (issue 18.1); the latent cache records it
+        self.world_start = str(args.get("world_start", "by-motion"))
+        if self.world_start not in world.STARTS:
+            raise ValueError(f"world_start must be one of {world.STARTS}, got {self.world_start!r}")
         # clips start at a random time in [0, start_seconds). Inference always starts at t = 0, and a
         # later start shows translations already stopped at the frame's edge under a caption that
         # says "moves": 22% of such clips did at 10 s, which taught the model that "moves" may not move
@@ -223,7 +234,7 @@ class FramePackTask:
         """(params, start frame) of the cached clips: the cache's own stream (seed 0), the same for
         every training seed, so the clips can be replayed from it (the cache stores latents only)."""
         rng = np.random.default_rng(0)
-        scenes = world.stream(0)
+        scenes = world.stream(0, self.world_start)
         for _ in range(self.cache_clips):
             yield next(scenes), int(rng.integers(0, self.start_frames))
 
@@ -233,7 +244,7 @@ class FramePackTask:
         """The mirrors of ``scenes`` (default: the cached clips) that are training scenes. A prefix
         of the same list for more clips, like the cache."""
         scenes = list(self._cache_scenes()) if scenes is None else scenes
-        mirrored = ((training_mirror(p), start) for p, start in scenes)
+        mirrored = ((training_mirror(p, self.world_start), start) for p, start in scenes)
         return [(m, start) for m, start in mirrored if m is not None]
 
     def _mirror_cache_path(self) -> Path:
@@ -255,12 +266,12 @@ class FramePackTask:
                 # without weights, the draw of the configs that made the shipped weights (reproducible)
                 i = int(rng.choice(len(captions), p=probabilities)) if self.motion_weights else int(rng.integers(len(captions)))
                 yield latents[i : i + 1].float(), cells[i], captions[i]
-        scenes = world.stream(seed)
+        scenes = world.stream(seed, self.world_start)
         top = max([1.0, *self.motion_weights.values()])
         while True:
             params = next(scenes)
             if self.mirror and rng.random() < 0.5:  # half the time its mirror, where it has one
-                params = training_mirror(params) or params
+                params = training_mirror(params, self.world_start) or params
             if self.motion_weights and rng.random() * top >= self.motion_weights.get(params.motion, 1.0):
                 continue  # rejection sampling: a motion of weight w is kept w / max(weights) as often
             start = int(rng.integers(0, self.start_frames))
@@ -277,8 +288,10 @@ class FramePackTask:
         meta_path = path.with_suffix(".meta.json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         # a crash between the captions and the latents file (the commit point) leaves them unequal
+        # caches written before ``world_start`` existed hold the first world's clips
         if (latents.shape[-1] == self.size // 8 and len(latents) == len(captions)
-                and meta.get("start_frames", world.FPS * 10) == self.start_frames):
+                and meta.get("start_frames", world.FPS * 10) == self.start_frames
+                and meta.get("world_start", "by-motion") == self.world_start):
             return latents, captions
         log.info("latent cache %s does not match this config; rebuilding", path)
         return None, []
@@ -309,7 +322,7 @@ class FramePackTask:
         tmp = path.with_name(path.name + ".tmp")
         save_file({"latents": stacked}, str(tmp))
         path.with_suffix(".json").write_text(json.dumps(captions))
-        path.with_suffix(".meta.json").write_text(json.dumps({"start_frames": self.start_frames}))
+        path.with_suffix(".meta.json").write_text(json.dumps({"start_frames": self.start_frames, "world_start": self.world_start}))
         tmp.replace(path)  # the latents file is the commit point
         return stacked, captions
 

@@ -5,6 +5,11 @@ reconstruction MSE of every frame, plus the first-frame head decoding a *group* 
 last frame of its group (what the decoder must do when a decoded span starts mid-video), plus a
 small L2 on the latents to keep their scale bounded; the scaling factor that brings latents to
 unit variance is measured at export.
+
+``world_start`` picks the world's start-position sampler (:data:`framepack.train.world.STARTS`):
+"by-motion" (the default: the shipped VAE's config trains and measures on the same scenes as
+before) or "independent", whose training scenes are its ``train`` split and whose held-out PSNR is
+measured on its ``validation`` split (the test split is left for the shipped model's report).
 """
 
 from __future__ import annotations
@@ -67,15 +72,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * np.log10(4.0 / max(mse, 1e-12))
 
 
+def held_out_scenes(clips: int, start: str = "by-motion") -> list[world.WorldParams]:
+    """The scenes a VAE is measured on: the first world's fixed held-out set (its published PSNR),
+    or the validation split of the world of sampler ``start``."""
+    return world.held_out(clips) if start == "by-motion" else world.scenes("validation", clips, start)
+
+
 @torch.no_grad()
 def fit_preview_map(model: SmallVideoAutoencoder, scaling_factor: float, clips: int = 16,
-                    size: int = world.SIZE) -> torch.Tensor:
+                    size: int = world.SIZE, start: str = "by-motion") -> torch.Tensor:
     """Least-squares latent -> RGB map over held-out clips: latent 0 previews frame 0, latent k the
     mean of its four frames."""
     from ..video import fit_latent_to_rgb
 
     rng = np.random.default_rng(1)
-    pixels = clip_batch(rng, iter(world.held_out(clips)), clips, groups=8, size=size)  # (B, 3, 33, H, W)
+    pixels = clip_batch(rng, iter(held_out_scenes(clips, start)), clips, groups=8, size=size)  # (B, 3, 33, H, W)
     maps_in, maps_out = [], []
     for clip in pixels:
         z = model.encode_raw(clip[None]) * scaling_factor  # (1, C, 9, h, w)
@@ -86,11 +97,12 @@ def fit_preview_map(model: SmallVideoAutoencoder, scaling_factor: float, clips: 
 
 
 @torch.no_grad()
-def evaluate(model: SmallVideoAutoencoder, clips: int = 16, size: int = world.SIZE) -> dict[str, float]:
-    """Reconstruction PSNR on held-out scenes (1 + 4*8 frames each) and the latent std."""
+def evaluate(model: SmallVideoAutoencoder, clips: int = 16, size: int = world.SIZE,
+             start: str = "by-motion") -> dict[str, float]:
+    """Reconstruction PSNR on held-out scenes (1 + 4*8 frames each; :func:`held_out_scenes`) and the latent std."""
     model.eval()
     rng = np.random.default_rng(0)
-    pixels = clip_batch(rng, iter(world.held_out(clips)), clips, groups=8, size=size)
+    pixels = clip_batch(rng, iter(held_out_scenes(clips, start)), clips, groups=8, size=size)
     z = model.encode_raw(pixels)
     return {"psnr_db": psnr(model.decode_raw(z), pixels), "latent_std": float(z.std())}
 
@@ -102,6 +114,9 @@ class VAETask:
         self.size = int(args.get("size", world.SIZE))
         self.crop = int(args.get("crop", self.size))
         self.model = SmallVideoAutoencoder(self.cfg)
+        self.world_start = str(args.get("world_start", "by-motion"))
+        if self.world_start not in world.STARTS:
+            raise ValueError(f"world_start must be one of {world.STARTS}, got {self.world_start!r}")
         if args.get("init"):
             # a second stage: start from exported weights (the config comes with them)
             self.model = SmallVideoAutoencoder.from_pretrained(args["init"]).train()
@@ -116,7 +131,7 @@ class VAETask:
 
     def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng(seed)
-        scenes = world.stream(seed)
+        scenes = world.stream(seed, self.world_start)
         while True:
             yield clip_batch(rng, scenes, batch_size, self.groups, self.size, self.crop)
 
@@ -126,10 +141,10 @@ class VAETask:
         return reconstruction_loss(model, batch)
 
     def export(self, model: nn.Module, directory: Path) -> None:
-        stats = evaluate(model)
+        stats = evaluate(model, start=self.world_start)
         # The scale is measured on raw latents, so a decoder-only stage keeps the same factor.
         scale = 1.0 / stats["latent_std"]
-        preview = tuple(tuple(row) for row in fit_preview_map(model, scale).tolist())
+        preview = tuple(tuple(row) for row in fit_preview_map(model, scale, start=self.world_start).tolist())
         final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": scale, "preview_map": preview}))
         final.load_state_dict(model.state_dict())
         final.save_pretrained(directory)
