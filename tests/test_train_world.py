@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +114,72 @@ def test_vae_task_world_start():
     assert all(world.split_of(p, "independent") == "validation" for p in vae_task.held_out_scenes(4, "independent"))
     with pytest.raises(ValueError, match="world_start"):
         trainer.TASKS["vae"]({**TINY, "world_start": "centred"})
+
+
+GEN2 = ("gen2_vae", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_stage(name: str, root: Path) -> trainer.TrainConfig:
+    """configs/NAME.json with its architecture, world and options kept, and the cost cut: 32 px,
+    2 clips, 2 steps of batch 2, a checkpoint every step; its runs/ paths (outputs, caches, the
+    previous stage's exports) under ``root``, so the stages chain as they will for real."""
+    data = json.loads((REPO / "configs" / f"{name}.json").read_text())
+
+    def place(value):
+        if isinstance(value, str) and value.startswith("runs/"):
+            return str(root / value)
+        if isinstance(value, str) and value.startswith("src/"):
+            return str(REPO / value)  # the shipped components a stage starts from
+        return value
+
+    args = {k: place(v) for k, v in data["task_args"].items()}
+    if data["task"] == "vae":
+        args.update(size=32, crop=32, groups=1)
+    else:
+        args.update(size=32, clips=2)
+    data.update(output_dir=place(data["output_dir"]), steps=2, batch_size=2, warmup=1, checkpoint_every=1, task_args=args)
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return trainer.TrainConfig.load(path)  # the loader `framepack train` uses
+
+
+def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
+    """Every configs/gen2_*.json is a stage of the documented chain; each, cut to tiny cost, trains
+    on the new world, checkpoints, stops, resumes where it stopped and exports what the next stage
+    starts from (the real transformer architecture, the previous stage's VAE and weights)."""
+    assert sorted(p.stem for p in (REPO / "configs").glob("gen2_*.json")) == sorted(GEN2)
+    for name in GEN2:
+        config = _tiny_stage(name, tmp_path)
+        assert config.task_args["world_start"] == "independent"
+        out = Path(config.output_dir)
+        trainer.train(config, max_steps_this_run=1)
+        assert trainer.latest_checkpoint(out).name == "checkpoint-1" and not (out / "final").exists()
+        assert (out / "checkpoint-1" / trainer.WeightAverage.FILE).exists() == bool(config.ema)
+        trainer.train(config)  # resumes at step 1
+        assert [json.loads(line)["step"] for line in (out / "loss.log").read_text().splitlines()] == [1, 2]
+        assert (out / "final").is_dir()
+    from framepack import FramePackTransformer
+
+    base, long = (FramePackTransformer.from_pretrained(tmp_path / "runs" / run / "final").config
+                  for run in ("gen2-framepack", "gen2-framepack-long"))
+    assert base == long and base.num_attention_heads == 6  # the larger transformer, carried into the curriculum
+    assert json.loads((tmp_path / "runs" / "gen2-vae" / "final" / "metrics.json").read_text())["psnr_db"] > 0
+
+    # model selection: the stage's export packaged into a model directory, measured on the validation split
+    from framepack.train import package
+
+    runs = tmp_path / "runs"
+    model = runs / "gen2-model"
+    assert package.main(["--out", str(model), "--transformer", str(runs / "gen2-framepack-long"),
+                         "--transformer-runs", str(runs / "gen2-framepack"), str(runs / "gen2-framepack-long"),
+                         "--vae", str(runs / "gen2-vae"), "--vae-runs", str(runs / "gen2-vae"),
+                         "--text", str(REPO / "src/framepack/assets/tiny/text"), "--cfg", "3"]) == 0
+    framepack = str(Path(sys.executable).with_name("framepack"))
+    out = subprocess.run([framepack, "eval", "--model", str(model), "--split", "validation", "--start-frames", "1",
+                          "--long-videos", "0", "--caption-seconds", "0.5", "--steps", "1",
+                          "--json", str(tmp_path / "eval.json")], check=False, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "validation split" in out.stdout and str(model) in out.stdout
+    trials = json.loads((tmp_path / "eval.json").read_text())["summary"]["caption_control"]["trials"]
+    assert trials == len(world.applicable_motions(world.scenes("validation", 1)[0]))

@@ -141,10 +141,11 @@ class VAETask:
         return reconstruction_loss(model, batch)
 
     def export(self, model: nn.Module, directory: Path) -> None:
-        stats = evaluate(model, start=self.world_start)
+        # measured at the task's render size (the world's own for every shipped config)
+        stats = evaluate(model, size=self.size, start=self.world_start)
         # The scale is measured on raw latents, so a decoder-only stage keeps the same factor.
         scale = 1.0 / stats["latent_std"]
-        preview = tuple(tuple(row) for row in fit_preview_map(model, scale, start=self.world_start).tolist())
+        preview = tuple(tuple(row) for row in fit_preview_map(model, scale, size=self.size, start=self.world_start).tolist())
         final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": scale, "preview_map": preview}))
         final.load_state_dict(model.state_dict())
         final.save_pretrained(directory)
