@@ -121,6 +121,15 @@ def test_a_chosen_lora_is_kept_with_the_job_and_recorded_in_the_video(site, tmp_
                            api_name="/submit")
     assert again["settings"]["loras"] == []
     client.predict(job=again["job"], api_name="/cancel")
+    # or named with the submission itself, through the same checks
+    named = client.predict(image=handle_file(str(site["start"])), prompt="a red circle", seconds=1.2, steps=1,
+                           loras="good.safetensors:0.25", api_name="/submit")
+    assert named["settings"]["loras"] == [{"name": "good.safetensors", "scale": 0.25, "sha256": sha}]
+    client.predict(job=named["job"], api_name="/cancel")
+    with pytest.raises(Exception, match="fits|not|LoRA|lora") as refused:
+        client.predict(image=handle_file(str(site["start"])), prompt="a red circle", loras="../secret:1",
+                       api_name="/submit")
+    assert str(site["root"]) not in str(refused.value)
 
 
 def page_call(server: Server, fn_index: int, data: list[Any], session: str) -> list[Any]:

@@ -582,17 +582,19 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
                model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf,
-               preserve: float = defaults.preserve_gb, cache: str = defaults.cache) -> dict:
+               preserve: float = defaults.preserve_gb, cache: str = defaults.cache, loras: str = "") -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue). ``preserve``: GB
         of GPU memory the job's memory plan leaves free (CUDA workers); ``cache``: the step cache
-        (none, model, teacache:0.15, ...: docs/caching.md). LoRAs: those this session chose last
-        with /choose_loras (none otherwise)."""
+        (none, model, teacache:0.15, ...: docs/caching.md); ``loras``: files of /loras by name with
+        weights, "a.safetensors:0.8, b.safetensors" (empty: those this session chose last with
+        /choose_loras, else none)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
                     resolution=resolution, crf=crf, cache=cache)
         settings = settings_from_form(form, names, accept_file=gate.upload)
-        chosen = loras_from_form(chosen_loras.take(getattr(request, "session_hash", None)), folder)
+        pending = chosen_loras.take(getattr(request, "session_hash", None))  # used up either way
+        chosen = loras_from_form(loras if loras else pending, folder)
         record = service.submit(settings.replace(loras=chosen), preserve_gb(preserve))
         return public(service.view(record.id))
 
