@@ -279,8 +279,21 @@ _SETTING_FLAGS = {
 
 
 def _settings_from_args(args: argparse.Namespace):
+    return _complete_settings(_settings_base(args))
+
+
+def _complete_settings(base: dict):
     from .settings import GenerationSettings
 
+    for required in ("image", "prompt"):
+        if not base.get(required):
+            raise ValueError(f"--{required} is required (or --from a framepack video)")
+    base.setdefault("model", _default_model())
+    return GenerationSettings.from_dict(base)
+
+
+def _settings_base(args: argparse.Namespace) -> dict:
+    """The settings the options give (over a --from video's), not yet checked."""
     base: dict = {}
     if args.from_video:
         from .video import settings_from_video
@@ -292,12 +305,7 @@ def _settings_from_args(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             base[field] = tuple(value) if field == "section_prompts" else value
-    base = _with_loras(base, args)
-    for required in ("image", "prompt"):
-        if not base.get(required):
-            raise ValueError(f"--{required} is required (or --from a framepack video)")
-    base.setdefault("model", _default_model())
-    return GenerationSettings.from_dict(base)
+    return _with_loras(base, args)
 
 
 def _with_loras(base: dict, args: argparse.Namespace) -> dict:
@@ -345,7 +353,8 @@ _RESUME_FIXED = {**{flag: "--" + flag.replace("_", "-") for flag in _SETTING_FLA
 
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
     """The options given with --resume that would change the result (--device, --dtype, -v do not)."""
-    return [option for flag, option in _RESUME_FIXED.items() if getattr(args, flag) is not None]
+    batch = (["--count"] if args.count != 1 else []) + (["--prompts"] if args.prompts else [])
+    return [option for flag, option in _RESUME_FIXED.items() if getattr(args, flag) is not None] + batch
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -370,6 +379,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(job.out)
         return 0
 
+    if args.count != 1 or args.prompts:
+        return _generate_batch(args)
     # every check before anything is loaded or written
     settings = _settings_from_args(args)
     out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{settings.seed}.mp4"
@@ -394,6 +405,54 @@ def _generate(args: argparse.Namespace) -> int:
     with _job_kept(job.root), _placed(pipeline, plan, job.root.parent):
         _run_with_progress(pipeline, job)
     print(job.out)
+    return 0
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    """--count / --prompts: every job checked first (one line naming the job), then run one after
+    another on one loaded model; each job has its own directory and resumes on its own."""
+    from .batch import expand, read_prompts
+    from .images import load_image
+    from .settings import DEFAULT_SEED
+
+    if args.job_dir:
+        raise ValueError("--job-dir names one job; a batch keeps each job's directory beside its video (<out>.job)")
+    lines = read_prompts(Path(args.prompts)) if args.prompts else None
+    out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.mp4"
+    jobs = []
+    for job in expand(_settings_base(args), lines, args.count, out, DEFAULT_SEED):
+        try:
+            settings = _complete_settings(job.settings)
+            _check_out(job.out, args.overwrite)
+            job_dir = job.out.with_name(job.out.stem + ".job")
+            jobs.append((settings, job.out, job_dir, _check_job_dir(job_dir, args.overwrite)))
+            for image in (settings.image, settings.end_image):
+                if image:
+                    load_image(image)
+        except ValueError as exc:
+            raise ValueError(f"batch job {len(jobs) + 1} ({job.label}): {exc}") from None
+    models = sorted({settings.model for settings, *_ in jobs})
+    if len(models) > 1:
+        raise ValueError(f"a batch runs on one loaded model; its jobs name {', '.join(models)}: run them separately")
+    _device_and_dtype(args)
+    plans = [_check_memory(settings, args) for settings, *_ in jobs]
+    if any(plan != plans[0] for plan in plans):
+        raise ValueError("the batch's jobs need different memory plans (sizes or lengths differ): run them separately")
+    _check_speed(args)
+    for settings, *_ in jobs:
+        _warn_about_settings(settings)
+    _say(f"a batch of {len(jobs)} jobs")
+    pipeline = _open_pipeline(models[0], args, plan=plans[0])
+    _speed_up(pipeline, args)
+    for number, (settings, out, job_dir, replace_job) in enumerate(jobs, start=1):
+        pipeline.use_loras(settings.loras)
+        _say(f"job {number}/{len(jobs)}: seed {settings.seed}, prompt {settings.prompt!r}")
+        _announce_length(settings)
+        _warn_about_plans(settings, pipeline.plans(settings))
+        job = _new_job(settings, out, job_dir, replace_job)
+        with _job_kept(job.root), _placed(pipeline, plans[0], job.root.parent):
+            _run_with_progress(pipeline, job)
+        print(job.out, flush=True)
     return 0
 
 
@@ -744,6 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--seconds", type=_number, help="video length in seconds (default 5; at most 120); rounded to "
                      "whole sections: 5 makes 4.83 s (the real length is printed before the run)")
     src.add_argument("--seed", type=int, help=f"random seed (default {DEFAULT_SEED}); the same seed gives the same video")
+    src.add_argument("--count", type=int, default=1, metavar="N",
+                     help="make N videos, seeds S, S+1, ... (default 1); the outputs get -seedS in their names")
+    src.add_argument("--prompts", metavar="FILE", help="one job per line: a prompt, or a JSON object of settings "
+                     "over these options ({\"prompt\": ..., \"seed\": 5, \"seconds\": 2.4}); run one after another, "
+                     "outputs named -lineK; # comments and blank lines skipped")
     src.add_argument("--lora", action="append", type=_lora_option, metavar="FILE[:SCALE]",
                      help="fuse a LoRA (.safetensors: ours, musubi-tuner's or diffusers' naming) at SCALE (default "
                      "1); repeat for several; recorded in the video by file name and sha256 (docs/lora.md)")
