@@ -278,10 +278,6 @@ _SETTING_FLAGS = {
 }
 
 
-def _settings_from_args(args: argparse.Namespace):
-    return _complete_settings(_settings_base(args))
-
-
 def _complete_settings(base: dict):
     from .settings import GenerationSettings
 
@@ -358,8 +354,8 @@ def _resume_conflicts(args: argparse.Namespace) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .images import load_image
     from .jobs import JobDir
+    from .lora import load_choices
 
     if args.resume:
         conflicts = _resume_conflicts(args)
@@ -379,58 +375,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(job.out)
         return 0
 
-    if args.count != 1 or args.prompts:
-        return _generate_batch(args)
-    # every check before anything is loaded or written
-    settings = _settings_from_args(args)
-    out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{settings.seed}.mp4"
-    job_dir = Path(args.job_dir) if args.job_dir else out.with_name(out.stem + ".job")
-    _check_out(out, args.overwrite)
-    replace_job = _check_job_dir(job_dir, args.overwrite)
-    _device_and_dtype(args)
-    plan = _check_memory(settings, args)
-    _check_speed(args)
-    load_image(settings.image)
-    if settings.end_image:
-        load_image(settings.end_image)
-    _warn_about_settings(settings)
-
-    pipeline = _open_pipeline(settings.model, args, plan=plan)
-    pipeline.use_loras(settings.loras)  # a LoRA that does not fit: one line, before any job exists
-    _speed_up(pipeline, args)
-    _announce_length(settings)  # after loading: a model that fails to load is the only line then
-    plans = pipeline.plans(settings)
-    _warn_about_plans(settings, plans)
-    job = _new_job(settings, out, job_dir, replace_job)
-    with _job_kept(job.root), _placed(pipeline, plan, job.root.parent):
-        _run_with_progress(pipeline, job)
-    print(job.out)
-    return 0
-
-
-def _generate_batch(args: argparse.Namespace) -> int:
-    """--count / --prompts: every job checked first (one line naming the job), then run one after
-    another on one loaded model; each job has its own directory and resumes on its own."""
-    from .batch import expand, read_prompts
-    from .images import load_image
-    from .settings import DEFAULT_SEED
-
-    if args.job_dir:
-        raise ValueError("--job-dir names one job; a batch keeps each job's directory beside its video (<out>.job)")
-    lines = read_prompts(Path(args.prompts)) if args.prompts else None
-    out = Path(args.out) if args.out else Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.mp4"
-    jobs = []
-    for job in expand(_settings_base(args), lines, args.count, out, DEFAULT_SEED):
-        try:
-            settings = _complete_settings(job.settings)
-            _check_out(job.out, args.overwrite)
-            job_dir = job.out.with_name(job.out.stem + ".job")
-            jobs.append((settings, job.out, job_dir, _check_job_dir(job_dir, args.overwrite)))
-            for image in (settings.image, settings.end_image):
-                if image:
-                    load_image(image)
-        except ValueError as exc:
-            raise ValueError(f"batch job {len(jobs) + 1} ({job.label}): {exc}") from None
+    # every check of every job before anything is loaded or written
+    jobs = _planned_jobs(args)
     models = sorted({settings.model for settings, *_ in jobs})
     if len(models) > 1:
         raise ValueError(f"a batch runs on one loaded model; its jobs name {', '.join(models)}: run them separately")
@@ -441,19 +387,58 @@ def _generate_batch(args: argparse.Namespace) -> int:
     _check_speed(args)
     for settings, *_ in jobs:
         _warn_about_settings(settings)
-    _say(f"a batch of {len(jobs)} jobs")
+    if len(jobs) > 1:
+        _say(f"a batch of {len(jobs)} jobs")
+
     pipeline = _open_pipeline(models[0], args, plan=plans[0])
+    pipeline.use_loras(jobs[0][0].loras)  # a LoRA that does not fit: one line, before any job exists
+    for loras in {settings.loras for settings, *_ in jobs[1:]}:
+        load_choices(loras, pipeline.c.transformer)  # the other jobs' LoRAs are checked now too
     _speed_up(pipeline, args)
     for number, (settings, out, job_dir, replace_job) in enumerate(jobs, start=1):
         pipeline.use_loras(settings.loras)
-        _say(f"job {number}/{len(jobs)}: seed {settings.seed}, prompt {settings.prompt!r}")
-        _announce_length(settings)
+        if len(jobs) > 1:
+            _say(f"job {number}/{len(jobs)}: seed {settings.seed}, prompt {settings.prompt!r}")
+        _announce_length(settings)  # after loading: a model that fails to load is the only line then
         _warn_about_plans(settings, pipeline.plans(settings))
         job = _new_job(settings, out, job_dir, replace_job)
         with _job_kept(job.root), _placed(pipeline, plans[0], job.root.parent):
             _run_with_progress(pipeline, job)
         print(job.out, flush=True)
     return 0
+
+
+def _planned_jobs(args: argparse.Namespace) -> list[tuple]:
+    """(settings, out, job directory, whether it replaces a finished job) of each job the command
+    makes: one, or a batch (--count / --prompts: each job's video named after its line and seed,
+    its directory beside it), every one checked; a batch job's problem names the job."""
+    from .batch import expand, read_prompts
+    from .images import load_image
+    from .settings import DEFAULT_SEED
+
+    batch = args.count != 1 or args.prompts is not None
+    if batch and args.job_dir:
+        raise ValueError("--job-dir names one job; a batch keeps each job's directory beside its video (<out>.job)")
+    base = _settings_base(args)
+    lines = read_prompts(Path(args.prompts)) if args.prompts else None
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    single_name = f"{stamp}-seed{base.get('seed', DEFAULT_SEED)}.mp4"
+    out = Path(args.out) if args.out else Path("outputs") / (f"{stamp}.mp4" if batch else single_name)
+    jobs = []
+    for job in expand(base, lines, args.count, out, DEFAULT_SEED):
+        try:
+            settings = _complete_settings(job.settings)
+            _check_out(job.out, args.overwrite)
+            job_dir = Path(args.job_dir) if args.job_dir else job.out.with_name(job.out.stem + ".job")
+            jobs.append((settings, job.out, job_dir, _check_job_dir(job_dir, args.overwrite)))
+            for image in (settings.image, settings.end_image):
+                if image:
+                    load_image(image)
+        except ValueError as exc:
+            if not batch:
+                raise
+            raise ValueError(f"batch job {len(jobs) + 1} ({job.label}): {exc}") from None
+    return jobs
 
 
 def _check_speed(args: argparse.Namespace) -> None:

@@ -207,11 +207,9 @@ class FramePackPipeline:
         """Fuse exactly these LoRAs into the transformer (those fused before are unfused first);
         a no-op when they are already the fused ones. One-line LoraError for a file that does not fit."""
         key = tuple(loras)
-        if self._loras is not None and self._loras.fused == key:
+        if key == (self._loras.fused if self._loras is not None else ()):
             return
         if self._loras is None:
-            if not key:
-                return
             self._loras = LoraFusion(self.c.transformer)
         if key:
             self._loras.fuse(load_choices(key, self.c.transformer), key)

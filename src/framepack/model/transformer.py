@@ -112,11 +112,11 @@ class FramePackTransformer(nn.Module):
         grid = (t // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
 
         # Image stream: the history levels, each patchified by its own kernel, then the noisy window
-        if memo is None or "context" not in memo:
+        context = memo.get("context") if memo is not None else None
+        if context is None:
             context = self._context(latents.shape, latent_indices, history, image_embeds, grid)
             if memo is not None:
                 memo["context"] = context
-        context = memo["context"] if memo is not None else context
         if context.shape != latents.shape:
             raise ValueError(f"memo made for latents of shape {tuple(context.shape)}, called with {tuple(latents.shape)}")
         noisy = self.x_embedder(latents.to(dtype))  # (B, T*h*w, D)
