@@ -252,6 +252,18 @@ def test_bad_job_ids_and_limits_get_a_message(site):
         assert kind == "http 400" and f"/{name} takes" in payload and "\\n" not in payload, (kind, payload)
 
 
+def test_an_unknown_endpoint_is_named_not_a_server_fault(site):
+    server = site["server"]
+    assert call(server, "..%2f..%2fetc", [1])[0] == "http 404"  # no route at all: the server's own 404
+    for name in ("nope", "submit_x", "a%0Ab"):
+        kind, payload = call(server, name, [1])
+        assert kind == "http 404", (name, kind, payload)
+        message = json.loads(payload)["error"]
+        assert message.startswith("no such endpoint; this app has ") and "/submit" in message
+        assert "\n" not in message
+    assert call(server, "history", [1])[0] == "complete"  # the known ones still answer
+
+
 # ---- point 4: fuzz ---------------------------------------------------------------------------------------------
 
 

@@ -213,6 +213,10 @@ class FileReferenceGuard:
                 await _answer(send, 413, f"request too large (over {MAX_JSON_BYTES // 2**20} MB of JSON)")
                 return
         body = b"".join(chunks)
+        unknown = self.unknown_endpoint(scope.get("path", ""))
+        if unknown is not None:
+            await _answer(send, 404, unknown)
+            return
         problem = self.problem(body, scope.get("path", ""))
         if problem is not None:
             await _answer(send, 400, problem)
@@ -228,6 +232,15 @@ class FileReferenceGuard:
             return await receive()  # after the body: a disconnect, when it comes
 
         await self.app(scope, replay, send)
+
+    def unknown_endpoint(self, route: str) -> str | None:
+        """A REST call to an API name the app does not have: one line (Gradio answers it with a bare
+        500, which reads as a server fault). None for every other route."""
+        named = _API_ROUTE.search(route)
+        if named is None or not self.arity or named.group(1) in self.arity:
+            return None
+        known = ", ".join(sorted(f"/{k}" for k in self.arity if isinstance(k, str)))
+        return f"no such endpoint; this app has {known}"
 
     def problem(self, body: bytes, route: str = "") -> str | None:
         """None when every file the JSON names is an upload of this app and a handler gets all its
