@@ -653,6 +653,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- dataset --------------------------------------------------------------------------------------------
+
+SKIPPED_SHOWN = 20  # skipped files named in the summary; the dataset's report.json lists every one
+
+
+def _dataset_prepare(args: argparse.Namespace) -> int:
+    from .train.dataset import REPORT, prepare
+
+    device, dtype = _device_and_dtype(args)
+    out = Path(args.out)
+    try:
+        report = prepare(Path(args.dir), out, args.model, resolution=args.resolution, max_frames=args.max_frames,
+                         device=device, dtype=dtype)
+    except KeyboardInterrupt:
+        _say(f"interrupted; finished shards are kept in {out}: run the same command again to continue")
+        return EXIT_SIGNAL_BASE + signal.SIGINT
+    for skipped in report.skipped[:SKIPPED_SHOWN]:
+        _warn(f"skipped {skipped.file}: {skipped.reason}")
+    if len(report.skipped) > SKIPPED_SHOWN:
+        _warn(f"... and {len(report.skipped) - SKIPPED_SHOWN} more skipped files (all in {out / REPORT})")
+    print(f"{report.samples} samples in {len(report.buckets)} buckets ({report.encoded} encoded by this run, "
+          f"{len(report.skipped)} files skipped) in {out}")
+    return 0
+
+
 # ---- plan ------------------------------------------------------------------------------------------------
 
 
@@ -913,7 +938,31 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     cc.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     cc.set_defaults(run=_calibrate_cache)
-    for sub in (demo, gen, ev, tr, pl, cc):
+
+    ds = commands.add_parser("dataset", help="prepare a folder of captioned videos and images for training")
+    ds_commands = ds.add_subparsers(dest="dataset_command", required=True, metavar="COMMAND", parser_class=_Parser)
+    dp = ds_commands.add_parser(
+        "prepare", help="encode a folder of captioned videos and images once: VAE latents and text/image "
+        "embeddings in sharded safetensors (resumable)",
+        description="Every video (.mp4 .webm .mov) and image (.png .jpg .jpeg .webp) under DIR with a caption (a "
+        "same-name .txt, or a metadata.jsonl / metadata.csv at DIR's root) is cut to the resolution bucket "
+        "generation would use and to 1+4n frames, and encoded by the model's own encoders. Files without a caption "
+        "or unreadable are skipped and listed in OUT/report.json. Run the same command again to continue an "
+        "interrupted run. See docs/training-your-videos.md.")
+    dp.add_argument("dir", help="the folder of videos and images (searched recursively)")
+    dp.add_argument("--model", required=True, help="the model whose encoders are used: tiny, framepack-i2v, "
+                    "framepack-f1, or a model directory")
+    dp.add_argument("--out", required=True, help="the prepared dataset's folder (new, empty, or an unfinished "
+                    "preparation with the same options to continue)")
+    dp.add_argument("--resolution", type=_positive, help="resolution bucket (default: the model's own, 640 for the "
+                    "13B models)")
+    dp.add_argument("--max-frames", dest="max_frames", type=_positive, help="use at most this many frames of each "
+                    "video (default: as many as its length allows)")
+    dp.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    dp.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="encoders' dtype (default auto: bf16 on CUDA, else fp32)")
+    dp.set_defaults(run=_dataset_prepare)
+    for sub in (demo, gen, ev, tr, pl, cc, dp):
         # -v after the command too (SUPPRESS: an absent flag must not reset one given before it)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress at INFO level")
     from .ui import add_ui_command  # light: gradio is imported only when the app starts
