@@ -46,8 +46,9 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # latent frames after the first: a clip keeps the largest of these that its length allows, so clips
-# of similar lengths share a bucket (at most a third of a clip is dropped: each step is <= 1.5x)
-LENGTH_STEPS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# of similar lengths share a bucket; each step is at most 1.5x the one before, so less than a third
+# of a clip is ever dropped
+LENGTH_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 # ---- reading a prepared dataset -------------------------------------------------------------------------
