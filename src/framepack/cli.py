@@ -234,6 +234,11 @@ def _unused_segments(prompt: str, plans: list) -> list:
 
 
 def _warn_about_plans(settings, plans: list) -> None:
+    from .keyframes import snap_keyframes, snapped
+
+    for anchor in snapped(snap_keyframes([k.seconds for k in settings.keyframes], len(plans), settings.window)):
+        _warn(f"keyframe at {anchor.asked:g} s moved to {anchor.seconds:.2f} s, the nearest section boundary "
+              "(keyframes sit where one section ends and the next begins)")
     if settings.section_prompts is not None:
         return  # section prompts replace the timeline's timing
     for seg in _unused_segments(settings.prompt, plans):
@@ -274,7 +279,7 @@ _SETTING_FLAGS = {
     "negative_prompt": "negative_prompt", "seconds": "seconds", "seed": "seed", "steps": "steps",
     "sampler": "sampler", "distilled_guidance": "distilled_guidance", "cfg": "cfg",
     "guidance_rescale": "guidance_rescale", "shift": "shift", "mode": "mode", "resolution": "resolution",
-    "window": "window", "crf": "crf", "model": "model", "cache": "cache",
+    "window": "window", "crf": "crf", "model": "model", "cache": "cache", "keyframe": "keyframes",
 }
 
 
@@ -297,10 +302,16 @@ def _settings_base(args: argparse.Namespace) -> dict:
         # one line if the video carries no framepack settings (any other JSON included); the
         # inputs it records by file name are found beside it, unless --image / --end-image say
         base = settings_from_video(args.from_video, image=args.image, end_image=args.end_image)
+        if args.keyframe is None and base.get("keyframes"):
+            from .keyframes import find_recorded_keyframes
+
+            base["keyframes"] = find_recorded_keyframes(Path(args.from_video), base["keyframes"])
     for flag, field in _SETTING_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            base[field] = tuple(value) if field == "section_prompts" else value
+            base[field] = tuple(value) if field in ("section_prompts", "keyframes") else value
+    if base.get("keyframes"):  # absolute: a resume may run from another directory
+        base["keyframes"] = tuple((k.seconds, str(Path(k.image).resolve())) for k in base["keyframes"])
     return _with_loras(base, args)
 
 
@@ -317,6 +328,15 @@ def _with_loras(base: dict, args: argparse.Namespace) -> dict:
 
         return {**base, "loras": find_recorded(Path(args.from_video), lora_choices(base["loras"]))}
     return base
+
+
+def _keyframe_option(text: str):
+    from .keyframes import parse_keyframe_option
+
+    try:
+        return parse_keyframe_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _lora_option(text: str) -> tuple[str, float]:
@@ -431,7 +451,7 @@ def _planned_jobs(args: argparse.Namespace) -> list[tuple]:
             _check_out(job.out, args.overwrite)
             job_dir = Path(args.job_dir) if args.job_dir else job.out.with_name(job.out.stem + ".job")
             jobs.append((settings, job.out, job_dir, _check_job_dir(job_dir, args.overwrite)))
-            for image in (settings.image, settings.end_image):
+            for image in (settings.image, settings.end_image, *(k.image for k in settings.keyframes)):
                 if image:
                     load_image(image)
         except ValueError as exc:
@@ -643,7 +663,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from . import trainer
-    from .train import framepack_task, vae_task  # noqa: F401  (register the "framepack" and "vae" tasks)
+    from .train import framepack_task, user_task, vae_task  # noqa: F401  (register "framepack", "lora", "finetune", "vae")
 
     config = trainer.TrainConfig.load(args.config)
     if args.output_dir:
@@ -806,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "framepack-i2v, framepack-f1, or a directory with a framepack.json")
     src.add_argument("--image", help="start image (png, jpg, webp, ...)")
     src.add_argument("--end-image", dest="end_image", help="optional end image (inverted mode only)")
+    src.add_argument("--keyframe", action="append", type=_keyframe_option, metavar="TIME:IMAGE",
+                     help="an image the video passes through at TIME seconds, snapped to the nearest section boundary "
+                     "(every 1.2 s); repeat for several; inverted mode only")
     src.add_argument("--prompt", help="the prompt, or a timeline: '[0s-2s: a cat sits] [2s-5s: the cat jumps]'")
     src.add_argument("--section-prompt", dest="section_prompt", action="append",
                      help="one prompt per section in video order (repeat the option); overrides --prompt's timing")

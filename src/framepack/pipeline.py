@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -24,14 +24,16 @@ import torch
 
 from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
 from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
-from .images import load_image, prepare_image, resize_and_crop
+from .images import load_image, nearest_bucket, prepare_image, resize_and_crop
 from .jobs import JobDir
+from .keyframes import SectionOverride, overrides_for, with_keyframes
 from .lora import LoraFusion, load_choices, recorded_loras
 from .memory import release_freed_memory
 from .model import HistoryInput
 from .planning import (
     END,
     START,
+    KeyframeSource,
     SectionPlan,
     decode_span,
     frame_count,
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 # segment after every section would make the per-section cost grow with the video's length.
 PROVISIONAL_SECTIONS = 8
 PENDING_PREVIEW = "pending-preview.mp4"  # the provisional video's not-yet-final frames (in JOB/video)
+# Text-to-video starts from this blank frame (docs/generation.md, "Text-to-video": what was tried on the demo model)
+BLANK_START_RGB = (0, 0, 0)
 
 
 # ---- events -------------------------------------------------------------------------------------------
@@ -123,6 +127,15 @@ class Conditioning:
     image_embeds: torch.Tensor | None  # (1, N, E)
     rgb_map: torch.Tensor  # latent -> RGB preview map
     size: tuple[int, int]  # pixel (H, W)
+    keyframe_latents: tuple[torch.Tensor, ...] = ()  # (1, C, 1, h, w) each, in the settings' order
+    keyframe_embeds: tuple[torch.Tensor, ...] = ()  # (1, N, E) each, for models with an image encoder
+
+    def section_embeds(self, override: SectionOverride) -> torch.Tensor | None:
+        """The image embeddings of one section: the start image's, averaged with those of the
+        keyframes at either end of the section."""
+        if self.image_embeds is None or not override.blend:
+            return self.image_embeds
+        return torch.stack([self.image_embeds, *(self.keyframe_embeds[i] for i in override.blend)]).mean(dim=0)
 
 
 @dataclass
@@ -142,6 +155,7 @@ class _Run:
     decoder: SpanDecoder  # the VAE decode of each section's span, reusing frames where that is exact
     cache: CacheSpec  # the step cache in force ("model" resolved)
     mag_ratios: list[float] | None  # the model's calibrated MagCache ratios, when MagCache runs
+    overrides: list[SectionOverride]  # per step: what keyframes change (framepack.keyframes)
 
     def needed_segments(self, upto: int) -> list[int]:
         """Steps before ``upto`` that wrote a segment (the others made no frame final)."""
@@ -152,8 +166,8 @@ class LatentStore:
     """Video latents by position, read from the job directory; a few recent sections cached."""
 
     def __init__(self, job: JobDir, plans: list[SectionPlan], start: torch.Tensor, end: torch.Tensor | None,
-                 cache_sections: int = 4) -> None:
-        self.job, self.start, self.end = job, start, end
+                 cache_sections: int = 4, keyframes: Sequence[torch.Tensor] = ()) -> None:
+        self.job, self.start, self.end, self.keyframes = job, start, end, tuple(keyframes)
         self.owner = {pos: plan.step for plan in plans for pos in plan.positions}
         self.first = {plan.step: plan.positions[0] for plan in plans}
         self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -178,6 +192,8 @@ class LatentStore:
             return self.start
         if source == END:
             return self.end
+        if isinstance(source, KeyframeSource):
+            return self.keyframes[source.index]
         step = self.owner[source]
         k = source - self.first[step]
         return self.section(step)[:, :, k : k + 1]
@@ -224,22 +240,30 @@ class FramePackPipeline:
         return self._text_cache[prompt]
 
     def condition(self, settings: GenerationSettings) -> Conditioning:
-        start_rgb = prepare_image(load_image(settings.image), self.c.source.resolution(settings.resolution))
+        resolution = self.c.source.resolution(settings.resolution)
+        if settings.image is None:
+            start_rgb = blank_start_frame(resolution)
+        else:
+            start_rgb = prepare_image(load_image(settings.image), resolution)
         height, width = start_rgb.shape[:2]
         start = self._encode_frame(start_rgb)
         end = embeds = None
         if settings.end_image is not None:
             end_rgb = resize_and_crop(load_image(settings.end_image), height, width)
             end = self._encode_frame(end_rgb)
+        keyframes_rgb = [resize_and_crop(load_image(k.image), height, width) for k in settings.keyframes]
+        keyframe_embeds: tuple[torch.Tensor, ...] = ()
         if self.c.image is not None:
             embeds = self.c.image.encode(start_rgb)
             if settings.end_image is not None:
                 # the end frame shares the image conditioning equally with the start frame
                 embeds = (embeds + self.c.image.encode(end_rgb)) / 2
+            keyframe_embeds = tuple(self.c.image.encode(rgb) for rgb in keyframes_rgb)
         # a VAE may carry a map fitted on many frames; otherwise fit one on this start frame
         rgb_map = getattr(self.c.vae, "preview_map", None)
         rgb_map = rgb_map if rgb_map is not None else fit_latent_to_rgb(start, start_rgb)
-        return Conditioning(start, end, embeds, rgb_map, (height, width))
+        return Conditioning(start, end, embeds, rgb_map, (height, width),
+                            tuple(self._encode_frame(rgb) for rgb in keyframes_rgb), keyframe_embeds)
 
     def _encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(rgb).float().permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
@@ -250,8 +274,9 @@ class FramePackPipeline:
     def plans(self, settings: GenerationSettings) -> list[SectionPlan]:
         mode = settings.mode or self.c.source.mode
         count = section_count(settings.seconds, settings.window)
-        return plan_sections(count, mode, self.c.transformer.config.schedule, settings.window,
-                             end_image=settings.end_image is not None)
+        plans = plan_sections(count, mode, self.c.transformer.config.schedule, settings.window,
+                              end_image=settings.end_image is not None)
+        return with_keyframes(plans, overrides_for(settings.keyframes, plans))  # refused outside inverted mode
 
     def run(self, job: JobDir, on_event: Callable[[Event], None] = lambda e: None,
             should_stop: Callable[[], bool] = lambda: False) -> Path:
@@ -291,7 +316,9 @@ class FramePackPipeline:
     def _prepare(self, job: JobDir) -> "_Run":
         """Everything a run carries; on a resume, first checks (and where it can, repairs) the job."""
         settings = job.settings
-        for label, path in (("start", settings.image), ("end", settings.end_image)):
+        inputs = [("start", settings.image), ("end", settings.end_image)]
+        inputs += [(f"{k.seconds:g} s keyframe", k.image) for k in settings.keyframes]
+        for label, path in inputs:
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{path}, the job's copy of its {label} image, is missing: put that image back "
                                  "under this name and resume again")
@@ -311,7 +338,7 @@ class FramePackPipeline:
             prompts=prompts_for_sections(timeline, plans),
             negative=self.encode_text(settings.negative_prompt) if cfg != 1.0 else None,
             cfg=cfg,
-            store=LatentStore(job, plans, cond.start_latent, cond.end_latent),
+            store=LatentStore(job, plans, cond.start_latent, cond.end_latent, keyframes=cond.keyframe_latents),
             generator=torch.Generator("cpu").manual_seed(settings.seed),
             backwards=backwards,
             assembler=Assembler(backwards, overlap),
@@ -319,6 +346,7 @@ class FramePackPipeline:
             decoder=SpanDecoder(self.c.vae.decode, reuse=_decodes_latents_alone(self.c.vae)),
             cache=cache,
             mag_ratios=magcache_ratios(self.c.source.extra, settings.model) if cache.method == "magcache" else None,
+            overrides=overrides_for(settings.keyframes, plans),
         )
         job.repair_state()
         if job.finished > len(plans):
@@ -403,7 +431,8 @@ class FramePackPipeline:
 
     def _section(self, plan: SectionPlan, job: JobDir, run: "_Run", on_event: Callable[[Event], None],
                  should_stop: Callable[[], bool]) -> Callable[[], None]:
-        settings, cond = job.settings, run.cond
+        settings = job.settings
+        cond = replace(run.cond, image_embeds=run.cond.section_embeds(run.overrides[plan.step]))
         t0 = time.perf_counter()
         on_event(SectionStarted(plan.step, plan.count, run.prompts[plan.step]))
         h, w = cond.start_latent.shape[-2:]
@@ -529,7 +558,14 @@ class FramePackPipeline:
     def _metadata(job: JobDir) -> dict:
         meta = embedded_settings(job.settings.to_dict(), job.input_names)
         meta["framepack"]["loras"] = recorded_loras(job.settings.loras)  # by file name, as the images
+        meta["framepack"]["keyframes"] = [{"seconds": k.seconds, "image": Path(k.image).name} for k in job.settings.keyframes]
         return meta
+
+
+def blank_start_frame(resolution: int) -> np.ndarray:
+    """Text-to-video's start frame: a square-bucket frame of :data:`BLANK_START_RGB`, (H, W, 3) uint8."""
+    height, width = nearest_bucket(1, 1, resolution)
+    return np.broadcast_to(np.array(BLANK_START_RGB, dtype=np.uint8), (height, width, 3)).copy()
 
 
 def _settle(writes: Future | None) -> None:

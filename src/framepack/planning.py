@@ -31,8 +31,17 @@ MODES: tuple[Mode, ...] = ("inverted", "forward", "vanilla")
 START: Literal["start"] = "start"
 END: Literal["end"] = "end"
 ZERO = None
-Source = int | Literal["start", "end"] | None
-"""A video latent position, the start or end image latent, or None for zeros."""
+
+
+@dataclass(frozen=True)
+class KeyframeSource:
+    """A keyframe image's latent (framepack.keyframes puts it in a section's nearest-future slot)."""
+
+    index: int  # in the settings' keyframes
+
+
+Source = int | Literal["start", "end"] | KeyframeSource | None
+"""A video latent position, the start or end image latent, a keyframe's latent, or None for zeros."""
 
 FPS = 30
 TEMPORAL_RATIO = 4  # the causal VAE: latent 0 -> frame 0, latent k >= 1 -> frames 4k-3 .. 4k

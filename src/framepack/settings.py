@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .keyframes import Keyframe, keyframe_problem, keyframe_tuple
 from .planning import MODES, parse_timeline, real_seconds, section_count
 
 # Light on purpose: the CLI reads DEFAULT_SEED for its help, which must not import torch
@@ -55,8 +56,14 @@ class GenerationSettings:
     crf: int = 16
     cache: str = "none"  # step cache, e.g. "teacache:0.15" or "model" (framepack.cache); absent in older videos
     loras: tuple[LoraChoice, ...] = ()  # fused LoRAs, in order (framepack.lora); absent in older videos
+    keyframes: tuple[Keyframe, ...] = ()  # (seconds, image) the video passes through (framepack.keyframes)
 
     def __post_init__(self) -> None:
+        if isinstance(self.keyframes, list) or (self.keyframes and not isinstance(self.keyframes[0], Keyframe)):
+            try:  # (seconds, image) pairs, as a user writes them
+                object.__setattr__(self, "keyframes", keyframe_tuple(self.keyframes))
+            except (ValueError, TypeError):
+                pass  # named by _keyframe_problems
         if isinstance(self.loras, (list, tuple)) and not all(isinstance(c, LoraChoice) for c in self.loras):
             try:  # (path, scale) pairs, as a user writes them
                 object.__setattr__(self, "loras", lora_choices(self.loras))
@@ -119,6 +126,20 @@ class GenerationSettings:
         if self.section_prompts is not None:
             yield from self._section_prompt_problems()
         yield from self._lora_problems()
+        yield from self._keyframe_problems()
+
+    def _keyframe_problems(self):
+        if not isinstance(self.keyframes, tuple) or not all(isinstance(k, Keyframe) for k in self.keyframes):
+            yield f"keyframes must be a list of (seconds, image) pairs, got {self.keyframes!r}"
+            return
+        if self.keyframes and self.mode not in (None, "inverted"):
+            yield f"keyframes need mode 'inverted' (sections made back to front), not {self.mode!r}"
+            return
+        # checked here, not when the pipeline plans the sections: by then a job directory exists
+        problem = keyframe_problem(self.keyframes, section_count(self.seconds, self.window), self.window,
+                                   self.end_image is not None)
+        if problem is not None:
+            yield problem
 
     def _lora_problems(self):
         if not isinstance(self.loras, tuple) or len(self.loras) > MAX_LORAS:
@@ -152,6 +173,7 @@ class GenerationSettings:
         if self.section_prompts is not None:
             data["section_prompts"] = list(self.section_prompts)
         data["loras"] = [choice._asdict() for choice in self.loras]
+        data["keyframes"] = [keyframe._asdict() for keyframe in self.keyframes]
         return data
 
     @classmethod
@@ -165,6 +187,8 @@ class GenerationSettings:
             data["section_prompts"] = tuple(data["section_prompts"])
         if "loras" in data:
             data["loras"] = lora_choices(data["loras"])
+        if "keyframes" in data:
+            data["keyframes"] = keyframe_tuple(data["keyframes"])
         try:
             return cls(**data)
         except TypeError as exc:
