@@ -140,7 +140,12 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def counted(*args, **kwargs):
         encoders = load(*args, **kwargs)
         encode = encoders.vae.encode
-        encoders.vae.encode = lambda pixels: (calls.append(str(pixels.shape[2])), encode(pixels))[1]
+
+        def counted_encode(pixels: torch.Tensor) -> torch.Tensor:
+            calls.append(str(pixels.shape[2]))
+            return encode(pixels)
+
+        encoders.vae.encode = counted_encode
         return encoders
 
     monkeypatch.setattr(dataset, "load_encoders", counted)
@@ -196,6 +201,10 @@ def test_a_shard_that_fails_to_write_leaves_nothing_that_looks_finished(folder: 
     with pytest.raises(OSError, match="unplugged"):
         prepare(folder, tmp_path / "out", "tiny", resolution=RESOLUTION, progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST]
+    with pytest.raises(ValueError, match="unfinished"):
+        PreparedDataset(tmp_path / "out")
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        PreparedDataset(folder)
 
 
 def test_13b_layout_with_an_image_encoder(tmp_path: Path) -> None:
@@ -245,7 +254,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert set(tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("case", ["missing folder", "unknown model", "out is a file", "out holds other files"])
+@pytest.mark.parametrize("case", ["missing folder", "unknown model", "out is a file", "out holds other files",
+                                  "nothing readable"])
 def test_more_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The same entry point's main without a new interpreter (the subprocess test above covers the exit)."""
     from framepack.cli import main
@@ -253,15 +263,18 @@ def test_more_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.Cap
     source, model, out = tmp_path / "videos", "tiny", tmp_path / "out"
     captioned(image(source / "a.png", 16, 16), "a caption")
     expected = {"missing folder": "does not exist", "unknown model": "unknown model",
-                "out is a file": "not a directory", "out holds other files": "other files"}[case]
+                "out is a file": "not a directory", "out holds other files": "other files",
+                "nothing readable": "no file in"}[case]
     if case == "missing folder":
         source = tmp_path / "nowhere"
     elif case == "unknown model":
         model = "no-such-model"
     elif case == "out is a file":
         out.write_text("")
-    else:
+    elif case == "out holds other files":
         (out / "notes").mkdir(parents=True)
+    else:
+        (source / "a.png").write_bytes(b"\x89PNG truncated")
     before = set(tmp_path.rglob("*"))
     code = main(["dataset", "prepare", str(source), "--model", model, "--out", str(out)])
     assert_one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), expected)

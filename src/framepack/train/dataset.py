@@ -126,7 +126,16 @@ def _read_index(directory: Path) -> list[dict]:
     path = directory / INDEX
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict) or not {"shard", "key", "caption", "source", "bucket"} <= set(entry):
+            raise ValueError(f"{path} line {number} is not a sample entry: prepare the dataset again")
+        entries.append(entry)
+    return entries
 
 
 # ---- finding the files and their captions ----------------------------------------------------------------
@@ -221,14 +230,14 @@ def read_clip(file: MediaFile, resolution: int, max_frames: int | None) -> np.nd
     """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames, each resized and centre-cropped to
     the bucket nearest the clip's aspect (as generation prepares its start image). ValueError with a
     one-line reason for an unreadable file."""
-    from ..images import load_image, nearest_bucket, resize_and_crop
+    from ..images import load_image, nearest_bucket, prepare_image, resize_and_crop
 
     if not file.video:
-        image = load_image(file.path)
-        return resize_and_crop(image, *nearest_bucket(*image.shape[:2], resolution))[None]
+        return prepare_image(load_image(file.path), resolution)[None]
+    longest = 1 + TEMPORAL_RATIO * LENGTH_STEPS[-1]  # no clip keeps more: decode no more
     frames = []
-    for frame in _decoded(file.path, max_frames):
-        if not frames:  # every frame of a stream has the first one's size
+    for frame in _decoded(file.path, longest if max_frames is None else min(max_frames, longest)):
+        if not frames:  # the whole clip goes to its first frame's bucket
             size = nearest_bucket(*frame.shape[:2], resolution)
         frames.append(resize_and_crop(frame, *size))
     if not frames:
@@ -369,6 +378,30 @@ def _finished_entries(out: Path) -> list[dict]:
     return entries
 
 
+def _encode_files(files: list[MediaFile], encoders: Encoders, writer: _ShardWriter, resolution: int,
+                  max_frames: int | None, progress: bool, on_sample: Callable[[str], None]) -> list[Skipped]:
+    """Read, encode and hand to ``writer`` each file in turn (a progress bar over files); returns
+    the files that could not be read."""
+    from tqdm import tqdm
+
+    skipped = []
+    texts: dict[str, TextEmbedding] = {}  # captions repeat: each is encoded once
+    for file in tqdm(files, desc="preparing", unit="file", disable=None if progress else True):
+        try:
+            frames = read_clip(file, resolution, max_frames)
+        except (ValueError, OSError) as exc:
+            skipped.append(Skipped(file.source, str(exc).replace(str(file.path), file.source)))
+            continue
+        if file.caption not in texts:
+            texts[file.caption] = encoders.text.encode(file.caption)
+        with torch.inference_mode():
+            tensors = encode_sample(encoders, frames, texts[file.caption])
+        bucket = bucket_key(frames.shape[1], frames.shape[2], tensors["latents"].shape[1])
+        writer.add(tensors, {"caption": file.caption, "source": file.source, "bucket": bucket})
+        on_sample(file.source)
+    return skipped
+
+
 def check_out(out: Path, settings: dict) -> None:
     """``out`` is new, empty, or an earlier preparation with the same settings (which is continued)."""
     if out.exists() and not out.is_dir():
@@ -393,9 +426,8 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
     with the same arguments continues an interrupted run. ``on_sample`` is called with each file's
     relative path once its sample is encoded.
     """
-    from tqdm import tqdm
-
     from ..components import resolve_model
+    from ..images import buckets as resolution_buckets
 
     source, out = Path(source), Path(out)
     if not source.is_dir():
@@ -403,45 +435,32 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     resolution = resolve_model(model).resolution(resolution)  # an unknown model: one line, here
-    from ..images import buckets as resolution_buckets
-
     resolution_buckets(resolution)  # a resolution too small for any bucket: one line, here
     files, skipped = find_media(source)
     if not files:
         raise ValueError(f"no usable files in {source}: no video ({', '.join(VIDEO_SUFFIXES)}) or image "
                          f"({', '.join(IMAGE_SUFFIXES)}) with a caption (a same-name .txt or a metadata.jsonl/csv)")
-    settings = {"model": model, "resolution": resolution, "max_frames": max_frames}
+    settings = {"model": model, "resolution": resolution, "max_frames": max_frames, "source": str(source.resolve())}
     check_out(out, settings)
 
     entries = _finished_entries(out) if out.is_dir() else []
     done = {e["source"] for e in entries}
     todo = [f for f in files if f.source not in done]
-    encoders = load_encoders(model, device, dtype)
+    encoders = load_encoders(model, device, dtype) if todo else None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, {"format": FORMAT, "version": VERSION, **settings, "complete": False})
     (out / REPORT).unlink(missing_ok=True)  # a report describes a finished preparation only
     writer = _ShardWriter(out, list(entries), shard_bytes)
-    texts: dict[str, TextEmbedding] = {}  # captions repeat: each is encoded once
-    for file in tqdm(todo, desc="preparing", unit="file", disable=None if progress else True):
-        try:
-            frames = read_clip(file, resolution, max_frames)
-        except (ValueError, OSError) as exc:
-            skipped.append(Skipped(file.source, str(exc).replace(str(file.path), file.source)))
-            continue
-        if file.caption not in texts:
-            texts[file.caption] = encoders.text.encode(file.caption)
-        with torch.inference_mode():
-            tensors = encode_sample(encoders, frames, texts[file.caption])
-        bucket = bucket_key(frames.shape[1], frames.shape[2], tensors["latents"].shape[1])
-        writer.add(tensors, {"caption": file.caption, "source": file.source, "bucket": bucket})
-        on_sample(file.source)
+    unreadable = [] if encoders is None else _encode_files(todo, encoders, writer, resolution, max_frames,
+                                                           progress, on_sample)
     writer.flush()
     if not writer.entries:  # nothing to keep: leave no folder that looks like a dataset
         (out / MANIFEST).unlink()
         if created:
             out.rmdir()
-        raise ValueError(f"no file in {source} could be read: {skipped[0].file}: {skipped[0].reason}")
+        raise ValueError(f"no file in {source} could be read, e.g. {unreadable[0].file}: {unreadable[0].reason}")
+    skipped += unreadable
     counts: dict[str, int] = {}
     for entry in writer.entries:
         counts[entry["bucket"]] = counts.get(entry["bucket"], 0) + 1
