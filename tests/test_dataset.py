@@ -279,3 +279,12 @@ def test_more_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.Cap
     code = main(["dataset", "prepare", str(source), "--model", model, "--out", str(out)])
     assert_one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), expected)
     assert set(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("args", [["dataset", "prepare", "--help"], ["dataset"], ["dataset", "prepare", "d"]])
+def test_dataset_help_and_usage_errors_import_no_torch(args: list[str]) -> None:
+    check = ("import sys\nfrom framepack.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'av') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", check, *args], check=False, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
