@@ -255,7 +255,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing folder", "unknown model", "out is a file", "out holds other files",
-                                  "nothing readable"])
+                                  "nothing readable", "bad metadata line", "metadata not utf-8"])
 def test_more_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The same entry point's main without a new interpreter (the subprocess test above covers the exit)."""
     from framepack.cli import main
@@ -264,7 +264,8 @@ def test_more_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.Cap
     captioned(image(source / "a.png", 16, 16), "a caption")
     expected = {"missing folder": "does not exist", "unknown model": "unknown model",
                 "out is a file": "not a directory", "out holds other files": "other files",
-                "nothing readable": "no file in"}[case]
+                "nothing readable": "no file in", "bad metadata line": "metadata.jsonl line 2 is not JSON",
+                "metadata not utf-8": "metadata.csv is not UTF-8"}[case]
     if case == "missing folder":
         source = tmp_path / "nowhere"
     elif case == "unknown model":
@@ -273,8 +274,12 @@ def test_more_bad_input_in_process(case: str, tmp_path: Path, capsys: pytest.Cap
         out.write_text("")
     elif case == "out holds other files":
         (out / "notes").mkdir(parents=True)
-    else:
+    elif case == "nothing readable":
         (source / "a.png").write_bytes(b"\x89PNG truncated")
+    elif case == "bad metadata line":
+        (source / "metadata.jsonl").write_text('{"file": "a.png", "caption": "x"}\n{"file": "b.png",\n')
+    else:
+        (source / "metadata.csv").write_bytes(b"file,caption\na.png,\xff\xfe\n")
     before = set(tmp_path.rglob("*"))
     code = main(["dataset", "prepare", str(source), "--model", model, "--out", str(out)])
     assert_one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), expected)

@@ -161,7 +161,7 @@ def read_metadata(root: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
     jsonl, table = root / METADATA_FILES[0], root / METADATA_FILES[1]
     if jsonl.is_file():
-        for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_utf8(jsonl).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -173,14 +173,22 @@ def read_metadata(root: Path) -> dict[str, str]:
                 raise ValueError(f"{jsonl} line {number}: expected {{\"file\": ..., \"caption\": ...}} with strings")
             captions[_relative_name(entry["file"])] = entry["caption"]
     if table.is_file():
-        with open(table, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not {"file", "caption"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{table} needs a header with the columns file and caption")
-            for row in reader:
-                if row["file"]:
-                    captions[_relative_name(row["file"])] = row["caption"] or ""
+        reader = csv.DictReader(_utf8(table).splitlines(keepends=True))
+        if not {"file", "caption"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{table} needs a header with the columns file and caption")
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise ValueError(f"{table} line {reader.line_num}: {exc}") from None
+        captions.update({_relative_name(row["file"]): row["caption"] or "" for row in rows if row["file"]})
     return captions
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
 
 
 def _relative_name(name: str) -> str:
