@@ -207,12 +207,15 @@ def test_a_shard_that_fails_to_write_leaves_nothing_that_looks_finished(folder: 
         PreparedDataset(folder)
 
 
-def test_13b_layout_with_an_image_encoder(tmp_path: Path) -> None:
+def test_13b_layout_with_an_image_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, paths = write_model_dir(tmp_path / "model")
     root = tmp_path / "videos"
     captioned(video(root / "clip.mp4", 5, 32, 48), "a clip")
-    prepare(root, tmp_path / "out", str(model), resolution=32, progress=False)
-    sample = PreparedDataset(tmp_path / "out").sample(0)
+    monkeypatch.chdir(tmp_path)
+    prepare(root, tmp_path / "out", "model", resolution=32, progress=False)  # a relative path
+    data = PreparedDataset(tmp_path / "out")
+    assert data.model == str(model.resolve())  # usable from any folder
+    sample = data.sample(0)
     frames = np.stack([prepare_image(f, 32) for f in read_frames(root / "clip.mp4")])
     siglip = SiglipImageEncoder.from_pretrained(paths["redux"])
     assert sample.image is not None and torch.equal(sample.image, siglip.encode(frames[0])[0])

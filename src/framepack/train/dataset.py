@@ -78,7 +78,7 @@ class PreparedDataset:
             raise ValueError(f"{self.directory} is an unfinished preparation: run the same framepack dataset "
                              "prepare command again to finish it")
         self.manifest = manifest
-        self.model: str = manifest["model"]
+        self.model: str = manifest["model"]  # as given to prepare; a model directory by its absolute path
         self.entries = _read_index(self.directory)
 
     def __len__(self) -> int:
@@ -386,6 +386,16 @@ def _finished_entries(out: Path) -> list[dict]:
     return entries
 
 
+def model_name(model: str) -> str:
+    """How the manifest names the model: a named model as it is, a model directory by its absolute
+    path (training may run from another folder than the preparation did)."""
+    from ..components import NAMED_MODELS
+
+    if model in NAMED_MODELS or model == "tiny" or not Path(model).expanduser().exists():
+        return model
+    return str(Path(model).expanduser().resolve())
+
+
 def _encode_files(files: list[MediaFile], encoders: Encoders, writer: _ShardWriter, resolution: int,
                   max_frames: int | None, progress: bool, on_sample: Callable[[str], None]) -> list[Skipped]:
     """Read, encode and hand to ``writer`` each file in turn (a progress bar over files); returns
@@ -448,7 +458,8 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
     if not files:
         raise ValueError(f"no usable files in {source}: no video ({', '.join(VIDEO_SUFFIXES)}) or image "
                          f"({', '.join(IMAGE_SUFFIXES)}) with a caption (a same-name .txt or a metadata.jsonl/csv)")
-    settings = {"model": model, "resolution": resolution, "max_frames": max_frames, "source": str(source.resolve())}
+    settings = {"model": model_name(model), "resolution": resolution, "max_frames": max_frames,
+                "source": str(source.resolve())}
     check_out(out, settings)
 
     entries = _finished_entries(out) if out.is_dir() else []
