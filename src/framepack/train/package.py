@@ -46,10 +46,29 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
                 "modes": ["inverted", "forward", "vanilla"], "resolution": resolution, "shift": shift}
     if cfg is not None:  # the real-CFG scale generation uses unless told otherwise
         manifest["cfg"] = cfg
+    manifest["world"] = world_description()  # what framepack.world_check warns against
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
+
+
+def world_description() -> dict:
+    """The world the demo model knows, for its manifest (``framepack.world_check`` reads it): the
+    words of its captions (those its text encoders were built over) and its colours."""
+    from . import world
+    from .framepack_task import world_vocabulary
+
+    return {"vocabulary": world_vocabulary(), "backgrounds": [list(c) for c in world.BACKGROUND_PALETTE.values()],
+            "shade_range": list(world.SHADE_RANGE), "objects": [list(c) for c in world.PALETTE.values()]}
+
+
+def add_world(model: Path) -> None:
+    """Write :func:`world_description` into an assembled model's manifest (the rest kept as it is)."""
+    path = Path(model) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["world"] = world_description()
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _run_summary(run: Path) -> dict:
