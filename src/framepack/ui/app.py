@@ -26,10 +26,11 @@ from starlette.middleware import Middleware
 from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
+from ..world_check import world_notes
 from .files import FileGate, FileReferenceGuard, model_names, public_text
-from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, FormDefaults, form_from_settings, history_limit,
-                   job_number, length_note, plan_settings, preserve_gb, section_seconds, settings_from_form,
-                   snap_seconds)
+from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, AcceptFile, FormDefaults, batch_jobs,
+                   form_from_settings, history_limit, job_number, length_note, plan_settings, preserve_gb,
+                   section_seconds, settings_from_form, snap_seconds)
 from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
 from .service import JobService, JobView, public_settings
@@ -58,6 +59,7 @@ CSS = """
 #fp-progress progress { width: 100%; height: 1.2em; }
 #fp-message p, #fp-history-message p, #fp-length p, #fp-plan p { margin: 0; }
 .fp-error { color: #b91c1c; font-weight: 600; }
+.fp-note { color: #92400e; }
 """
 T = TypeVar("T")
 
@@ -71,6 +73,11 @@ def _short(text: str, limit: int = PROMPT_CHARS) -> str:
 
 def _error(message: str) -> str:
     return f'<span class="fp-error">⚠ {html.escape(message)}</span>'
+
+
+def _note(message: str) -> str:
+    """A remark beside a submission that did go through (the model's world: framepack.world_check)."""
+    return f'<span class="fp-note">ⓘ {html.escape(message)}</span>'
 
 
 def _eta(seconds: float | None) -> str:
@@ -130,6 +137,39 @@ def history_rows(records: Sequence[JobRecord], outputs: Path) -> list[list[Any]]
 
 def _table(rows: list[list[Any]], headers: list[str]) -> dict[str, Any]:
     return {"data": rows, "headers": headers}
+
+
+def queue_submission(service: JobService, form: Mapping[str, Any], models: Mapping[str, str], accept_file: AcceptFile,
+                     loras: Callable[[], Any], folder: LoraFolder | None) -> tuple[list[JobRecord], list[str]]:
+    """Check a submission (one job, or a batch: ``count`` and ``prompts`` in ``form``) through the
+    form's parsers and queue each job; nothing is queued unless every job passes. ``loras`` gives
+    the LoRA field's value once the jobs are checked. Returns the queued jobs and the notes to show
+    beside them (where the jobs leave their model's world)."""
+    jobs = []
+    for job in batch_jobs(form):
+        try:
+            jobs.append(settings_from_form(job.form, models, accept_file=accept_file))
+        except ValueError as exc:
+            if not job.label:
+                raise
+            raise ValueError(f"batch job {len(jobs) + 1} ({job.label}): {exc}") from None
+    chosen = loras_from_form(loras(), folder)
+    preserve = preserve_gb(form.get("preserve_gb"))
+    notes = world_notes(jobs)
+    return service.submit_many([settings.replace(loras=chosen) for settings in jobs], preserve), notes
+
+
+def submitted_text(service: JobService, records: Sequence[JobRecord], notes: Sequence[str]) -> str:
+    """What the page says after a submission: the job(s) and their place, then any notes."""
+    first = records[0]
+    place = service.store.queue_place(first.id)
+    where = f"place {place} in the queue" if place else "starting"
+    if len(records) == 1:
+        text = f"Job {first.id} submitted (seed {first.seed}, {where})."
+    else:
+        first_where = f"the first at {where}" if place else "the first starting"
+        text = f"Jobs {first.id} to {records[-1].id} submitted ({len(records)} jobs; {first_where})."
+    return "\n\n".join([text, *(_note(note) for note in notes)])
 
 
 def lora_listing(folder: LoraFolder) -> str:
@@ -267,6 +307,14 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         # skips transformer evaluations whose result barely changes (docs/caching.md)
                         cache = gr.Dropdown(list(CACHE_CHOICES), value=defaults.cache, elem_id="fp-cache",
                                             label="Step cache (faster; 'off' is exact)")
+                    with gr.Accordion("Batch", open=False, elem_id="fp-batch"):
+                        count = gr.Number(label="Count (one job per seed: the seed above, +1, +2, ...)", value=1,
+                                          precision=0, minimum=1, elem_id="fp-count")
+                        prompts_box = gr.Textbox(label="Prompts (one job per line, or a JSON object of settings per "
+                                                       "line; empty: the prompt above)", lines=3, value="",
+                                                 elem_id="fp-prompts",
+                                                 placeholder='a red circle moves up\n'
+                                                             '{"prompt": "a blue square grows", "seed": 7}')
                     lora_box = lora_add = lora_list = None
                     if loras is not None:
                         with gr.Accordion("LoRAs", open=False, elem_id="fp-loras-panel"):
@@ -330,10 +378,14 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         # over, then on_submit (the next step of the same click) takes it. The form handler and /submit
         # keep their arguments, so clients that know nothing of LoRAs call them as before.
         chosen_loras = PendingLoras()
+        chosen_batch = PendingLoras()  # the Batch fields travel the same way (any value, by session)
 
         # ---- handlers -----------------------------------------------------------------------------------------
         # Every handler that takes what a client typed gets it raw (preprocess=False) and reads it through
         # the parsers of .form and the FileGate, as the API does.
+
+        def on_batch(number: Any, lines: Any, request: gr.Request) -> None:
+            chosen_batch.put(getattr(request, "session_hash", None), {"count": number, "prompts": lines})
 
         def on_loras(value: Any, request: gr.Request) -> None:
             chosen_loras.put(getattr(request, "session_hash", None), value)
@@ -349,17 +401,14 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             return lora_listing(loras), gr.update(choices=loras.names(), value=None)
 
         def on_submit(request: gr.Request, *values: Any) -> tuple[str, Any]:
+            session = getattr(request, "session_hash", None)
             try:
-                fields = dict(zip(FORM_FIELDS, values))
-                chosen = chosen_loras.take(getattr(request, "session_hash", None))
-                settings = settings_from_form(fields, names, accept_file=gate.upload)
-                settings = settings.replace(loras=loras_from_form(chosen, loras))
-                record = service.submit(settings, preserve_gb(fields.get("preserve_gb")))
+                fields = {**dict(zip(FORM_FIELDS, values)), **(chosen_batch.take(session) or {})}
+                chosen = chosen_loras.take(session)
+                records, notes = queue_submission(service, fields, names, gate.upload, lambda: chosen, loras)
             except (ValueError, OSError) as exc:
                 return _error(public_text(one_line(exc), outputs)), gr.skip()
-            place = service.store.queue_place(record.id)
-            where = f"place {place} in the queue" if place else "starting"
-            return f"Job {record.id} submitted (seed {record.seed}, {where}).", record.id
+            return submitted_text(service, records, notes), records[0].id
 
         def on_cancel(job: Any, seen: dict[str, Any]) -> tuple[str, Any]:
             try:
@@ -537,11 +586,12 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         # ---- wiring ---------------------------------------------------------------------------------------------
 
         raw: dict[str, Any] = dict(private, preprocess=False)  # raw values: a broken payload reaches our checks
-        if lora_box is None:
-            generate.click(checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
-        else:  # the LoRA field is handed over first, in the same click (on_loras says why)
-            generate.click(checked(on_loras), lora_box, None, show_progress="hidden", **raw).then(
-                checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
+        # the Batch and LoRA fields are handed over first, in the same click (on_loras says why)
+        submission = generate.click(checked(on_batch), [count, prompts_box], None, show_progress="hidden", **raw)
+        if lora_box is not None:
+            submission = submission.then(checked(on_loras), lora_box, None, show_progress="hidden", **raw)
+        submission.then(checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
+        if lora_box is not None:
             lora_add.input(checked(on_add_lora), [lora_add, lora_box], lora_box, show_progress="hidden", **raw)
             app.load(checked(on_lora_files), None, [lora_list, lora_add], show_progress="hidden", **private)
         cancel.click(checked(on_cancel), [watched, shown], [message, cancelling], show_progress="hidden", **raw)
@@ -582,21 +632,26 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
                model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf,
-               preserve: float = defaults.preserve_gb, cache: str = defaults.cache, loras: str = "") -> dict:
+               preserve: float = defaults.preserve_gb, cache: str = defaults.cache, loras: str = "",
+               count: int = 1, prompts: str = "") -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue). ``preserve``: GB
         of GPU memory the job's memory plan leaves free (CUDA workers); ``cache``: the step cache
         (none, model, teacache:0.15, ...: docs/caching.md); ``loras``: files of /loras by name with
         weights, "a.safetensors:0.8, b.safetensors" (empty: those this session chose last with
-        /choose_loras, else none)."""
+        /choose_loras, else none). A batch, each job queued on its own: ``count`` jobs with seeds
+        S, S+1, ... and/or ``prompts``, one job per line (a prompt, or a JSON object of settings).
+        The answer is the first job's status, with ``jobs`` (every job's id) and ``notes`` (where
+        the jobs leave the model's world, e.g. words it never learned)."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
-                    resolution=resolution, crf=crf, cache=cache)
-        settings = settings_from_form(form, names, accept_file=gate.upload)
-        pending = chosen_loras.take(getattr(request, "session_hash", None))  # used up either way
-        chosen = loras_from_form(loras if loras else pending, folder)
-        record = service.submit(settings.replace(loras=chosen), preserve_gb(preserve))
-        return public(service.view(record.id))
+                    resolution=resolution, crf=crf, cache=cache, preserve_gb=preserve, count=count, prompts=prompts)
+        def chosen() -> Any:  # the session's choice is used up once the jobs pass, even when loras= is given
+            pending = chosen_loras.take(getattr(request, "session_hash", None))
+            return loras if loras else pending
+
+        records, notes = queue_submission(service, form, names, gate.upload, chosen, folder)
+        return {**public(service.view(records[0].id)), "jobs": [r.id for r in records], "notes": notes}
 
     def lora_files() -> list:
         """The LoRA files this server offers (names for /choose_loras); empty without --lora-dir."""

@@ -10,11 +10,15 @@ File references are checked by the caller's ``accept_file`` (the app's :class:`F
 from __future__ import annotations
 
 import math
+import re
 import secrets
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..batch import expand, read_prompts
 from ..planning import DEFAULT_WINDOW, FPS, TEMPORAL_RATIO, real_seconds, section_count
 from ..runtime.choose import DEFAULT_PRESERVE_GB
 from ..settings import DEFAULT_SEED, MAX_SECONDS, GenerationSettings
@@ -221,6 +225,60 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
         crf=_whole("mp4 quality (CRF)", form.get("crf")),
         cache=_cache(form.get("cache")),
     )
+
+
+# ---- batches: one submission, many queued jobs (the CLI's --count and --prompts, through framepack.batch) --------
+
+# what a JSON line of the prompts field may set: the form's own settings, never a file (the images
+# are the uploads of the form, LoRAs the LoRA field's)
+LINE_SETTINGS: tuple[str, ...] = ("prompt", "negative_prompt", "seconds", "seed", "steps", "distilled_guidance", "cfg",
+                                  "sampler", "mode", "model", "resolution", "crf", "cache")
+# a line that is one word with a path separator, a home directory or a file extension names a file
+_FILE_NAME = re.compile(r"^\S*[/\\]\S*$|^~\S*$|^\S+\.(txt|jsonl?|csv|md|mp4|png|jpe?g)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    label: str  # "line 3, seed 32" ("" for a submission of one job): names the job in a message
+    form: dict[str, Any]  # the submission's form with this job's settings over it
+
+
+def _prompt_lines(text: str) -> list[tuple[int, dict[str, Any]]]:
+    """The prompts field, read by the CLI's ``--prompts`` reader (messages name the field, not a file)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "prompts"
+        path.write_text(text, encoding="utf-8")
+        try:
+            lines = read_prompts(path)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(f"--prompts {path}", "prompts")) from None
+    for number, fields in lines:
+        if set(fields) == {"prompt"} and _FILE_NAME.match(fields["prompt"]):
+            raise ValueError(f"prompts line {number}: {shown(fields['prompt'])} looks like a file name; type the "
+                             "prompts themselves, one per line (files on the server are never read)")
+        for key in fields:
+            if key not in LINE_SETTINGS:
+                raise ValueError(f"prompts line {number}: {shown(key)} cannot be set per line; a line sets "
+                                 f"{', '.join(LINE_SETTINGS)} (images and LoRAs are the form's)")
+    return lines
+
+
+def batch_jobs(form: Mapping[str, Any]) -> list[BatchJob]:
+    """The jobs one submission makes: ``count`` (seeds S, S+1, ...) times each line of ``prompts``
+    (or the form's prompt alone), as ``framepack generate --count --prompts`` makes them. The seed S
+    is the form's (drawn here once when ``random_seed`` is set). A single job keeps the form as it is."""
+    count = 1 if form.get("count") in (None, "") else _whole("count", form.get("count"))
+    text = _text("prompts", form.get("prompts")).strip()
+    if count == 1 and not text:
+        return [BatchJob("", dict(form))]
+    lines = _prompt_lines(text) if text else None
+    random_seed = _flag("random seed", form.get("random_seed"))
+    seed = secrets.randbelow(SEED_LIMIT) if random_seed else _whole("seed", form.get("seed"))
+    try:
+        jobs = expand({"seed": seed}, lines, count, Path("batch.mp4"), DEFAULT_SEED)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("--count", "count").replace("--prompts", "prompts")) from None
+    return [BatchJob(job.label, {**form, **job.settings, "random_seed": False}) for job in jobs]
 
 
 CACHE_CHOICES: tuple[tuple[str, str], ...] = (

@@ -153,15 +153,24 @@ class JobService:
         ``preserve_gb``: GPU memory the job's plan leaves free (a CUDA worker's; None: the default).
         It is kept with the queued job, not in its settings: it says how to run, not what to make.
         """
-        for label, path in (("start image", settings.image), ("end image", settings.end_image)):
-            if path is not None:
-                _check_image(label, path)
-        key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        out = self.outputs / f"{key}-seed{settings.seed}.mp4"
-        job = JobDir.create(self.outputs / JOBS_DIR / key, settings, out)
-        record = self.store.add(job.settings.to_dict(), job.root, job.out, settings.seed, preserve_gb)
+        return self.submit_many([settings], preserve_gb)[0]
+
+    def submit_many(self, jobs: Sequence[GenerationSettings], preserve_gb: float | None = None) -> list[JobRecord]:
+        """Queue each of ``jobs`` as its own job, in order (a batch); every image is checked before
+        the first is queued, so a bad one queues none."""
+        images = dict.fromkeys((label, path) for settings in jobs
+                               for label, path in (("start image", settings.image), ("end image", settings.end_image))
+                               if path is not None)
+        for label, path in images:  # a batch's jobs share their images: each decoded once
+            _check_image(label, path)
+        records = []
+        for settings in jobs:
+            key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            out = self.outputs / f"{key}-seed{settings.seed}.mp4"
+            job = JobDir.create(self.outputs / JOBS_DIR / key, settings, out)
+            records.append(self.store.add(job.settings.to_dict(), job.root, job.out, settings.seed, preserve_gb))
         self._wake()
-        return record
+        return records
 
     def cancel(self, job_id: int) -> str:
         record = self._record(job_id)
