@@ -106,7 +106,7 @@ class TrainConfig:
             raise ValueError(f"ema must be a decay in [0, 1), got {self.ema}")
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -324,7 +324,8 @@ def _check_parallelism(accelerator, config: TrainConfig) -> None:
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate applies FSDP on GPUs (and the like) only: on the CPU it would run plain DDP
-        raise ValueError(f"the launch asks for FSDP but accelerate runs {accelerator.distributed_type.value} here "
+        runs = "one process" if accelerator.distributed_type == DistributedType.NO else accelerator.distributed_type.value
+        raise ValueError(f"the launch asks for FSDP but accelerate runs {runs} here "
                          "(it applies FSDP on GPUs only); use configs/accelerate/ddp.yaml")
     if _sharded(accelerator) and (config.ema or config.validate_every):
         # both need the whole weights on the main process at every step (or every N steps)
