@@ -279,7 +279,7 @@ _SETTING_FLAGS = {
     "negative_prompt": "negative_prompt", "seconds": "seconds", "seed": "seed", "steps": "steps",
     "sampler": "sampler", "distilled_guidance": "distilled_guidance", "cfg": "cfg",
     "guidance_rescale": "guidance_rescale", "shift": "shift", "mode": "mode", "resolution": "resolution",
-    "window": "window", "crf": "crf", "model": "model", "cache": "cache", "keyframe": "keyframes",
+    "window": "window", "crf": "crf", "model": "model", "cache": "cache", "extend": "extend", "keyframe": "keyframes",
 }
 
 
@@ -287,8 +287,9 @@ def _complete_settings(base: dict):
     from .settings import GenerationSettings
 
     for required in ("image", "prompt"):
-        if not base.get(required):
+        if not base.get(required) and not (required == "image" and base.get("extend")):  # a frame of that video
             raise ValueError(f"--{required} is required (or --from a framepack video)")
+    base.setdefault("image", None)
     base.setdefault("model", _default_model())
     return GenerationSettings.from_dict(base)
 
@@ -312,6 +313,12 @@ def _settings_base(args: argparse.Namespace) -> dict:
             base[field] = tuple(value) if field in ("section_prompts", "keyframes") else value
     if base.get("keyframes"):  # absolute: a resume may run from another directory
         base["keyframes"] = tuple((k.seconds, str(Path(k.image).resolve())) for k in base["keyframes"])
+    if args.extend is not None:  # the file as given now; its copy goes into the job directory
+        from .extend import file_sha256
+
+        base["extend"], base["extend_sha256"] = str(Path(args.extend).resolve()), file_sha256(args.extend)
+    elif base.get("extend") is not None:
+        raise ValueError(f"{args.from_video} extends the video {base['extend']}: give that video with --extend")
     return _with_loras(base, args)
 
 
@@ -454,6 +461,10 @@ def _planned_jobs(args: argparse.Namespace) -> list[tuple]:
             for image in (settings.image, settings.end_image, *(k.image for k in settings.keyframes)):
                 if image:
                     load_image(image)
+            if settings.extend is not None:
+                from .extend import check_video
+
+                check_video(settings.extend, settings.window)
         except ValueError as exc:
             if not batch:
                 raise
@@ -582,6 +593,29 @@ def _show(event, bar, finished: list) -> None:
         logging.getLogger("framepack").info("section %d/%d took %.1f s", event.step + 1, event.count, event.seconds)
     elif isinstance(event, Done):
         bar.set_postfix_str(f"done in {event.seconds:.1f} s")
+
+
+def _redo(args: argparse.Namespace) -> int:
+    """A new job from JOB that makes section K (and what depends on it) again (framepack.redo)."""
+    from .jobs import JobDir
+    from .redo import branch_job, check_request, default_out
+
+    original = JobDir.open(Path(args.job))
+    check_request(original.settings, args.section, args.prompt, args.seed)
+    out = Path(args.out) if args.out else default_out(original, args.section)
+    _check_out(out, False)
+    job_dir = out.with_name(out.stem + ".job")
+    _check_job_dir(job_dir, False)
+    pipeline = _open_pipeline(original.settings.model, args)
+    layout = pipeline.source_layout(original.settings)
+    job = branch_job(original, pipeline.plans(original.settings), args.section, out, job_dir, seed=args.seed,
+                     prompt=args.prompt, given=layout.sections if layout is not None else 0)
+    _say(f"job directory {job.root}: {job.finished} section(s) kept from {original.root} "
+         f"(resume with: framepack generate --resume {job.root})")
+    with _job_kept(job.root):
+        _run_with_progress(pipeline, job)
+    print(job.out, flush=True)
+    return 0
 
 
 # ---- step caches ---------------------------------------------------------------------------------------
@@ -826,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "framepack-i2v, framepack-f1, or a directory with a framepack.json")
     src.add_argument("--image", help="start image (png, jpg, webp, ...)")
     src.add_argument("--end-image", dest="end_image", help="optional end image (inverted mode only)")
+    src.add_argument("--extend", metavar="VIDEO", help="continue this video (any mp4/webm/...): forward/vanilla mode after "
+                     "its end, inverted mode before its start; --seconds is the new part; the output holds the original "
+                     "too; --image defaults to one of its frames (docs/generation.md, Extend a video)")
     src.add_argument("--keyframe", action="append", type=_keyframe_option, metavar="TIME:IMAGE",
                      help="an image the video passes through at TIME seconds, snapped to the nearest section boundary "
                      "(every 1.2 s); repeat for several; inverted mode only")
@@ -985,7 +1022,22 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="encoders' dtype (default auto: bf16 on CUDA, else fp32)")
     dp.set_defaults(run=_dataset_prepare)
-    for sub in (demo, gen, ev, tr, pl, cc, dp):
+    rd = commands.add_parser("redo", help="make one section of a job again (another seed or prompt, or the same) in a "
+                             "new job that keeps every section not depending on it; the original job is untouched")
+    rd.add_argument("job", metavar="JOB_DIR", help="the job directory (VIDEO.job beside its video)")
+    rd.add_argument("--section", type=_positive, required=True,
+                    help="the section to make again: 1 = the first in the video (time order, whatever order the mode "
+                         "made them in)")
+    rd.add_argument("--seed", type=int, help="seed of the sections made again (default: the job's own random state, so "
+                    "without --prompt the same sections come out)")
+    rd.add_argument("--prompt", help="that section's prompt (the other sections keep theirs)")
+    rd.add_argument("--out", help="the new video (default <video>-redo<K>.mp4 beside the original; its job directory "
+                    "beside it)")
+    rd.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    rd.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="weights dtype; auto = bf16 on CUDA, fp32 on CPU")
+    rd.set_defaults(run=_redo)
+    for sub in (demo, gen, ev, tr, pl, cc, dp, rd):
         # -v after the command too (SUPPRESS: an absent flag must not reset one given before it)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress at INFO level")
     from .ui import add_ui_command  # light: gradio is imported only when the app starts
@@ -995,8 +1047,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands whose SIGTERM ends like Ctrl-C (a message, a consistent job) instead of a silent kill
-_GRACEFUL = ("demo", "generate", "eval")
-_MAKES_JOBS = ("demo", "generate")
+_GRACEFUL = ("demo", "generate", "eval", "redo")
+_MAKES_JOBS = ("demo", "generate", "redo")
 
 
 def main(argv: list[str] | None = None) -> int:

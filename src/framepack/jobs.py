@@ -49,6 +49,7 @@ STATE = "state.json"
 ORIGIN = "job.json"
 INPUTS = "inputs"
 LOCK = "lock"
+INPUT_STEMS = {"image": "start", "end_image": "end", "extend": "extend"}  # inputs copied into JOB/inputs
 _SECTION_NAME = re.compile(r"^(\d{4})\.safetensors$")
 
 
@@ -198,11 +199,11 @@ class JobDir:
             atomic_write(root / target, lambda tmp: shutil.copyfile(source, tmp))
             return target.as_posix()
 
-        start = copy(settings.image, "start")
-        end = None if settings.end_image is None else copy(settings.end_image, "end")
-        names = {"image": Path(settings.image).name,
-                 "end_image": None if settings.end_image is None else Path(settings.end_image).name}
-        stored = settings.replace(image=start, end_image=end)  # relative: a job directory can be moved
+        given = {key: getattr(settings, key) for key in INPUT_STEMS}
+        # relative: a job directory can be moved
+        stored = settings.replace(**{key: None if path is None else copy(path, INPUT_STEMS[key])
+                                     for key, path in given.items()})
+        names = {key: None if path is None else Path(path).name for key, path in given.items()}
         write_json(root / ORIGIN, {"out": str(out), **names})
         write_json(root / SETTINGS, stored.to_dict())
         job = cls(root, _inputs_in(root, stored), out, 0, names)
@@ -225,7 +226,7 @@ class JobDir:
             raise ValueError(f"{root / SETTINGS} is damaged ({reason}); a job cannot continue without its settings: "
                              "start a new one (framepack generate --from its video, if there is one)") from None
         origin = _read_json(root / ORIGIN) or {}
-        names = {key: _recorded_name(origin.get(key), getattr(settings, key)) for key in ("image", "end_image")}
+        names = {key: _recorded_name(origin.get(key), getattr(settings, key)) for key in INPUT_STEMS}
         rebuilt = False
         try:
             state = json.loads((root / STATE).read_text())
@@ -397,7 +398,7 @@ def _inputs_in(root: Path, settings: GenerationSettings) -> GenerationSettings:
             return str((root / INPUTS / stored.name).resolve())
         return path
 
-    return settings.replace(image=own(settings.image), end_image=own(settings.end_image))
+    return settings.replace(**{key: own(getattr(settings, key)) for key in INPUT_STEMS})
 
 
 def _file_checksum(path: Path) -> str:

@@ -25,6 +25,7 @@ import torch
 from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
 from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
 from .images import load_image, nearest_bucket, prepare_image, resize_and_crop
+from .extend import prepare_source, source_layout, start_frame, with_source
 from .jobs import JobDir
 from .keyframes import SectionOverride, overrides_for, with_keyframes
 from .lora import LoraFusion, load_choices, recorded_loras
@@ -241,7 +242,9 @@ class FramePackPipeline:
 
     def condition(self, settings: GenerationSettings) -> Conditioning:
         resolution = self.c.source.resolution(settings.resolution)
-        if settings.image is None:
+        if settings.image is None and settings.extend is not None:  # a frame of the video it extends
+            start_rgb = prepare_image(start_frame(settings.extend, self.source_layout(settings)), resolution)
+        elif settings.image is None:
             start_rgb = blank_start_frame(resolution)
         else:
             start_rgb = prepare_image(load_image(settings.image), resolution)
@@ -271,9 +274,18 @@ class FramePackPipeline:
 
     # ---- the run ----------------------------------------------------------------------------------------
 
+    def source_layout(self, settings: GenerationSettings):
+        """Where the frames of the video a job extends sit (framepack.extend); None for other jobs."""
+        if settings.extend is None:
+            return None
+        return source_layout(settings.extend, settings.window, settings.mode or self.c.source.mode,
+                             self.c.transformer.config.schedule.frames)
+
     def plans(self, settings: GenerationSettings) -> list[SectionPlan]:
         mode = settings.mode or self.c.source.mode
         count = section_count(settings.seconds, settings.window)
+        layout = self.source_layout(settings)
+        count += layout.sections if layout is not None else 0  # an extended video's frames: finished sections
         plans = plan_sections(count, mode, self.c.transformer.config.schedule, settings.window,
                               end_image=settings.end_image is not None)
         return with_keyframes(plans, overrides_for(settings.keyframes, plans))  # refused outside inverted mode
@@ -306,7 +318,8 @@ class FramePackPipeline:
 
         segments = [job.segment_path(step) for step in run.needed_segments(len(run.plans))]
         job.out.parent.mkdir(parents=True, exist_ok=True)
-        concat_segments(list(reversed(segments)) if run.backwards else segments, job.out, self._metadata(job))
+        in_time = list(reversed(segments)) if run.backwards else segments
+        concat_segments(with_source(job, in_time, run.backwards), job.out, self._metadata(job))
         job.provisional_path.unlink(missing_ok=True)
         (job.root / "video" / PENDING_PREVIEW).unlink(missing_ok=True)
         on_event(VideoUpdated(job.out, final=True))
@@ -328,6 +341,8 @@ class FramePackPipeline:
         self.use_loras(settings.loras)
         cond = self.condition(settings)
         timeline = list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt)
+        layout = self.source_layout(settings)
+        extended = layout.sections if layout is not None else 0
         backwards = plans[0].mode == "inverted"
         overlap = overlap_frames(settings.window)
         cfg = self.c.source.cfg(settings.cfg)
@@ -335,7 +350,7 @@ class FramePackPipeline:
         run = _Run(
             plans=plans,
             cond=cond,
-            prompts=prompts_for_sections(timeline, plans),
+            prompts=[""] * extended + prompts_for_sections(timeline, plans[extended:]),  # none for the video's
             negative=self.encode_text(settings.negative_prompt) if cfg != 1.0 else None,
             cfg=cfg,
             store=LatentStore(job, plans, cond.start_latent, cond.end_latent, keyframes=cond.keyframe_latents),
@@ -349,6 +364,8 @@ class FramePackPipeline:
             overrides=overrides_for(settings.keyframes, plans),
         )
         job.repair_state()
+        if layout is not None:  # before the first new section: the video's frames as finished sections
+            prepare_source(job, plans, layout, cond.size, self.c.vae.encode, run.generator.get_state(), overlap)
         if job.finished > len(plans):
             raise ValueError(f"{job.root} counts {job.finished} finished sections, but its settings make {len(plans)}")
         if job.finished == len(plans) and not self._damaged_segments(job, run, job.finished):
@@ -413,8 +430,12 @@ class FramePackPipeline:
         if pending_ok and not damaged:
             run.assembler.pending = pending
             return
-        what = [str(job.segment_path(step)) for step in damaged] + ([] if pending_ok else [str(job.pending_path(done - 1))])
-        log.warning("missing or unreadable: %s; rebuilding from the saved latents", ", ".join(what))
+        # pending frames never kept (a branch of framepack.redo) are rebuilt without alarm
+        lost = not pending_ok and (job.pending_path(done - 1).exists()
+                                   or job.pending_path(done - 1).relative_to(job.root).as_posix() in job.checksums)
+        what = [str(job.segment_path(step)) for step in damaged] + ([str(job.pending_path(done - 1))] if lost else [])
+        if what:
+            log.warning("missing or unreadable: %s; rebuilding from the saved latents", ", ".join(what))
         # the same decode and blend as when the sections were made, so the pieces come out the same
         assembler = Assembler(run.backwards, run.assembler.overlap)
         for plan in run.plans[:done]:
@@ -559,6 +580,8 @@ class FramePackPipeline:
         meta = embedded_settings(job.settings.to_dict(), job.input_names)
         meta["framepack"]["loras"] = recorded_loras(job.settings.loras)  # by file name, as the images
         meta["framepack"]["keyframes"] = [{"seconds": k.seconds, "image": Path(k.image).name} for k in job.settings.keyframes]
+        if job.settings.extend is not None:  # by file name, as the images
+            meta["framepack"]["extend"] = job.input_names.get("extend") or Path(job.settings.extend).name
         return meta
 
 

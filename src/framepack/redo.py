@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .extend import SOURCE_SEGMENT
 from .jobs import ORIGIN, JobDir, write_json
 from .planning import SectionPlan, parse_timeline, prompts_for_sections, section_count
 from .settings import GenerationSettings
@@ -49,16 +50,19 @@ def video_order(plans: list[SectionPlan]) -> list[SectionPlan]:
     return sorted(plans, key=lambda plan: plan.positions[0])
 
 
-def regenerated_steps(plans: list[SectionPlan], section: int) -> list[int]:
+def regenerated_steps(plans: list[SectionPlan], section: int, given: int = 0) -> list[int]:
     """Generation steps to make again when section ``section`` (1-based, video order) is redone.
 
     A step is made again if it is that section's, or if it comes after it in generation order and
     reads, in its context, a position written by a step made again. Sorted; the others are kept.
+    The first ``given`` steps (the frames of a video the job extends, framepack.extend) are never
+    made again and not counted among the sections.
     """
-    if not 1 <= section <= len(plans):
-        raise ValueError(f"section must be between 1 and {len(plans)} (the video's sections, in time order), "
+    made = plans[given:]
+    if not 1 <= section <= len(made):
+        raise ValueError(f"section must be between 1 and {len(made)} (the video's sections, in time order), "
                          f"got {section}")
-    target = video_order(plans)[section - 1].step
+    target = video_order(made)[section - 1].step
     redone: set[int] = set()
     written: set[int] = set()  # video positions of the steps made again
     for plan in sorted(plans, key=lambda p: p.step):
@@ -77,21 +81,24 @@ def kept_prefix(plans: list[SectionPlan], redone: list[int]) -> int:
 
 def branch_prompts(settings: GenerationSettings, plans: list[SectionPlan], section: int,
                    prompt: str) -> tuple[str, ...]:
-    """Every section's prompt in video order, section ``section``'s replaced by ``prompt``."""
+    """Every made section's prompt in video order, section ``section``'s replaced by ``prompt``
+    (``plans``: the sections the job makes, without an extended video's)."""
     timeline = list(settings.section_prompts) if settings.section_prompts else parse_timeline(settings.prompt)
-    by_step = prompts_for_sections(timeline, plans)
+    by_step = dict(zip((plan.step for plan in plans), prompts_for_sections(timeline, plans)))
     texts = [by_step[plan.step] for plan in video_order(plans)]
     texts[section - 1] = prompt
     return tuple(texts)
 
 
-def check_request(settings: GenerationSettings, section: int, prompt: str | None) -> None:
+def check_request(settings: GenerationSettings, section: int, prompt: str | None, seed: int | None = None) -> None:
     """The problems a redo request can have before a model is loaded: one line each."""
     count = section_count(settings.seconds, settings.window)
     if not 1 <= section <= count:
         raise ValueError(f"--section must be between 1 and {count} (the job's sections, in time order), got {section}")
     if prompt is not None and not prompt.strip():
         raise ValueError("--prompt is empty")
+    if seed is not None:
+        settings.replace(seed=seed)  # a seed out of range: the settings' own one-line error
 
 
 # ---- the branch on disk ----------------------------------------------------------------------------------
@@ -104,20 +111,21 @@ class Branch:
     redone: tuple[int, ...]  # generation steps made again
 
 
-def plan_branch(plans: list[SectionPlan], section: int) -> Branch:
-    redone = regenerated_steps(plans, section)
+def plan_branch(plans: list[SectionPlan], section: int, given: int = 0) -> Branch:
+    redone = regenerated_steps(plans, section, given)
     return Branch(section, kept_prefix(plans, redone), tuple(redone))
 
 
 def branch_job(original: JobDir, plans: list[SectionPlan], section: int, out: Path, root: Path,
-               seed: int | None = None, prompt: str | None = None) -> JobDir:
+               seed: int | None = None, prompt: str | None = None, given: int = 0) -> JobDir:
     """Make the branch's job directory at ``root`` (its video: ``out``); the original is only read.
 
-    The original must have finished every kept section; it is locked while it is read, so a run
-    on it cannot change it under us.
+    ``given``: the generation steps that hold a video the job extends (kept, never counted). The
+    original must have finished every kept section; it is locked while it is read, so a run on it
+    cannot change it under us.
     """
-    check_request(original.settings, section, prompt)
-    branch = plan_branch(plans, section)
+    check_request(original.settings, section, prompt, seed)
+    branch = plan_branch(plans, section, given)
     with original.locked():
         if original.finished < branch.kept:
             raise ValueError(f"{original.root} has {original.finished} of {len(plans)} sections finished; redoing "
@@ -125,7 +133,7 @@ def branch_job(original: JobDir, plans: list[SectionPlan], section: int, out: Pa
                              f"(framepack generate --resume {original.root})")
         settings = original.settings
         if prompt is not None:
-            settings = settings.replace(section_prompts=branch_prompts(settings, plans, section, prompt))
+            settings = settings.replace(section_prompts=branch_prompts(settings, plans[given:], section, prompt))
         if seed is not None:
             settings = settings.replace(seed=seed)
         job = JobDir.create(root, settings, out)
@@ -155,10 +163,10 @@ def _link_kept(original: JobDir, job: JobDir, kept: int, seed: int | None) -> No
         _link(original.section_path(step), job.section_path(step))
         segment = original.segment_path(step)
         if segment.exists():
-            _link(segment, job.segment_path(step))
-            name = segment.relative_to(original.root).as_posix()
-            if name in original.checksums:
-                job.checksums[name] = original.checksums[name]
+            _link_piece(original, job, segment)
+    source = original.root / "video" / SOURCE_SEGMENT  # an extended video's frames outside its sections
+    if source.exists():
+        _link_piece(original, job, source)
     if kept and seed is not None:
         # the regenerated sections draw from the new seed: the state a resume starts from is replaced
         # (a new file in the branch; the link to the original's is broken by the rename, not written through)
@@ -166,6 +174,14 @@ def _link_kept(original: JobDir, job: JobDir, kept: int, seed: int | None) -> No
         job.save_latents(kept - 1, last["latents"], torch.Generator("cpu").manual_seed(seed).get_state())
     job.finished = kept
     job.write_state()
+
+
+def _link_piece(original: JobDir, job: JobDir, path: Path) -> None:
+    """A video piece of the original into the branch, with its recorded checksum."""
+    name = path.relative_to(original.root).as_posix()
+    _link(path, job.root / name)
+    if name in original.checksums:
+        job.checksums[name] = original.checksums[name]
 
 
 def _link(source: Path, target: Path) -> None:
@@ -179,6 +195,3 @@ def default_out(original: JobDir, section: int) -> Path:
     """``<video>-redo<K>.mp4`` beside the original video."""
     return original.out.with_name(f"{original.out.stem}-redo{section}.mp4")
 
-
-__all__ = ["Branch", "RECORD", "branch_job", "branch_prompts", "check_request", "default_out",
-           "kept_prefix", "plan_branch", "regenerated_steps", "video_order"]

@@ -56,6 +56,8 @@ class GenerationSettings:
     crf: int = 16
     cache: str = "none"  # step cache, e.g. "teacache:0.15" or "model" (framepack.cache); absent in older videos
     loras: tuple[LoraChoice, ...] = ()  # fused LoRAs, in order (framepack.lora); absent in older videos
+    extend: str | None = None  # a video this one continues (framepack.extend); copied into the job directory
+    extend_sha256: str | None = None  # that video's, so a resume with another file is refused
     keyframes: tuple[Keyframe, ...] = ()  # (seconds, image) the video passes through (framepack.keyframes)
 
     def __post_init__(self) -> None:
@@ -126,6 +128,8 @@ class GenerationSettings:
         if self.section_prompts is not None:
             yield from self._section_prompt_problems()
         yield from self._lora_problems()
+        if self.extend is not None:
+            yield from self._extend_problems()
         yield from self._keyframe_problems()
 
     def _keyframe_problems(self):
@@ -140,6 +144,16 @@ class GenerationSettings:
                                    self.end_image is not None)
         if problem is not None:
             yield problem
+
+    def _extend_problems(self):
+        if not isinstance(self.extend, str) or not self.extend.strip():
+            yield f"extend must name a video, got {self.extend!r}"
+        elif self.end_image is not None:
+            yield "an end image cannot be used with --extend (the extended video is the other end)"
+        elif getattr(self, "keyframes", ()):
+            yield "keyframes cannot be used with --extend yet"
+        elif any(math.isfinite(segment.end) for segment in parse_timeline(self.prompt)):
+            yield "a prompt timeline cannot be used with --extend (its times would count the video's part too): give --section-prompt per new section"
 
     def _lora_problems(self):
         if not isinstance(self.loras, tuple) or len(self.loras) > MAX_LORAS:
