@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from framepack.train import world
 from framepack.world_check import (MAX_FOREIGN_SHARE, MIN_BACKGROUND_SHARE, World, colour_shares, image_problem,
                                    model_world, unknown_words, world_notes)
 
+FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
 HELD_OUT = 200  # start frames of the world's held-out splits: none may warn
 
 
@@ -149,6 +153,8 @@ def test_notes_for_a_job_and_none_without_a_world(tiny, tmp_path):
     assert len(notes) == 1 and "'it', 'jumps'" in notes[0] and "'['" not in notes[0] and "'0'" not in notes[0]
     notes = world_notes([GenerationSettings(image=noise, end_image=start, prompt="a dog sleeps", model="tiny")])
     assert len(notes) == 2 and "'dog', 'sleeps'" in notes[0] and notes[1].startswith("the start image is far")
+    keyframed = GenerationSettings(image=start, prompt=caption, model="tiny", keyframes=((1.2, noise),))
+    assert [n.split(":")[0] for n in world_notes([keyframed])] == ["the keyframe image is far from the model's world"]
     # a batch: each problem said once, the words of all its jobs in one line
     batch = [GenerationSettings(image=noise, prompt=p, model="tiny", seed=s) for p in ("a dog sleeps", "a cat sleeps")
              for s in (1, 2)]
@@ -173,3 +179,17 @@ def test_a_malformed_world_entry_is_one_line(tmp_path):
         with pytest.raises(ValueError, match="world") as error:
             World.from_manifest(entry)
         assert "\n" not in str(error.value)
+
+
+def test_generate_warns_one_line_per_problem_and_still_makes_the_video(tmp_path):
+    noise = _png(tmp_path / "noise.png", np.random.default_rng(2).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    out = tmp_path / "v.mp4"
+    result = subprocess.run([FRAMEPACK, "generate", "--model", "tiny", "--image", noise, "--prompt",
+                             "a purple dog jumps", "--seconds", "1.2", "--steps", "1", "--out", str(out)],
+                            check=False, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("framepack: warning:")]
+    assert len([w for w in warnings if "never learned: 'dog', 'jumps';" in w]) == 1
+    assert len([w for w in warnings if "start image is far" in w and "stripes" in w]) == 1
+    assert "Traceback" not in result.stderr and out.is_file()

@@ -414,6 +414,10 @@ def _generate(args: argparse.Namespace) -> int:
     _check_speed(args)
     for settings, *_ in jobs:
         _warn_about_settings(settings)
+    from .world_check import world_notes
+
+    for note in world_notes([settings for settings, *_ in jobs]):  # once per batch; the demo model's world
+        _warn(note)
     if len(jobs) > 1:
         _say(f"a batch of {len(jobs)} jobs")
 
