@@ -717,7 +717,7 @@ SKIPPED_SHOWN = 20  # skipped files named in the summary; the dataset's report.j
 
 
 def _dataset_prepare(args: argparse.Namespace) -> int:
-    from .train.dataset import REPORT, prepare
+    from .train.dataset import MANIFEST, REPORT, prepare
 
     device, dtype = _device_and_dtype(args)
     out = Path(args.out)
@@ -725,7 +725,9 @@ def _dataset_prepare(args: argparse.Namespace) -> int:
         report = prepare(Path(args.dir), out, args.model, resolution=args.resolution, max_frames=args.max_frames,
                          device=device, dtype=dtype)
     except KeyboardInterrupt:
-        _say(f"interrupted; finished shards are kept in {out}: run the same command again to continue")
+        started = (out / MANIFEST).is_file()
+        _say(f"interrupted; finished shards are kept in {out}: run the same command again to continue" if started
+             else "interrupted before anything was written")
         return EXIT_SIGNAL_BASE + signal.SIGINT
     for skipped in report.skipped[:SKIPPED_SHOWN]:
         _warn(f"skipped {skipped.file}: {skipped.reason}")
