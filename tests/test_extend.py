@@ -1,0 +1,128 @@
+"""Extend a video (issue 20.2): generate --extend VIDEO, through the real entry point on the demo model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from framepack.components import asset
+from framepack.extend import frame_differences, seam, span_frames
+from framepack.planning import TEMPORAL_RATIO
+from framepack.video import overlap_frames, read_frames, write_segment
+
+FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
+PROMPT = "An orange triangle moves to the right on a striped red background"
+WINDOW = 9
+SECTION_FRAMES = TEMPORAL_RATIO * WINDOW  # new frames per section
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([FRAMEPACK, *args], capture_output=True, text=True, check=False)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory) -> Path:
+    """A 2-section video of the demo model (inverted, its own mode)."""
+    out = tmp_path_factory.mktemp("source") / "ours.mp4"
+    run = _run("generate", "--image", str(asset("demo", "start.png")), "--prompt", PROMPT, "--seconds", "2.4",
+               "--steps", "8", "--device", "cpu", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_a_span_decodes_to_the_frames_its_latents_stand_for():
+    # latent 0 is one frame, latent k >= 1 frames 4k-3 .. 4k; a span's first latent gives its last frame only
+    assert span_frames((0, 1, 2), 0) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert span_frames((10, 11), 9) == [4, 5, 6, 7, 8]
+
+
+def test_extending_backward_adds_the_new_frames_before_the_video_without_a_seam(ours, tmp_path):
+    out = tmp_path / "longer.mp4"
+    run = _run("generate", "--extend", str(ours), "--prompt", PROMPT, "--seconds", "1.2", "--steps", "25",
+               "--device", "cpu", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    original, extended = read_frames(ours), read_frames(out)
+    assert extended.shape[1:] == original.shape[1:]
+    assert len(extended) == len(original) + SECTION_FRAMES  # the original plus one new section
+    # after the join the original itself (re-encoded): the seam's blend region aside, as close as
+    # two encodes of the same frames
+    blend = TEMPORAL_RATIO + overlap_frames(WINDOW)
+    after = np.abs(extended[SECTION_FRAMES + blend :].astype(float) - original[blend:].astype(float)).mean()
+    assert after < 2.0, after
+    # the property: the frame difference across the join within the original's own range
+    measured = seam(original, extended, backwards=True, overlap=overlap_frames(WINDOW))
+    assert measured.within, (measured.join, max(measured.inside))
+    # the source is recorded: copied into the job with its sha256
+    settings = json.loads((tmp_path / "longer.job" / "settings.json").read_text())
+    copy = tmp_path / "longer.job" / settings["extend"]
+    assert settings["extend_sha256"] == _sha256(copy) == _sha256(ours)
+
+    # a resume after losing the last new section makes the same video from the job's own copy
+    job = tmp_path / "longer.job"
+    state = json.loads((job / "state.json").read_text())
+    last = state["finished"] - 1
+    (job / "sections" / f"{last:04d}.safetensors").unlink()
+    moved = tmp_path / "moved.mp4"
+    shutil.move(str(ours), moved)  # the user's file is not needed any more
+    try:
+        again = _run("generate", "--resume", str(job), "--device", "cpu")
+    finally:
+        shutil.move(str(moved), ours)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(read_frames(out), extended)
+
+
+def test_extending_forward_continues_a_video_that_is_not_ours(tmp_path):
+    from framepack.train.world import WorldParams, render
+
+    clip = tmp_path / "rendered.mp4"
+    frames = render(WorldParams("circle", "red", "plain", "blue", "right", speed=10.0, x=0.3, y=0.5), 50)
+    write_segment(clip, frames)  # no framepack settings in it
+    out = tmp_path / "after.mp4"
+    run = _run("generate", "--extend", str(clip), "--mode", "forward", "--prompt", "a red circle moves to the right",
+               "--seconds", "1.2", "--steps", "2", "--device", "cpu", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    original, extended = read_frames(clip), read_frames(out)
+    assert len(extended) == len(original) + SECTION_FRAMES
+    # the video comes first, unchanged but for the encoding, up to the blend into the new frames
+    kept = len(original) - overlap_frames(WINDOW)
+    assert np.abs(extended[:kept].astype(float) - original[:kept].astype(float)).mean() < 2.0
+    assert frame_differences(extended[kept - 1 :]).mean() > 0  # new frames follow
+
+
+def _sound_only(path: Path) -> None:
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=44100)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 44100
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"not a video at all"), "cannot read the video to extend"),
+    (lambda p: write_segment(p, np.zeros((10, 64, 64, 3), np.uint8)), "has 10 frames; extending needs at least 37"),
+    (_sound_only, "holds no video stream"),
+    (lambda p: None, "video to extend not found"),
+])
+def test_a_bad_video_is_one_line_and_nothing_is_written(tmp_path, make, message):
+    video = tmp_path / "bad.mp4"
+    make(video)
+    out = tmp_path / "out" / "v.mp4"
+    run = _run("generate", "--extend", str(video), "--prompt", PROMPT, "--device", "cpu", "--out", str(out))
+    assert run.returncode == 2
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "out").exists()
