@@ -152,16 +152,18 @@ def test_notes_on_the_models_world_come_with_the_job(site, tmp_path):
 
 def test_the_page_queues_a_batch_and_shows_the_notes(site):
     """Generate runs on_batch (the Batch fields) then on_submit (the form), per session."""
+    from dataclasses import asdict
+
     from framepack.ui.app import FORM_FIELDS
+    from framepack.ui.form import FormDefaults
 
     server = site["server"]
     with urllib.request.urlopen(f"{server.url}config", timeout=30) as response:
-        config = json.loads(response.read())
-    index = {d.get("api_name"): d["id"] for d in config["dependencies"]}
-    image = {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}}
-    form = dict(image=image, end_image=None, prompt="a red circle", negative_prompt="", seconds=1.2, seed=11,
-                random_seed=False, steps=1, distilled_guidance=10.0, cfg=1.0, sampler="unipc", mode="auto",
-                model=Path(server.model).name, resolution="auto", crf=16, cache="none", preserve_gb=6)
+        index = {d.get("api_name"): d["id"] for d in json.loads(response.read())["dependencies"]}
+    # what a fresh page sends, with an upload, a short video and this server's model
+    form = {**asdict(FormDefaults()), "image": {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}},
+            "end_image": None, "model": Path(server.model).name, "prompt": "a red circle", "seconds": 1.2, "steps": 1,
+            "seed": 11, "cache": "none"}
     values = [form[name] for name in FORM_FIELDS]
     before = set(server.jobs())
     session = uuid.uuid4().hex
