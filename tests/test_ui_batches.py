@@ -134,7 +134,7 @@ def test_hostile_batches_get_one_line_and_queue_nothing(site):
 def test_notes_on_the_models_world_come_with_the_job(site, tmp_path):
     from gradio_client import handle_file
 
-    server, client = site["server"], client_of(site, tmp_path)
+    client = client_of(site, tmp_path)
     noise = tmp_path / "noise.png"
     from PIL import Image
 
@@ -161,9 +161,9 @@ def test_the_page_queues_a_batch_and_shows_the_notes(site):
     with urllib.request.urlopen(f"{server.url}config", timeout=30) as response:
         index = {d.get("api_name"): d["id"] for d in json.loads(response.read())["dependencies"]}
     # what a fresh page sends, with an upload, a short video and this server's model
-    form = {**asdict(FormDefaults()), "image": {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}},
-            "end_image": None, "model": Path(server.model).name, "prompt": "a red circle", "seconds": 1.2, "steps": 1,
-            "seed": 11, "cache": "none"}
+    image = {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}}
+    form = {**asdict(FormDefaults()), "image": image, "end_image": None, "model": Path(server.model).name,
+            "prompt": "a red circle", "seconds": 1.2, "steps": 1, "seed": 11, "cache": "none"}
     values = [form[name] for name in FORM_FIELDS]
     before = set(server.jobs())
     session = uuid.uuid4().hex

@@ -38,7 +38,8 @@ def tiny() -> tuple[World, Path]:
 
 def held_out_scenes() -> list[world.WorldParams]:
     """Both worlds' held-out scenes: the second world's validation and test splits, the first's set."""
-    return world.scenes("validation", HELD_OUT // 2) + world.scenes("test", HELD_OUT // 4) + world.held_out(HELD_OUT // 4)
+    quarter = HELD_OUT // 4
+    return world.scenes("validation", 2 * quarter) + world.scenes("test", quarter) + world.held_out(quarter)
 
 
 # ---- words -------------------------------------------------------------------------------------------------------
