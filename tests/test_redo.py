@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from framepack.planning import plan_sections
@@ -63,3 +64,89 @@ def test_a_later_section_that_reads_nothing_made_again_is_kept():
     plans[2] = replace(plans[2], levels=tuple(blind))
     assert regenerated_steps(plans, 2) == [1]
     assert kept_prefix(plans, [1]) == 1  # a job continues from a prefix: step 2 is made again all the same
+
+
+# ---- through the CLI -------------------------------------------------------------------------------------
+
+PROMPT = "An orange triangle moves to the right on a striped red background"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([FRAMEPACK, *args], capture_output=True, text=True, check=False)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    # the lock file is left out: taking the job's lock (so no run changes it while it is read) writes our pid there
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
+
+
+def _sections(job: Path) -> list:
+    from framepack.jobs import JobDir
+
+    opened = JobDir.open(job)
+    return [opened.load_latents(step) for step in range(opened.finished)]
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Path:
+    """A finished 3-section job of the demo model (inverted: made from the end)."""
+    from framepack.components import asset
+
+    out = tmp_path_factory.mktemp("original") / "v.mp4"
+    run = _run("generate", "--image", str(asset("demo", "start.png")), "--prompt", PROMPT, "--seconds", "3.6",
+               "--steps", "2", "--device", "cpu", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    return out.with_name("v.job")
+
+
+def test_a_redo_with_the_same_seed_and_prompt_is_bit_identical_and_the_original_untouched(original, tmp_path):
+    import torch
+
+    from framepack.video import read_frames
+
+    before = _hashes(original)
+    out = tmp_path / "again.mp4"
+    run = _run("redo", str(original), "--section", "2", "--device", "cpu", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert _hashes(original) == before
+    branch = tmp_path / "again.job"
+    record = json.loads((branch / "redo.json").read_text())
+    # inverted: the middle section is the second made; only the one made before it (the last in time) is kept
+    assert record["kept_steps"] == [0] and record["redone_steps"] == [1, 2]
+    # the kept section is the original's file itself (a hard link), not one made again
+    assert (branch / "sections" / "0000.safetensors").samefile(original / "sections" / "0000.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(_sections(branch), _sections(original), strict=True))
+    assert np.array_equal(read_frames(out), read_frames(original.with_name("v.mp4")))
+
+
+def test_a_redo_with_a_seed_and_prompt_changes_only_what_depends_on_the_section(original, tmp_path):
+    import torch
+
+    out = tmp_path / "other.mp4"
+    run = _run("redo", str(original), "--section", "1", "--seed", "7", "--prompt", "A blue circle moves up",
+               "--device", "cpu", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    branch, made = _sections(tmp_path / "other.job"), _sections(original)
+    # the first section in time is the last made: the two after it in the video are kept as they were
+    assert torch.equal(branch[0], made[0]) and torch.equal(branch[1], made[1])
+    assert not torch.equal(branch[2], made[2])
+    settings = json.loads((tmp_path / "other.job" / "settings.json").read_text())
+    assert settings["section_prompts"] == ["A blue circle moves up", PROMPT, PROMPT] and settings["seed"] == 7
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--section", "4"], "--section must be between 1 and 3"),
+    (["--section", "1", "--prompt", " "], "--prompt is empty"),
+    (["--section", "1", "--seed", str(2**64)], "seed must fit in 64 bits"),
+])
+def test_a_bad_redo_is_one_line_and_writes_nothing(original, tmp_path, args, message):
+    out = tmp_path / "no.mp4"
+    run = _run("redo", str(original), *args, "--device", "cpu", "--out", str(out))
+    assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not out.exists() and not (tmp_path / "no.job").exists()
+
+
+def test_redo_of_something_that_is_not_a_job_is_one_line(tmp_path):
+    run = _run("redo", str(tmp_path), "--section", "1")
+    assert run.returncode == 2 and "is not a framepack job directory" in run.stderr, run.stderr
