@@ -34,7 +34,7 @@ JOB_TIMEOUT_S = 180
 GENERIC = "upstream"  # Gradio's "The upstream Gradio app has raised an exception ..."
 ENDPOINTS = ("submit", "status", "cancel", "resume", "video", "history", "queue")
 SUBMIT_DEFAULTS = [None, "a red circle", None, "", 1.2, 1, False, 1, 10.0, 1.0, "unipc", "auto", None, "auto", 16, 6.0, "none",
-                   ""]
+                   "", 1, ""]
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
