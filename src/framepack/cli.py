@@ -217,6 +217,8 @@ def _announce_length(settings) -> None:
 def _warn_about_settings(settings) -> None:
     from .components import resolve_model
 
+    if settings.image is None and settings.extend is None:
+        _say("text-to-video: no --image, the video starts from a blank grey frame")
     if resolve_model(settings.model).cfg(settings.cfg) == 0:
         _warn("cfg 0 keeps only the unconditional (negative-prompt) prediction: the prompt has no effect "
               "(cfg 1 turns real CFG off)")
@@ -286,10 +288,9 @@ _SETTING_FLAGS = {
 def _complete_settings(base: dict):
     from .settings import GenerationSettings
 
-    for required in ("image", "prompt"):
-        if not base.get(required) and not (required == "image" and base.get("extend")):  # a frame of that video
-            raise ValueError(f"--{required} is required (or --from a framepack video)")
-    base.setdefault("image", None)
+    if not base.get("prompt"):
+        raise ValueError("--prompt is required (or --from a framepack video)")
+    base.setdefault("image", None)  # no --image: text-to-video (with --extend, a frame of that video)
     base.setdefault("model", _default_model())
     return GenerationSettings.from_dict(base)
 
@@ -864,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_argument_group("what to make")
     src.add_argument("--model", help="tiny (the embedded CPU demo model, default without a CUDA GPU), "
                      "framepack-i2v, framepack-f1, or a directory with a framepack.json")
-    src.add_argument("--image", help="start image (png, jpg, webp, ...)")
+    src.add_argument("--image", help="start image (png, jpg, webp, ...); without it (and without --extend), "
+                     "text-to-video from a blank grey frame (docs/generation.md: what it does on the demo model)")
     src.add_argument("--end-image", dest="end_image", help="optional end image (inverted mode only)")
     src.add_argument("--extend", metavar="VIDEO", help="continue this video (any mp4/webm/...): forward/vanilla mode after "
                      "its end, inverted mode before its start; --seconds is the new part; the output holds the original "

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 PROVISIONAL_SECTIONS = 8
 PENDING_PREVIEW = "pending-preview.mp4"  # the provisional video's not-yet-final frames (in JOB/video)
 # Text-to-video starts from this blank frame (docs/generation.md, "Text-to-video": what was tried on the demo model)
-BLANK_START_RGB = (0, 0, 0)
+BLANK_START_RGB = (128, 128, 128)  # mid grey: deterministic, and the demo model drew the caption's colours on it
 
 
 # ---- events -------------------------------------------------------------------------------------------

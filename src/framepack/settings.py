@@ -36,7 +36,7 @@ class LoraChoice(NamedTuple):
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    image: str  # start image path (copied into the job directory)
+    image: str | None  # start image path (copied into the job directory); None: text-to-video (or --extend's frame)
     prompt: str  # a prompt, or a timeline "[0s-2s: ...] [2s-5s: ...]"
     model: str = "tiny"
     end_image: str | None = None
