@@ -30,6 +30,12 @@ def read_prompts(path: Path) -> list[tuple[int, dict[str, Any]]]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"--prompts {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    return parse_prompts(text, f"--prompts {path}")
+
+
+def parse_prompts(text: str, name: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, settings of that line) for every job line of ``text``; messages begin with
+    ``name`` (the option and file, or the web app's field)."""
     lines: list[tuple[int, dict[str, Any]]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -39,14 +45,14 @@ def read_prompts(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"--prompts {path} line {number}: not valid JSON ({exc.msg})") from None
+                raise ValueError(f"{name} line {number}: not valid JSON ({exc.msg})") from None
             if not isinstance(fields, dict):
-                raise ValueError(f"--prompts {path} line {number}: a JSON line must be an object of settings")
+                raise ValueError(f"{name} line {number}: a JSON line must be an object of settings")
         else:
             fields = {"prompt": line}
         lines.append((number, fields))
     if not lines:
-        raise ValueError(f"--prompts {path} holds no prompt (blank lines and # comments are skipped)")
+        raise ValueError(f"{name} holds no prompt (blank lines and # comments are skipped)")
     return lines
 
 

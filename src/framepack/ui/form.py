@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 import re
 import secrets
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..batch import expand, read_prompts
+from ..batch import expand, parse_prompts
 from ..planning import DEFAULT_WINDOW, FPS, TEMPORAL_RATIO, real_seconds, section_count
 from ..runtime.choose import DEFAULT_PRESERVE_GB
 from ..settings import DEFAULT_SEED, MAX_SECONDS, GenerationSettings
@@ -245,13 +244,7 @@ class BatchJob:
 
 def _prompt_lines(text: str) -> list[tuple[int, dict[str, Any]]]:
     """The prompts field, read by the CLI's ``--prompts`` reader (messages name the field, not a file)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "prompts"
-        path.write_text(text, encoding="utf-8")
-        try:
-            lines = read_prompts(path)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace(f"--prompts {path}", "prompts")) from None
+    lines = parse_prompts(text, "prompts")
     for number, fields in lines:
         if set(fields) == {"prompt"} and _FILE_NAME.match(fields["prompt"]):
             raise ValueError(f"prompts line {number}: {shown(fields['prompt'])} looks like a file name; type the "
