@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -242,7 +243,10 @@ def train(config: TrainConfig, max_steps_this_run: int | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(config.__dict__, indent=2, sort_keys=True) + "\n")
     set_seed(config.seed)  # the same initial weights on every process
-    task = TASKS[config.task](config.task_args)
+    # what a task prepares on disk (text encoders, latent caches) the main process writes first and
+    # the others then read, instead of all writing the same files at once
+    with accelerator.main_process_first():
+        task = TASKS[config.task](config.task_args)
     model = task.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.warmup, config.steps))
@@ -276,7 +280,8 @@ def train(config: TrainConfig, max_steps_this_run: int | None = None) -> Path:
             # restarted at every checkpoint step, so a resumed run sees what an uninterrupted one does
             batches = task.batches(config.batch_size, seed=config.seed * 1_000_003 + step)
         torch.manual_seed(rng_seed(config.seed, step, -1))
-        batch = next(batches)  # the global batch, the same on every process
+        with accelerator.main_process_first() if not losses else nullcontext():  # a lazily built cache too
+            batch = next(batches)  # the global batch, the same on every process
         loss = _optimiser_step(accelerator, task, model, optimizer, batch, config, step, micro)
         scheduler.step()
         if average is not None:
