@@ -45,14 +45,14 @@ def _write_config(root: Path, name: str, task_args: dict, **changes) -> Path:
     return path
 
 
-def _train(config: Path, processes: int, *options: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _train(config: Path, processes: int, *options: str) -> subprocess.CompletedProcess:
     """``framepack train CONFIG`` as one process, or under ``accelerate launch`` as several."""
     command = [str(BIN / "framepack"), "train", str(config), *options]
     if processes > 1:
         command = [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
                    "--num_processes", str(processes), "--main_process_port", str(_free_port()),
                    "-m", "framepack", *command[1:]]
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=run_env, cwd=REPO, check=False)
 
 
@@ -126,10 +126,30 @@ def test_a_batch_that_does_not_split_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "batch_size 3" in lines[0] and "multiple of 2" in lines[0], result.stderr
     assert not list((tmp_path / "run").glob("checkpoint-*"))
-    # FSDP asked for (what `accelerate launch` with configs/accelerate/fsdp_13b.yaml sets) where
-    # accelerate would quietly run without it (no GPU): refused, not trained as DDP
-    result = _train(config, 1, env={"ACCELERATE_USE_FSDP": "true"})
-    assert result.returncode == 2 and "FSDP" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_launches_that_cannot_run_as_asked_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    config = trainer.TrainConfig(task="framepack", output_dir="x", steps=1, ema=0.9)
+    single = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+    trainer._check_parallelism(single, config)  # a plain single process is fine
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched as 2, but accelerate did not join them
+    with pytest.raises(ValueError, match="launched as 2 processes but accelerate joined 1"):
+        trainer._check_parallelism(single, config)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    # FSDP asked for (what `accelerate launch` with fsdp_13b.yaml sets) where accelerate quietly runs
+    # without it (no GPU: MULTI_CPU is plain DDP): refused rather than trained as something else
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU):
+        with pytest.raises(ValueError, match="asks for FSDP"):
+            trainer._check_parallelism(SimpleNamespace(num_processes=1, distributed_type=kind), config)
+    sharded = SimpleNamespace(num_processes=1, distributed_type=DistributedType.FSDP)
+    with pytest.raises(ValueError, match="ema and validate_every"):
+        trainer._check_parallelism(sharded, config)
+    trainer._check_parallelism(sharded, trainer.TrainConfig(task="framepack", output_dir="x", steps=1))
 
 
 class _Line(_LineFit):
