@@ -150,3 +150,48 @@ def test_a_bad_redo_is_one_line_and_writes_nothing(original, tmp_path, args, mes
 def test_redo_of_something_that_is_not_a_job_is_one_line(tmp_path):
     run = _run("redo", str(tmp_path), "--section", "1")
     assert run.returncode == 2 and "is not a framepack job directory" in run.stderr, run.stderr
+
+
+# ---- the web app ----------------------------------------------------------------------------------------
+
+
+def _wait_done(client, job: int, timeout_s: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (status := client.predict(job=job, api_name="/status")["status"]) in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {job} still {status}"
+        time.sleep(0.5)
+    assert status == "done", status
+
+
+def test_the_web_app_redoes_a_section_of_a_job_it_made(tmp_path):
+    pytest.importorskip("gradio", reason="needs gradio (pip install 'framepack[ui]')")
+    import torch
+    from gradio_client import Client, handle_file
+    from ui_slow_server import Server
+    from ui_tiny_model import write_image, write_tiny_model
+
+    from framepack.jobs import JobDir
+
+    server = Server(tmp_path / "outputs", write_tiny_model(tmp_path / "model"), tmp_path / "server.log").start()
+    try:
+        client = Client(server.url, verbose=False, download_files=str(tmp_path))
+        first = client.predict(image=handle_file(str(write_image(tmp_path / "s.png"))), prompt="a red circle",
+                               seconds=2.4, steps=1, seed=3, api_name="/submit")["job"]
+        _wait_done(client, first)
+        original = Path(server.jobs()[first]["job_dir"])
+        before = _hashes(original)
+        for job, section, message in ((999, 1, "no job 999"), (first, 3, "between 1 and 2"), (first, "x", "section")):
+            with pytest.raises(Exception, match=message):  # gradio_client's AppError, with the one-line reason
+                client.predict(job=job, section=section, api_name="/redo")
+        branch = client.predict(job=first, section=1, api_name="/redo")["job"]
+        _wait_done(client, branch)
+        assert _hashes(original) == before
+        record = json.loads((Path(server.jobs()[branch]["job_dir"]) / "redo.json").read_text())
+        assert record["kept_steps"] == [0]  # inverted: the second section in time was made first
+        made, again = _sections(original), _sections(Path(server.jobs()[branch]["job_dir"]))
+        assert all(torch.equal(a, b) for a, b in zip(made, again, strict=True))  # same seed and prompt: the same
+        assert set(server.jobs()) == {first, branch}  # the refused requests queued nothing
+    finally:
+        server.stop()

@@ -603,7 +603,7 @@ def _show(event, bar, finished: list) -> None:
 def _redo(args: argparse.Namespace) -> int:
     """A new job from JOB that makes section K (and what depends on it) again (framepack.redo)."""
     from .jobs import JobDir
-    from .redo import branch_job, check_request, default_out
+    from .redo import branch_job, check_request, default_out, model_plans
 
     original = JobDir.open(Path(args.job))
     check_request(original.settings, args.section, args.prompt, args.seed)
@@ -611,14 +611,12 @@ def _redo(args: argparse.Namespace) -> int:
     _check_out(out, False)
     job_dir = out.with_name(out.stem + ".job")
     _check_job_dir(job_dir, False)
-    pipeline = _open_pipeline(original.settings.model, args)
-    layout = pipeline.source_layout(original.settings)
-    job = branch_job(original, pipeline.plans(original.settings), args.section, out, job_dir, seed=args.seed,
-                     prompt=args.prompt, given=layout.sections if layout is not None else 0)
+    plans, given = model_plans(original.settings)  # from the configs: the branch is made before the model loads
+    job = branch_job(original, plans, args.section, out, job_dir, seed=args.seed, prompt=args.prompt, given=given)
     _say(f"job directory {job.root}: {job.finished} section(s) kept from {original.root} "
          f"(resume with: framepack generate --resume {job.root})")
     with _job_kept(job.root):
-        _run_with_progress(pipeline, job)
+        _run_with_progress(_open_pipeline(original.settings.model, args), job)
     print(job.out, flush=True)
     return 0
 

@@ -31,6 +31,7 @@ from .keyframes import SectionOverride, overrides_for, with_keyframes
 from .lora import LoraFusion, load_choices, recorded_loras
 from .memory import release_freed_memory
 from .model import HistoryInput
+from .packing import ContextSchedule
 from .planning import (
     END,
     START,
@@ -276,19 +277,10 @@ class FramePackPipeline:
 
     def source_layout(self, settings: GenerationSettings):
         """Where the frames of the video a job extends sit (framepack.extend); None for other jobs."""
-        if settings.extend is None:
-            return None
-        return source_layout(settings.extend, settings.window, settings.mode or self.c.source.mode,
-                             self.c.transformer.config.schedule.frames)
+        return job_source_layout(settings, self.c.source.mode, self.c.transformer.config.schedule)
 
     def plans(self, settings: GenerationSettings) -> list[SectionPlan]:
-        mode = settings.mode or self.c.source.mode
-        count = section_count(settings.seconds, settings.window)
-        layout = self.source_layout(settings)
-        count += layout.sections if layout is not None else 0  # an extended video's frames: finished sections
-        plans = plan_sections(count, mode, self.c.transformer.config.schedule, settings.window,
-                              end_image=settings.end_image is not None)
-        return with_keyframes(plans, overrides_for(settings.keyframes, plans))  # refused outside inverted mode
+        return plan_job(settings, self.c.source.mode, self.c.transformer.config.schedule)
 
     def run(self, job: JobDir, on_event: Callable[[Event], None] = lambda e: None,
             should_stop: Callable[[], bool] = lambda: False) -> Path:
@@ -583,6 +575,24 @@ class FramePackPipeline:
         if job.settings.extend is not None:  # by file name, as the images
             meta["framepack"]["extend"] = job.input_names.get("extend") or Path(job.settings.extend).name
         return meta
+
+
+def job_source_layout(settings: GenerationSettings, model_mode: str, schedule: ContextSchedule):
+    """Where the frames of the video a job extends sit (framepack.extend); None for other jobs."""
+    if settings.extend is None:
+        return None
+    return source_layout(settings.extend, settings.window, settings.mode or model_mode, schedule.frames)
+
+
+def plan_job(settings: GenerationSettings, model_mode: str, schedule: ContextSchedule) -> list[SectionPlan]:
+    """The sections of a job, in generation order, for a model of this mode and context schedule
+    (no weights needed: framepack.redo plans a job's branch from its settings alone)."""
+    mode = settings.mode or model_mode
+    count = section_count(settings.seconds, settings.window)
+    layout = job_source_layout(settings, model_mode, schedule)
+    count += layout.sections if layout is not None else 0  # an extended video's frames: finished sections
+    plans = plan_sections(count, mode, schedule, settings.window, end_image=settings.end_image is not None)
+    return with_keyframes(plans, overrides_for(settings.keyframes, plans))  # refused outside inverted mode
 
 
 def blank_start_frame(resolution: int) -> np.ndarray:

@@ -101,6 +101,23 @@ def check_request(settings: GenerationSettings, section: int, prompt: str | None
         settings.replace(seed=seed)  # a seed out of range: the settings' own one-line error
 
 
+def model_plans(settings: GenerationSettings) -> tuple[list[SectionPlan], int]:
+    """The job's plans and how many of its first steps hold an extended video, from its settings
+    and its model's configs alone (no weights: the web app branches a job before a worker loads
+    anything). The context schedule is the transformer's config.json where it is local, else the
+    released models' (framepack-i2v and -f1 use it)."""
+    from .components import resolve_model
+    from .config import resolve_config
+    from .packing import RELEASED_SCHEDULE
+    from .pipeline import job_source_layout, plan_job
+
+    source = resolve_model(settings.model)
+    local = Path(source.transformer)
+    schedule = resolve_config(local).schedule if (local / "config.json").is_file() else RELEASED_SCHEDULE
+    layout = job_source_layout(settings, source.mode, schedule)
+    return plan_job(settings, source.mode, schedule), 0 if layout is None else layout.sections
+
+
 # ---- the branch on disk ----------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import html
 import inspect
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,17 +24,20 @@ from typing import Any, TypeVar
 import gradio as gr
 from starlette.middleware import Middleware
 
+from ..jobs import JobDir
+from ..redo import branch_job, model_plans
 from ..sampling import SAMPLERS
 from ..settings import MAX_SECONDS
 from ..video import read_metadata
 from ..world_check import world_notes
 from .files import FileGate, FileReferenceGuard, model_names, public_text
+from .form import _text, _whole  # the form's own parsers, for the redo request
 from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, AcceptFile, FormDefaults, batch_jobs,
                    form_from_settings, history_limit, job_number, length_note, plan_settings, preserve_gb,
                    section_seconds, settings_from_form, snap_seconds)
 from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
-from .service import JobService, JobView, public_settings
+from .service import JOBS_DIR, JobService, JobView, public_settings
 from .store import JobRecord
 from .worker import one_line
 
@@ -157,6 +161,30 @@ def queue_submission(service: JobService, form: Mapping[str, Any], models: Mappi
     preserve = preserve_gb(form.get("preserve_gb"))
     notes = world_notes(jobs)
     return service.submit_many([settings.replace(loras=chosen) for settings in jobs], preserve), notes
+
+
+def queue_redo(service: JobService, job: Any, section: Any, seed: Any = None, prompt: Any = None) -> JobRecord:
+    """Queue a branch of one of this app's finished jobs with section K made again (framepack.redo:
+    the sections not depending on K are linked from it, the rest made by a worker like any job).
+    Checked by the form's parsers; the job is looked up in the app's own store, so a client never
+    names a job directory, and it must lie under this app's outputs."""
+    number, k = job_number(job), _whole("section", section)
+    new_seed = None if seed is None or seed == "" else _whole("seed", seed)
+    new_prompt = _text("prompt", prompt).strip() or None
+    record = service.view(number).record
+    if record.status != "done":
+        raise ValueError(f"job {number} is {record.status}: only a finished job can be redone")
+    if not record.job_dir.resolve().is_relative_to(service.outputs / JOBS_DIR):
+        raise ValueError(f"job {number} was not made by this app")
+    original = JobDir.open(record.job_dir)
+    plans, given = model_plans(original.settings)
+    key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    branch = branch_job(original, plans, k, service.outputs / f"{key}-redo{k}.mp4", service.outputs / JOBS_DIR / key,
+                        seed=new_seed, prompt=new_prompt, given=given)
+    queued = service.store.add(branch.settings.to_dict(), branch.root, branch.out, branch.settings.seed)
+    for worker in service.workers:  # every idle worker looks; the store hands the job to one of them
+        worker.wake()
+    return queued
 
 
 def submitted_text(service: JobService, records: Sequence[JobRecord], notes: Sequence[str]) -> str:
@@ -360,6 +388,13 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 refresh = gr.Button("Refresh", elem_id="fp-history-refresh")
             history_message = gr.Markdown(elem_id="fp-history-message")
             with gr.Row():
+                redo_section = gr.Number(label="Section (1 = the first in the video)", value=1, precision=0,
+                                         minimum=1, elem_id="fp-redo-section")
+                redo_seed = gr.Textbox(label="Seed (empty: the same)", value="", max_lines=1, elem_id="fp-redo-seed")
+                redo_prompt = gr.Textbox(label="Prompt of that section (empty: the same)", value="", max_lines=1,
+                                         elem_id="fp-redo-prompt")
+                redo = gr.Button("Redo section", elem_id="fp-redo")
+            with gr.Row():
                 history_video = gr.Video(label="Video", interactive=False, elem_id="fp-history-video")
                 history_settings = gr.JSON(label="Settings", elem_id="fp-history-settings")
             with gr.Row():
@@ -531,6 +566,14 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             error = f" ({public_text(record.error, outputs)})" if record.error else ""
             return clip, public_settings(record.settings, outputs), f"Job {record.id}: {record.status}{error}"
 
+        def on_redo(job: Any, section: Any, new_seed: Any, new_prompt: Any) -> str:
+            try:
+                record = queue_redo(service, job, section, new_seed, new_prompt)
+            except ValueError as exc:
+                return _error(public_text(one_line(exc), outputs))
+            return (f"Job {record.id} queued: job {job_number(job)} with section {_whole('section', section)} "
+                    "made again (the sections not depending on it kept).")
+
         def fill_form(settings: Mapping[str, Any], source: str, record: JobRecord | None = None) -> tuple[Any, ...]:
             """Form values from settings; images only from a job of ours (``record``), never from an mp4."""
             values = form_from_settings(settings)
@@ -609,6 +652,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         history_table.select(checked(on_pick), None, picked, **private)
         show.click(checked(on_show), picked, [history_video, history_settings, history_message], **raw)
         use.click(checked(on_use), picked, [*filled, history_message], **raw)
+        redo.click(checked(on_redo), [picked, redo_section, redo_seed, redo_prompt], history_message, **raw)
         use_mp4.click(checked(on_use_mp4), mp4, [*filled, history_message], **raw)
 
         _api(service, names, defaults, gate, video, loras, chosen_loras)
@@ -684,6 +728,11 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
             raise ValueError(f"job {record.id} is {record.status}: no video yet")
         return gr.FileData(path=gate.publish(cache, record.out), orig_name=record.out.name)
 
+    def redo(job: int, section: int, seed: int | None = None, prompt: str = "") -> dict:
+        """Queue a new job: finished job ``job`` with section ``section`` (1 = the first in the video)
+        made again, with ``seed`` / ``prompt`` if given; the sections not depending on it are kept."""
+        return public(service.view(queue_redo(service, job, section, seed, prompt).id))
+
     def history(limit: int = 50) -> list:
         """Finished jobs (done, failed, cancelled), newest first; at most ``limit`` (1 to 1000)."""
         return [public(service.view(r.id)) for r in service.history(history_limit(limit))]
@@ -692,7 +741,7 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
         """The running jobs (one per busy worker), then the queued ones in order."""
         return [public(service.view(r.id)) for r in service.queue()]
 
-    for fn in (submit, status, cancel, resume, video, history, queue):
+    for fn in (submit, status, cancel, resume, video, history, queue, redo):
         gr.api(checked(fn), api_name=fn.__name__, concurrency_limit=None)
     gr.api(checked(lora_files), api_name="loras", concurrency_limit=None)
     gr.api(checked(choose_loras), api_name="choose_loras", concurrency_limit=None)
