@@ -257,7 +257,9 @@ def _merged_model_dir(checkpoint: Path, out: Path) -> Path:
 
 def test_exported_lora_generates_as_the_merged_model(demo_data, tmp_path):
     """``framepack generate --lora FILE`` equals the base with the LoRA merged by hand, and differs from no LoRA."""
-    run = trainer.train(_config(tmp_path / "run", "lora", 4, dataset=str(demo_data), rank=4, alpha=8))
+    config = _config(tmp_path / "run", "lora", 4, dataset=str(demo_data), rank=4, alpha=8)
+    run = trainer.train(trainer.TrainConfig(**{**config.__dict__, "validate_every": 4}))
+    assert read_frames(run / "validation" / "validation-4.mp4").shape[0] > 1  # the trainer's validation hook
     merged = _merged_model_dir(run / "checkpoint-4", tmp_path / "merged")
     jobs = tmp_path / "jobs.txt"  # the LoRA and none, one model load
     jobs.write_text(json.dumps({"loras": [[str(run / "final" / LORA_FILE), 1.0]]}) + "\n{}\n")
@@ -289,6 +291,15 @@ def _pixels(task: UserTask, latent: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         pixels = task._components()["vae"].decode(latent.float())
     return ((pixels[0, :, 0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).numpy()
+
+
+@pytest.mark.parametrize("name", ["lora_demo", "finetune_demo"])
+def test_shipped_configs_load_and_build(demo_data, name):
+    """configs/NAME.json loads as ``framepack train`` loads it, and its task builds on a prepared dataset."""
+    config = trainer.TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.json")
+    assert config.task == name.split("_")[0] and config.validate_every > 0
+    task = trainer.TASKS[config.task]({**config.task_args, "dataset": str(demo_data)})
+    assert torch.isfinite(task.loss(task.model, next(task.batches(2, seed=0))))
 
 
 # ---- bad configs ----------------------------------------------------------------------------------------------------------
