@@ -183,6 +183,10 @@ def test_fp8_base_lora_trains_on_cpu(demo_data, tmp_path):
     task = UserTask({"dataset": str(demo_data), "fp8_base": True, "rank": 2}, "lora")
     layer = task.model.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == FP8
+    full = FramePackTransformer.from_pretrained(user_task.resolve_model("tiny").transformer).transformer_blocks[0]
+    # the base's own weights, within fp8's rounding (3 mantissa bits: 2**-4 of the largest at most)
+    error = layer.base_layer.dequantized(torch.float32) - full.attn.to_q.weight
+    assert 0 < error.abs().max() <= 2**-4 * full.attn.to_q.weight.abs().max()
     stored = layer.base_layer.weight.view(torch.uint8).clone()
     optimizer = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-2)
     for batch in _take(task.batches(2, seed=0), 2):

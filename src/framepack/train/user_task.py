@@ -268,15 +268,19 @@ class UserTask:
         layouts = self.options.layouts if self.options.layouts is not None else {self.source.mode: 1.0}
         self.modes, self.mode_p = layout_probabilities(layouts)
         self.shift = float(self.options.shift or self.source.shift(None) or DEFAULT_SHIFT)
-        self.model = FramePackTransformer.from_pretrained(self.source.transformer, dtype=torch.float32)
+        fp8 = self.options.fp8_base
+        # with fp8_base the blocks' weights are read straight into fp8 (for the 13B: no fp32 copy of
+        # the whole model on the way); everything computes in fp32, the trained weights included
+        self.model = FramePackTransformer.from_pretrained(self.source.transformer, dtype=torch.float32,
+                                                          storage_dtype=torch.float8_e4m3fn if fp8 else None)
         self.buckets = self._trainable_buckets()
         if self.options.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         if kind == "lora":
-            if self.options.fp8_base:
+            if fp8:
                 from ..runtime.placement import store_weights
 
-                # LoRA layers stay fp32 (they are made after, by PEFT); fp8 layers compute in fp32 here
+                # the float8 block weights become QuantizedLinear layers as they are (not rounded again)
                 store_weights(self.model, "fp8", compute_dtype=torch.float32)
             add_lora(self.model, self.options)
         self._empty: TextEmbedding | None = None
