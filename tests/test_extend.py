@@ -31,14 +31,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def generate(out: Path, *options: str) -> Path:
+    """A video of the demo model from its start image and PROMPT, through the CLI (tests/test_redo.py too)."""
+    run = _run("generate", "--image", str(asset("demo", "start.png")), "--prompt", PROMPT, "--device", "cpu",
+               "--out", str(out), *options)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory) -> Path:
     """A 2-section video of the demo model (inverted, its own mode)."""
-    out = tmp_path_factory.mktemp("source") / "ours.mp4"
-    run = _run("generate", "--image", str(asset("demo", "start.png")), "--prompt", PROMPT, "--seconds", "2.4",
-               "--steps", "8", "--device", "cpu", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    return out
+    return generate(tmp_path_factory.mktemp("source") / "ours.mp4", "--seconds", "2.4", "--steps", "8")
 
 
 def test_a_span_decodes_to_the_frames_its_latents_stand_for():

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_extend import PROMPT, _run, generate  # the demo model's videos through the CLI
 
 from framepack.planning import plan_sections
 from framepack.redo import regenerated_steps, video_order
-
-FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
 
 
 def _reads(plan) -> set[int]:
@@ -68,11 +65,6 @@ def test_a_later_section_that_reads_nothing_made_again_is_kept():
 
 # ---- through the CLI -------------------------------------------------------------------------------------
 
-PROMPT = "An orange triangle moves to the right on a striped red background"
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([FRAMEPACK, *args], capture_output=True, text=True, check=False)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -91,13 +83,7 @@ def _sections(job: Path) -> list:
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> Path:
     """A finished 3-section job of the demo model (inverted: made from the end)."""
-    from framepack.components import asset
-
-    out = tmp_path_factory.mktemp("original") / "v.mp4"
-    run = _run("generate", "--image", str(asset("demo", "start.png")), "--prompt", PROMPT, "--seconds", "3.6",
-               "--steps", "2", "--device", "cpu", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    return out.with_name("v.job")
+    return generate(tmp_path_factory.mktemp("original") / "v.mp4", "--seconds", "3.6", "--steps", "2").with_name("v.job")
 
 
 def test_a_redo_with_the_same_seed_and_prompt_is_bit_identical_and_the_original_untouched(original, tmp_path):
@@ -172,7 +158,6 @@ def test_the_web_app_redoes_a_section_of_a_job_it_made(tmp_path):
     from ui_slow_server import Server
     from ui_tiny_model import write_image, write_tiny_model
 
-    from framepack.jobs import JobDir
 
     server = Server(tmp_path / "outputs", write_tiny_model(tmp_path / "model"), tmp_path / "server.log").start()
     try:

@@ -101,7 +101,7 @@ def read_video(path: str | Path, height: int, width: int) -> np.ndarray:
     return np.stack(frames)
 
 
-def start_frame(path: str | Path, layout: "SourceLayout") -> np.ndarray:
+def start_frame(path: str | Path, layout: SourceLayout) -> np.ndarray:
     """The frame :meth:`SourceLayout.start_frame` names, at the video's own size: (H, W, 3) uint8."""
     import av
 

@@ -1,0 +1,121 @@
+"""The seam of ``generate --extend``: the frame difference across the join against the original's own.
+
+For a few videos (made by the demo model in its inverted mode and in forward mode, and rendered
+clips of the training world that the model never made), extend each by one section in a mode and
+measure, with :func:`framepack.extend.seam`, the largest mean absolute frame difference over the
+join (the last new frame into the video and the blend) against the differences between consecutive
+frames inside the original clip. The join is "within" when it is no larger than the original's
+largest. Prints a table; ``--update-doc docs/generation.md`` writes it between the doc's markers.
+
+    python benchmarks/extend_seam.py --update-doc docs/generation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framepack.components import asset
+from framepack.extend import file_sha256, seam
+from framepack.jobs import JobDir
+from framepack.pipeline import FramePackPipeline
+from framepack.settings import GenerationSettings
+from framepack.train.world import WorldParams, caption, render
+from framepack.video import overlap_frames, read_frames, write_segment
+
+DEMO_PROMPT = "An orange triangle moves to the right on a striped red background"
+SOURCE_SECONDS = 2.4  # 2 sections: 73 frames
+NEW_SECONDS = 1.2  # one new section
+RENDERED = (  # clips of the world the demo model was trained on, rendered (not generated)
+    WorldParams("circle", "red", "plain", "blue", "right", speed=10.0, x=0.3, y=0.5),
+    WorldParams("square", "yellow", "stripes", "purple", "pan left", speed=12.0),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    source: str
+    mode: str
+    frames: tuple[int, int]  # original, extended
+    join: float
+    inside: tuple[float, ...]
+    within: bool
+
+
+def _make(pipeline: FramePackPipeline, settings: GenerationSettings, root: Path) -> Path:
+    job = JobDir.create(root, settings, root.with_suffix(".mp4"))
+    return pipeline.run(job)
+
+
+def _extend(pipeline: FramePackPipeline, video: Path, prompt: str, mode: str, steps: int, seed: int,
+            root: Path) -> Row:
+    settings = GenerationSettings(image=None, prompt=prompt, model="tiny", seconds=NEW_SECONDS, steps=steps,
+                                  seed=seed, mode=mode, extend=str(video), extend_sha256=file_sha256(video))
+    out = _make(pipeline, settings, root)
+    original, extended = read_frames(video), read_frames(out)
+    measured = seam(original, extended, backwards=mode == "inverted", overlap=overlap_frames(settings.window))
+    return Row(video.stem, mode, (len(original), len(extended)), measured.join, measured.inside, measured.within)
+
+
+def measure(steps: int, seed: int, scratch: Path) -> list[Row]:
+    pipeline = FramePackPipeline.from_model("tiny")
+    start = str(asset("demo", "start.png"))
+    sources: list[tuple[Path, str, tuple[str, ...]]] = []
+    for mode in ("inverted", "forward"):
+        made = _make(pipeline, GenerationSettings(image=start, prompt=DEMO_PROMPT, model="tiny", seconds=SOURCE_SECONDS,
+                                                  steps=steps, seed=seed, mode=mode), scratch / f"demo-{mode}")
+        sources.append((made, DEMO_PROMPT, (mode,)))
+    frames = round(SOURCE_SECONDS * 30) + 1
+    for i, params in enumerate(RENDERED):
+        clip = scratch / f"rendered-{i + 1}.mp4"
+        write_segment(clip, render(params, frames))
+        sources.append((clip, caption(params), ("inverted", "forward")))
+    rows = []
+    for video, prompt, modes in sources:
+        for mode in modes:
+            rows.append(_extend(pipeline, video, prompt, mode, steps, seed, scratch / f"{video.stem}-{mode}-extended"))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    header = ("| original | extended in mode | frames (original -> extended) | join | original's differences: "
+              "min / median / max | join within |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for r in rows:
+        inside = np.array(r.inside)
+        lines.append(f"| {r.source} | {r.mode} | {r.frames[0]} -> {r.frames[1]} | {r.join:.2f} | "
+                     f"{inside.min():.2f} / {np.median(inside):.2f} / {inside.max():.2f} | "
+                     f"{'yes' if r.within else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=31337)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--update-doc", dest="doc", help="write the table between this doc's bench:extend_seam markers")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="framepack-extend-seam-") as scratch:
+        rows = measure(args.steps, args.seed, Path(scratch))
+    setup = (f"Demo model (CPU, {args.threads} threads), {args.steps} steps, seed {args.seed}; each original "
+             f"({SOURCE_SECONDS:g} s) extended by one section ({NEW_SECONDS:g} s). Mean absolute difference of "
+             "consecutive frames, 0-255 scale; the join is the largest over the last new frame into the video "
+             f"and the blend; {(time.perf_counter() - began) / 60:.1f} min in all.")
+    from doctable import publish  # beside this script
+
+    command = "python benchmarks/extend_seam.py " + " ".join(sys.argv[1:])
+    publish(setup + "\n\n" + table(rows), Path(args.doc) if args.doc else None, "extend_seam", command.strip())
+
+
+if __name__ == "__main__":
+    main()
