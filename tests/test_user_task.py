@@ -315,10 +315,18 @@ def test_shipped_configs_load_and_build(demo_data, name):
     ({"autocast": "fp16"}, "autocast"),
     ({"rnak": 4}, "unknown task_args"),
     ({"text_dropout": 1.0}, "text_dropout"),
+    ({"validate_seconds": 0}, "validate_seconds"),
+    ({"lora_format": "kohya"}, "lora_format"),
 ])
 def test_bad_task_args_name_the_problem(args, words):
     with pytest.raises(ValueError, match=words):
         UserTaskConfig.from_args({"dataset": "d", **args}, "lora")
+
+
+def test_target_modules_that_name_no_layer_are_one_line():
+    with pytest.raises(ValueError, match="names no layer") as caught:
+        user_task.add_lora(FramePackTransformer("tiny"), UserTaskConfig(dataset="d", target_modules=["to_qq"]))
+    assert "\n" not in str(caught.value)
 
 
 def test_cli_refuses_lora_options_for_finetune_in_one_line(demo_data, tmp_path):

@@ -132,6 +132,10 @@ class UserTaskConfig:
             yield f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}"
         if self.validate_steps < 1:
             yield f"validate_steps must be >= 1, got {self.validate_steps}"
+        if self.validate_seconds is not None and not (_finite(self.validate_seconds) and self.validate_seconds > 0):
+            yield f"validate_seconds must be a positive number of seconds, got {self.validate_seconds}"
+        if not _finite(self.distilled_guidance):
+            yield f"distilled_guidance must be a number, got {self.distilled_guidance!r}"
         if self.rank < 1 or not (_finite(self.alpha) and self.alpha > 0):
             yield f"rank must be >= 1 and alpha > 0, got rank {self.rank}, alpha {self.alpha}"
         if not (_finite(self.dropout) and 0.0 <= self.dropout < 1.0):
