@@ -141,6 +141,13 @@ def test_same_seed_same_stream_and_a_restart_continues_it(demo_data):
     assert not torch.equal(whole[0].target, whole[1].target) or not torch.equal(whole[0].window, whole[1].window)
 
 
+def test_text_dropout_trains_the_empty_prompt(demo_data):
+    task = UserTask({"dataset": str(demo_data), "text_dropout": 0.5}, "lora")
+    empty = task._components()["text"].encode("").pooled[0]
+    dropped = [torch.equal(pooled, empty) for batch in _take(task.batches(4, seed=1), 4) for pooled in batch.pooled]
+    assert 4 <= sum(dropped) <= 12  # about half of 16 samples
+
+
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 

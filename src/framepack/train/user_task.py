@@ -356,7 +356,8 @@ class UserTask:
 
     def _empty_prompt(self) -> TextEmbedding:
         if self._empty is None:
-            self._empty = self._components()["text"].encode("")
+            e = self._components()["text"].encode("")  # on the encoders' device: batches live on the CPU
+            self._empty = TextEmbedding(e.states.float().cpu(), e.mask.cpu(), e.pooled.float().cpu())
         return self._empty
 
     # ---- objective ----
@@ -428,10 +429,13 @@ class UserTask:
     def _components(self) -> dict[str, Any]:
         """The base model's text / image encoders and VAE (loaded once), and a Components maker."""
         if not self._side:
-            from ..components import Components
+            from ..components import Components, resolve_dtype
             from .dataset import load_encoders
 
-            e = load_encoders(str(self.dataset.model))
+            # where the transformer trains (accelerate has placed it by the first batch): for the 13B,
+            # an 8B text encoder and a video VAE are too slow (and large) for the CPU in fp32
+            device = next(self.model.parameters()).device
+            e = load_encoders(str(self.dataset.model), device, resolve_dtype("auto", device))
             self._side = {"text": e.text, "image": e.image, "vae": e.vae,
                           "components": lambda model: Components(model, e.text, e.image, e.vae, self.source)}
         return self._side
