@@ -117,8 +117,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _generate(tmp_path: Path, out: str, *options: str) -> subprocess.CompletedProcess:
     start = str(asset("demo", "start.png"))
-    common = ["--model", "tiny", "--image", start, "--prompt", "an orange triangle moves to the right on a striped "
-              "red background", "--seconds", "2.4", "--steps", "4", "--device", "cpu"]
+    prompt = "an orange triangle moves to the right on a striped red background"
+    common = ["--model", "tiny", "--image", start, "--prompt", prompt, "--seconds", "2.4", "--steps", "4", "--device", "cpu"]
     return subprocess.run([FRAMEPACK, "generate", *common, "--out", str(tmp_path / out), *options],
                           capture_output=True, text=True, check=False, cwd=tmp_path)
 
