@@ -566,9 +566,11 @@ def _run_with_progress(pipeline, job) -> tuple[list, float]:
     from .pipeline import Cancelled, Done
 
     plans = pipeline.plans(job.settings)
+    source = pipeline.source_layout(job.settings)  # an extended video's sections are never sampled
+    done = max(job.finished, source.sections if source is not None else 0)
     finished: list = []
     total = 0.0
-    bar = tqdm(total=len(plans) * job.settings.steps, initial=job.finished * job.settings.steps, unit="step", file=sys.stderr,
+    bar = tqdm(total=len(plans) * job.settings.steps, initial=done * job.settings.steps, unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=None)
     try:
         with _stop_on_signals() as stop:
