@@ -86,6 +86,12 @@ def test_extending_backward_adds_the_new_frames_before_the_video_without_a_seam(
     assert again.returncode == 0, again.stderr
     assert np.array_equal(read_frames(out), extended)
 
+    # a redo of its one new section keeps the video's sections and, with the same seed, makes the same video
+    redo = _run("redo", str(job), "--section", "1", "--device", "cpu", "--out", str(tmp_path / "redo.mp4"))
+    assert redo.returncode == 0, redo.stderr
+    assert json.loads((tmp_path / "redo.job" / "redo.json").read_text())["kept_steps"] == list(range(last))
+    assert np.array_equal(read_frames(tmp_path / "redo.mp4"), extended)
+
 
 def test_extending_forward_continues_a_video_that_is_not_ours(tmp_path):
     from framepack.train.world import WorldParams, render

@@ -237,12 +237,15 @@ def prepare_source(job, plans: list[SectionPlan], layout: SourceLayout, size: tu
     if they are not yet (a fresh job), the original's other frames written if their segment is lost."""
     check_copy(job)
     seeded = job.finished >= layout.sections
+    # a branch (framepack.redo) that keeps exactly the video's sections carries no pending frames: the
+    # pipeline would rebuild them from the latents, the video's own frames are what the job blended
+    unblended = job.finished == layout.sections and not job.pending_path(layout.sections - 1).exists()
     outside = layout.outside()
     whole = outside.stop <= outside.start or job.intact(source_segment(job))
-    if seeded and whole:
+    if seeded and whole and not unblended:
         return
     frames = read_video(job.settings.extend, *size)
-    if not seeded:
+    if not seeded or unblended:
         seed_job(job, plans, layout, frames, encode, rng_state, overlap)
         return
     log.warning("%s is missing or damaged: written again from %s", source_segment(job), job.settings.extend)
