@@ -73,6 +73,35 @@ def test_pairs_hold_the_teachers_guided_samples(tmp_path, teacher):
             assert (plain - guided).abs().max() > 1e-3  # so the comparison above can tell cfg 3 from cfg 1
 
 
+def test_guidance_target_is_the_teachers_guided_velocity(tmp_path, teacher):
+    """objective "guidance": the student's target is the teacher's guided velocity, computed here
+    with separate conditional and unconditional forwards, on the data task's noised clips; it
+    makes no pairs, and a training step runs through the trainer."""
+    args = _task_args(tmp_path, teacher, objective="guidance")
+    task = distill_task.DistillTask(args)
+    batch = next(task.batches(2, seed=0))
+    sigma = torch.tensor([0.9, 0.5])
+    x, _ = distill_task.reflow_input(torch.randn_like(batch.target), batch.target, sigma)
+    target = task.guidance_target(batch, x, sigma)
+    negative = task.data._embed("")
+    for i in range(2):
+        pair = distill_task.PairBatch(x[i : i + 1], batch.target[i : i + 1], batch.window[i : i + 1],
+                                      [type(h)(h.kernel, h.latents[i : i + 1], h.indices[i : i + 1]) for h in batch.history],
+                                      batch.text[i : i + 1], batch.mask[i : i + 1], batch.pooled[i : i + 1])
+        with torch.no_grad():
+            def v(states, mask, pooled, i=i, pair=pair):
+                return task.teacher(pair.noise, sigma[i : i + 1] * TIMESTEP_SCALE, states, mask, pooled, None,
+                                    pair.window, pair.history)
+            positive, unconditional = v(pair.text, pair.mask, pair.pooled), v(negative.states, negative.mask, negative.pooled)
+        torch.testing.assert_close(target[i : i + 1], unconditional + TEACHER_CFG * (positive - unconditional),
+                                   atol=1e-4, rtol=1e-4)
+        assert (target[i : i + 1] - positive).abs().max() > 1e-3  # guided, not the plain conditional velocity
+    config = trainer.TrainConfig(task="distill", output_dir=str(tmp_path / "run"), steps=1, batch_size=2,
+                                 task_args=args)
+    trainer.train(config)
+    assert (tmp_path / "run" / "final" / "distill.json").exists() and not list((tmp_path / "pairs").glob("chunk-*"))
+
+
 def test_the_training_line_takes_the_samplers_to_the_teachers_sample():
     """A student exact on its training line (x0 = the teacher's sample, velocity noise - sample)
     makes Euler and UniPC return the teacher's sample from the same noise at every trained step
@@ -125,9 +154,12 @@ def test_distill_runs_stops_resumes_and_exports(tmp_path, teacher):
     assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), start.parameters()))  # it trained
     assert json.loads((out / "final" / "distill.json").read_text())["steps"] == 2
 
-    model = package.assemble(tmp_path / "student", out / "final", Path(resolve_model(str(teacher)).vae),
-                             Path(resolve_model(str(teacher)).hunyuan), resolution=32, cfg=1.0)
-    assert resolve_model(str(model)).cfg(None) == 1.0  # the student runs without CFG by default
+    model = resolve_model(str(distill_task.package_student(out, tmp_path / "student")))
+    assert model.cfg(None) == 1.0  # the student runs without CFG by default
+    assert model.extra["resolution"] == 32 and (Path(model.vae) / "config.json").read_text() == (
+        Path(resolve_model(str(teacher)).vae) / "config.json").read_text()  # the rest is the teacher's
+    with pytest.raises(ValueError, match="no finished student"):
+        distill_task.package_student(tmp_path, tmp_path / "nothing")
 
 
 def test_distill_refuses_mixed_pairs_and_teacher_fields(tmp_path, teacher):
@@ -146,3 +178,17 @@ def test_distill_refuses_mixed_pairs_and_teacher_fields(tmp_path, teacher):
                          text=True, timeout=120)
     assert run.returncode == 2 and "needs 'teacher'" in run.stderr and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.parametrize("name", ["demo_student", "gen2_student"])
+def test_student_configs_load_and_build(tmp_path, teacher, name):
+    """configs/NAME.json loads as `framepack train` loads it, and its task builds (teacher swapped
+    for the tiny one, 32 px): the options are ones the task accepts, pairs are kept per config."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.json"
+    config = trainer.TrainConfig.load(path)
+    args = {**config.task_args, "teacher": str(teacher), "size": 32, "clips": 2,
+            "cache": str(tmp_path / "clips.safetensors"), "pairs_dir": str(tmp_path / "pairs")}
+    task = trainer.TASKS[config.task](args)
+    assert config.task == "distill" and task.teacher_cfg == TEACHER_CFG and task.teacher_steps == 25
+    assert min(task.student_steps) <= 8 and task.data.world_start == "independent"
+    assert config.task_args["pairs_dir"] != config.task_args["cache"]

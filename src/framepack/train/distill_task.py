@@ -22,9 +22,14 @@ al. 2023) uses it, with the teacher's classifier-free guidance baked into the sa
    a student that predicts ``x*`` exactly makes either sampler return the teacher's guided sample
    from the same noise in ``student_steps`` forwards (tests/test_distill.py checks both).
 
+``"objective": "guidance"`` folds CFG in without step distillation: the student's velocity is
+trained to equal the teacher's guided velocity on the data task's noised clips (the forward process
+at the same sigmas), made online, no pairs. It is the cheap half of the method, kept to tell the
+two effects apart.
+
 Run it with ``python -m framepack.train.distill_task CONFIG`` (configs/demo_student.json: the
-shipped demo model as teacher); ``python -m framepack.train.package --cfg 1`` packages the export,
-which is sampled with ``--steps`` one of ``student_steps`` (docs/training-gen2.md, "The student").
+shipped demo model as teacher); ``--package DIR`` then writes the student as a model directory,
+to be sampled with ``--steps`` one of ``student_steps`` (docs/training-gen2.md, "The student").
 """
 
 from __future__ import annotations
@@ -47,14 +52,19 @@ from ..components import TextEmbedding, resolve_model
 from ..model import HistoryInput
 from ..sampling import TIMESTEP_SCALE, guided_velocity, sample_unipc, sigma_schedule, velocity_denoiser
 from ..trainer import TrainConfig, register, train
+from . import package
 from .framepack_task import Batch, FramePackTask, weighted_mse
 
 log = logging.getLogger(__name__)
 
 # task_args this task reads itself; the others describe the data and go to the "framepack" task
-DISTILL_ARGS = ("teacher", "teacher_steps", "teacher_cfg", "student_steps", "pairs", "pair_batch", "pairs_dir")
+DISTILL_ARGS = ("objective", "teacher", "teacher_steps", "teacher_cfg", "student_steps", "pairs", "pair_batch",
+                "pairs_dir")
+# "reflow": step distillation and CFG folded in, on cached teacher samples; "guidance": CFG folded in
+# only (the student's velocity = the teacher's guided one, online, on the data task's noised clips)
+OBJECTIVES = ("reflow", "guidance")
 # task_args that come from the teacher and must not be given (they would describe another model)
-FROM_TEACHER = ("vae", "text", "init", "preset", "config", "text_dropout", "object_weight")
+FROM_TEACHER = ("vae", "text", "init", "preset", "config", "shift", "text_dropout", "object_weight")
 
 
 @dataclass
@@ -207,6 +217,9 @@ class DistillTask:
         self.student_steps = tuple(int(n) for n in (steps if isinstance(steps, list) else [steps]))
         self.pairs = int(args.get("pairs", 256))
         self.pair_batch = int(args.get("pair_batch", 8))
+        self.objective = str(args.get("objective", "reflow"))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"distill: objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.teacher_steps < 2 or min(self.student_steps) < 1 or self.pairs < 1 or self.pair_batch < 1:
             raise ValueError("distill: teacher_steps must be >= 2, student_steps, pairs and pair_batch >= 1")
         self.shift = float(source.shift(None) or 3.0)  # the schedule the teacher samples with
@@ -259,7 +272,10 @@ class DistillTask:
                 self._pairs.setdefault(_layout_key(chunk.history), []).extend(take(chunk, j) for j in range(len(chunk.noise)))
         return self._pairs
 
-    def batches(self, batch_size: int, seed: int) -> Iterator[PairBatch]:
+    def batches(self, batch_size: int, seed: int) -> Iterator[PairBatch | Batch]:
+        if self.objective == "guidance":  # no pairs: the data task's noised clips, targets made online
+            yield from self.data.batches(batch_size, seed)
+            return
         by_layout = self._by_layout()
         layouts = sorted(by_layout)
         weights = np.array([len(by_layout[k]) for k in layouts], dtype=float)
@@ -269,10 +285,18 @@ class DistillTask:
             picked = rng.choice(len(pool), size=min(batch_size, len(pool)), replace=False)
             yield concat_pairs([pool[int(j)] for j in picked])
 
-    def loss(self, model: nn.Module, batch: PairBatch) -> torch.Tensor:
-        b = batch.noise.shape[0]
+    def guidance_target(self, batch: Batch, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The teacher's guided velocity at ``x``, ``sigma`` (B,): what a student run at cfg 1 must say."""
+        return guided_teacher(self.teacher, batch, self.data._embed(""), self.teacher_cfg)(x, sigma)
+
+    def loss(self, model: nn.Module, batch: PairBatch | Batch) -> torch.Tensor:
+        b = batch.window.shape[0]
         sigma = self.sigmas[torch.randint(len(self.sigmas), (b,))]
-        x, target = reflow_input(batch.noise, batch.sample, sigma)
+        if isinstance(batch, Batch):  # guidance: the forward process on a clip, as the teacher was trained
+            x, _ = reflow_input(torch.randn_like(batch.target), batch.target, sigma)
+            target = self.guidance_target(batch, x, sigma)
+        else:
+            x, target = reflow_input(batch.noise, batch.sample, sigma)
         v = model(x, sigma * TIMESTEP_SCALE, batch.text, batch.mask, batch.pooled, None, batch.window, batch.history)
         return weighted_mse(v, target, None)
 
@@ -287,18 +311,36 @@ class DistillTask:
 register("distill")(DistillTask)
 
 
+def package_student(run: Path, out: Path) -> Path:
+    """The model directory ``out`` of a finished distill run: the student's transformer with its
+    teacher's VAE, text encoders and defaults (resolution, shift, mode), and cfg 1."""
+    final = Path(run) / "final"
+    if not (final / "distill.json").exists():
+        raise ValueError(f"{run} has no finished student ({final / 'distill.json'} is missing): train it to the end first")
+    config = json.loads((Path(run) / "train_config.json").read_text())
+    source = resolve_model(str(config["task_args"]["teacher"]))
+    return package.assemble(Path(out), final, Path(source.vae), Path(source.hunyuan),
+                            resolution=int(source.extra.get("resolution", 128)), shift=float(source.shift(None) or 3.0),
+                            mode=source.mode, cfg=1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``framepack train`` for this task (the CLI registers the "framepack" and "vae" tasks)."""
     parser = argparse.ArgumentParser(prog="python -m framepack.train.distill_task", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="training config (JSON), e.g. configs/demo_student.json")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in this run (a checkpoint is written)")
+    parser.add_argument("--package", metavar="DIR", help="then write the finished student as a model directory "
+                        "(its teacher's VAE and text encoders, cfg 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = TrainConfig.load(args.config)
         if config.task != "distill":
             raise ValueError(f"{args.config}: task {config.task!r} is not 'distill'; run it with framepack train")
-        print(train(config, max_steps_this_run=args.max_steps))
+        run = train(config, max_steps_this_run=args.max_steps)
+        print(run)
+        if args.package:
+            print(package_student(run, Path(args.package)))
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 0
