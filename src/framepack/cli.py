@@ -183,6 +183,10 @@ def _job_progress(job_dir: Path) -> tuple[int, int] | None:
     if not (job_dir / "state.json").exists():
         return None
     job = JobDir.open(job_dir)
+    if job.settings.extend is not None:  # its finished sections count the video's too
+        from .redo import model_plans
+
+        return job.finished, len(model_plans(job.settings)[0])
     return job.finished, section_count(job.settings.seconds, job.settings.window)
 
 
