@@ -148,14 +148,18 @@ def test_the_frame_at_a_keyframe_is_closer_to_it_and_the_job_resumes(tmp_path, k
     # the video records the keyframe by file name, as it does the start image
     assert read_metadata(tmp_path / "key.mp4")["framepack"]["keyframes"] == [{"seconds": 1.0, "image": "key.png"}]
 
-    # a resume from another directory recomputes a lost section the same way
+    # a resume from another directory recomputes a lost section the same way, from the job's own copy
+    # of the keyframe image (the user's file moved away meanwhile)
     job = tmp_path / "key.job"
+    assert (job / "inputs" / "keyframe-1" / "key.png").read_bytes() == (tmp_path / "key.png").read_bytes()
     (job / "sections" / "0001.safetensors").unlink()
     (tmp_path / "key.mp4").unlink()
+    (tmp_path / "key.png").rename(tmp_path / "moved.png")
     resumed = subprocess.run([FRAMEPACK, "generate", "--resume", str(job), "--device", "cpu"], capture_output=True,
                              text=True, check=False, cwd=job)
     assert resumed.returncode == 0, resumed.stderr
     assert np.array_equal(read_frames(tmp_path / "key.mp4"), frames)
+    (tmp_path / "moved.png").rename(tmp_path / "key.png")
 
     # --from finds the keyframe image beside the video, as it finds the start image; one line when it is gone
     recorded = read_metadata(tmp_path / "key.mp4")["framepack"]["keyframes"]

@@ -148,7 +148,8 @@ def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
     """Every configs/gen2_*.json is a stage of the documented chain; each, cut to tiny cost, trains
     on the new world, checkpoints, stops, resumes where it stopped and exports what the next stage
     starts from (the real transformer architecture, the previous stage's VAE and weights)."""
-    assert sorted(p.stem for p in (REPO / "configs").glob("gen2_*.json")) == sorted(GEN2)
+    chain = sorted(p.stem for p in (REPO / "configs").glob("gen2_*.json") if p.stem != "gen2_student")
+    assert chain == sorted(GEN2)  # (the student distils the chain's result: tests/test_distill.py)
     for name in GEN2:
         config = _tiny_stage(name, tmp_path)
         assert config.task_args["world_start"] == "independent"

@@ -32,7 +32,7 @@ st = hypothesis.strategies
 
 JOB_TIMEOUT_S = 180
 GENERIC = "upstream"  # Gradio's "The upstream Gradio app has raised an exception ..."
-ENDPOINTS = ("submit", "status", "cancel", "resume", "video", "history", "queue")
+ENDPOINTS = ("submit", "status", "cancel", "resume", "video", "history", "queue", "redo")
 SUBMIT_DEFAULTS = [None, "a red circle", None, "", 1.2, 1, False, 1, 10.0, 1.0, "unipc", "auto", None, "auto", 16, 6.0, "none",
                    "", 1, ""]
 
@@ -290,7 +290,7 @@ def test_fuzz_every_endpoint(site):
     content = secret.read_bytes()
     before = set(server.jobs())
     arity = {"submit": len(SUBMIT_DEFAULTS), "status": 1, "cancel": 1, "resume": 1, "video": 1, "history": 1,
-             "queue": 0}
+             "queue": 0, "redo": 4}
     seen: list[tuple[str, list[Any], str, Any]] = []
     secret_text = content.decode("latin-1")
 

@@ -182,6 +182,8 @@ def test_finetune_resume_equals_uninterrupted_and_exports_a_model(demo_data, tmp
     manifest = json.loads((whole / "final" / "framepack.json").read_text())
     source = user_task.resolve_model(str(whole / "final"))
     assert manifest["transformer"] == "transformer" and source.vae == user_task.resolve_model("tiny").vae
+    # the demo's world (its vocabulary and colours) is the base's, not the user's videos': no warnings from it
+    assert "world" in user_task.resolve_model("tiny").extra and "world" not in manifest
 
 
 def test_fp8_base_lora_trains_on_cpu(demo_data, tmp_path):

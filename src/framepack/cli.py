@@ -706,13 +706,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from . import trainer
-    from .train import framepack_task, user_task, vae_task  # noqa: F401  (register "framepack", "lora", "finetune", "vae")
+    # registers the tasks "distill", "framepack", "lora", "finetune" and "vae"
+    from .train import distill_task, framepack_task, user_task, vae_task  # noqa: F401
 
     config = trainer.TrainConfig.load(args.config)
     if args.output_dir:
         config = trainer.TrainConfig(**{**config.__dict__, "output_dir": args.output_dir})
     out = trainer.train(config, max_steps_this_run=args.max_steps)
-    print(out)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch: once, not once per process
+        print(out)
     return 0
 
 

@@ -194,15 +194,19 @@ class JobDir:
         (root / "sections").mkdir(exist_ok=True)
         (root / "video").mkdir(exist_ok=True)
 
-        def copy(source: str, stem: str) -> str:
-            target = Path(INPUTS) / (stem + Path(source).suffix.lower())
+        def copy(source: str, stem: str, keep_name: bool = False) -> str:
+            # a keyframe keeps its own file name (in a folder of its own): the video records it by that name
+            target = Path(INPUTS) / (Path(stem) / Path(source).name if keep_name else stem + Path(source).suffix.lower())
+            (root / target).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(root / target, lambda tmp: shutil.copyfile(source, tmp))
             return target.as_posix()
 
         given = {key: getattr(settings, key) for key in INPUT_STEMS}
         # relative: a job directory can be moved
         stored = settings.replace(**{key: None if path is None else copy(path, INPUT_STEMS[key])
-                                     for key, path in given.items()})
+                                     for key, path in given.items()},
+                                  keyframes=tuple(k._replace(image=copy(k.image, f"keyframe-{i}", keep_name=True))
+                                                  for i, k in enumerate(settings.keyframes, 1)))
         names = {key: None if path is None else Path(path).name for key, path in given.items()}
         write_json(root / ORIGIN, {"out": str(out), **names})
         write_json(root / SETTINGS, stored.to_dict())
@@ -398,7 +402,9 @@ def _inputs_in(root: Path, settings: GenerationSettings) -> GenerationSettings:
             return str((root / INPUTS / stored.name).resolve())
         return path
 
-    return settings.replace(**{key: own(getattr(settings, key)) for key in INPUT_STEMS})
+    keyframes = tuple(k if Path(k.image).is_absolute() else k._replace(image=str((root / k.image).resolve()))
+                      for k in settings.keyframes)
+    return settings.replace(**{key: own(getattr(settings, key)) for key in INPUT_STEMS}, keyframes=keyframes)
 
 
 def _file_checksum(path: Path) -> str:

@@ -455,8 +455,10 @@ def _resolution(height: int, width: int) -> int:
 def finetuned_manifest(source: ModelSource, transformer: str) -> dict[str, Any]:
     """A model directory's manifest: the fine-tuned transformer beside it, the base model's other
     components where they are (absolute paths, or hub ids), and the base model's defaults."""
+    # not the base's "world" (framepack.world_check): it describes the demo's world, not the user's videos
+    extra = {k: v for k, v in source.extra.items() if k != "world"}
     manifest = {"transformer": transformer, "hunyuan": source.hunyuan, "redux": source.redux, "vae": source.vae,
-                "mode": source.mode, **source.extra}
+                "mode": source.mode, **extra}
     if source.crop_start is not None:
         manifest["crop_start"] = source.crop_start
     return {k: v for k, v in manifest.items() if v is not None or k == "redux"}
