@@ -464,6 +464,15 @@ def resolve_model(name_or_path: str) -> ModelSource:
 
 
 @dataclass
+class Encoders:
+    """The parts of a model that encode its inputs (no transformer: preparing a dataset needs none)."""
+
+    text: TextEncoder
+    image: ImageEncoder | None
+    vae: VideoAutoencoder
+
+
+@dataclass
 class Components:
     transformer: FramePackTransformer
     text: TextEncoder
@@ -509,6 +518,28 @@ def load_components(
     # the transformer, by far the largest, loads last: the others' loading transients (transformers
     # reads a checkpoint, then casts it: 2-3x the weights for a moment) happen while it is not yet
     # resident (benchmarks/cpu_13b.py: the 13B's peak RSS on CPU)
+    encoders = load_encoders(source, dtype, device, vae_tiling, on_step=on_step, **hub)
+    on_step("transformer")
+    log.info("loading transformer from %s", source.transformer)
+    with loading("transformer", source.transformer):
+        transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device,
+                                                           storage_dtype=storage_dtype, mapped=mapped, **hub)
+    return Components(transformer, encoders.text, encoders.image, encoders.vae, source)
+
+
+def load_encoders(
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    vae_tiling: bool = False,
+    on_step: Callable[[str], None] = lambda step: None,
+    **hub: Any,
+) -> Encoders:
+    """The parts of a model that encode its inputs: text encoders, image encoder (if any) and VAE.
+
+    What generation loads before the transformer, and all that preparing a dataset needs.
+    ``hub`` is passed to :func:`resolve_source` (``local_files_only``, ``cache_dir``).
+    """
     on_step("text encoders")
     with loading("text encoders", source.hunyuan):
         hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES, **hub)
@@ -522,12 +553,7 @@ def load_components(
         image = SiglipImageEncoder.from_pretrained(redux, dtype, device)
     on_step("VAE")
     vae = load_vae(Path(source.vae) if source.vae else hunyuan / "vae", dtype, device, vae_tiling)
-    on_step("transformer")
-    log.info("loading transformer from %s", source.transformer)
-    with loading("transformer", source.transformer):
-        transformer = FramePackTransformer.from_pretrained(source.transformer, dtype=dtype, device=device,
-                                                           storage_dtype=storage_dtype, mapped=mapped, **hub)
-    return Components(transformer, text, image, vae, source)
+    return Encoders(text, image, vae)
 
 
 def load_vae(directory: Path, dtype: torch.dtype, device: str | torch.device, tiling: bool) -> VideoAutoencoder:

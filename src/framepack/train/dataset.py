@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import ImageEncoder, TextEmbedding, TextEncoder, VideoAutoencoder
+from .. import components
+from ..components import Encoders, TextEmbedding
 from ..jobs import atomic_write
 from ..planning import TEMPORAL_RATIO
 
@@ -277,39 +278,9 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 # ---- encoding -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Encoders:
-    """The parts of a model that encode its inputs (no transformer: preparing does not need it)."""
-
-    text: TextEncoder
-    image: ImageEncoder | None
-    vae: VideoAutoencoder
-
-
 def load_encoders(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Encoders:
     """The model's text encoders, image encoder and VAE, loaded as generation loads them."""
-    from ..components import (
-        HUNYUAN_FILES,
-        REDUX_FILES,
-        HunyuanTextEncoder,
-        SiglipImageEncoder,
-        load_vae,
-        loading,
-        resolve_model,
-    )
-    from ..model.io import resolve_source
-
-    source = resolve_model(model)
-    with loading("text encoders", source.hunyuan):
-        hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES)
-    text = HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
-    image = None
-    if source.redux:
-        with loading("image encoder", source.redux):
-            redux = resolve_source(source.redux, allow_patterns=REDUX_FILES)
-        image = SiglipImageEncoder.from_pretrained(redux, dtype, device)
-    vae = load_vae(Path(source.vae) if source.vae else hunyuan / "vae", dtype, device, tiling=False)
-    return Encoders(text, image, vae)
+    return components.load_encoders(components.resolve_model(model), dtype, device)
 
 
 def encode_sample(encoders: Encoders, frames: np.ndarray, text: TextEmbedding) -> dict[str, torch.Tensor]:
