@@ -87,6 +87,26 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.T
     return (error * weight).sum() / weight.sum()
 
 
+def noised(x0: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flow-matching training triple for clean latents ``x0`` (B, C, T, h, w): the noisy latents
+    at a sigma drawn from the shifted schedule's distribution, the sigmas (B,), and the velocity target.
+
+    Drawn on the CPU from torch's global generator (which the trainer seeds per micro-batch), so the
+    draws are the same on any device; the results are on ``x0``'s device.
+    """
+    b = x0.shape[0]
+    sigma = shift_sigmas(torch.rand(b), math.log(shift)).to(x0.device)
+    noise = torch.randn(x0.shape, dtype=x0.dtype).to(x0.device)
+    s = sigma.view(b, 1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma, noise - x0
+
+
+def stack_history(plan: SectionPlan, contexts: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[HistoryInput]:
+    """One batched HistoryInput per context level from each sample's :func:`context_latents` (one layout)."""
+    return [HistoryInput(level.kernel, torch.cat([c[i][0] for c in contexts]), torch.stack([c[i][1] for c in contexts]))
+            for i, level in enumerate(plan.levels)]
+
+
 def motion_probabilities(motions: list[str], weights: dict[str, float]) -> np.ndarray:
     """Draw probability of each clip, proportional to its motion's weight (1 for motions not named)."""
     unknown = sorted(set(weights) - set(world.MOTIONS))
@@ -346,23 +366,14 @@ class FramePackTask:
                 windows.append(torch.tensor(plan.window_indices))
                 levels.append(context_latents(plan, latents))
                 texts.append(self._embed("" if self.text_dropout and rng.random() < self.text_dropout else caption))
-            history = [
-                HistoryInput(level.kernel, torch.cat([s[i][0] for s in levels]), torch.stack([s[i][1] for s in levels]))
-                for i, level in enumerate(plan.levels)
-            ]
             text, mask, pooled = stack_embeddings(texts)
-            yield Batch(torch.cat(targets), torch.stack(windows), history, text, mask, pooled,
+            yield Batch(torch.cat(targets), torch.stack(windows), stack_history(plan, levels), text, mask, pooled,
                         torch.cat(weights) if weights else None)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        x0 = batch.target
-        b = x0.shape[0]
-        sigma = shift_sigmas(torch.rand(b), math.log(self.shift))
-        noise = torch.randn_like(x0)
-        s = sigma.view(b, 1, 1, 1, 1)
-        x = (1 - s) * x0 + s * noise
+        x, sigma, velocity = noised(batch.target, self.shift)
         v = model(x, sigma * TIMESTEP_SCALE, batch.text, batch.mask, batch.pooled, None, batch.window, batch.history)
-        return weighted_mse(v, noise - x0, batch.weight)
+        return weighted_mse(v, velocity, batch.weight)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)

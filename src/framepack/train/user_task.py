@@ -55,9 +55,9 @@ from ..components import MANIFEST, ModelSource, TextEmbedding, resolve_model, st
 from ..lora import FORMATS, LoraLayer, LoraWeights, save_lora
 from ..model import FramePackTransformer, HistoryInput
 from ..planning import DEFAULT_WINDOW, MODES, SectionPlan, plan_sections, video_seconds
-from ..sampling import TIMESTEP_SCALE, shift_sigmas
+from ..sampling import TIMESTEP_SCALE
 from ..trainer import register
-from .framepack_task import Batch, context_latents, weighted_mse
+from .framepack_task import Batch, context_latents, noised, stack_history, weighted_mse
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,6 @@ def bucket_draws(buckets: Mapping[str, Sequence[int]]) -> tuple[list[str], np.nd
     names = sorted(name for name, members in buckets.items() if members)
     sizes = np.array([len(buckets[n]) for n in names], dtype=np.float64)
     return names, sizes / sizes.sum()
-
-
-def stack_history(plan: SectionPlan, contexts: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[HistoryInput]:
-    """One HistoryInput per context level from each sample's ``context_latents`` (same layout)."""
-    return [HistoryInput(level.kernel, torch.cat([c[i][0] for c in contexts]), torch.stack([c[i][1] for c in contexts]))
-            for i, level in enumerate(plan.levels)]
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------------------------
@@ -364,13 +358,8 @@ class UserTask:
 
     def loss(self, model: nn.Module, batch: UserBatch) -> torch.Tensor:
         device = next(model.parameters()).device
-        x0 = batch.target.to(device)
-        b = x0.shape[0]
-        # drawn on the CPU from torch's global generator, which the trainer seeds: the same draws on any device
-        sigma = shift_sigmas(torch.rand(b), math.log(self.shift)).to(device)
-        noise = torch.randn(x0.shape).to(device)
-        s = sigma.view(b, 1, 1, 1, 1)
-        x = (1 - s) * x0 + s * noise
+        x, sigma, velocity = noised(batch.target.to(device), self.shift)
+        b = x.shape[0]
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full((b,), self.options.distilled_guidance * TIMESTEP_SCALE, device=device)
@@ -379,7 +368,7 @@ class UserTask:
         with torch.autocast(device.type, torch.bfloat16, enabled=self.options.autocast == "bf16"):
             v = model(x, sigma * TIMESTEP_SCALE, batch.text.to(device), batch.mask.to(device), batch.pooled.to(device),
                       image, batch.window.to(device), history, guidance)
-        return weighted_mse(v, noise - x0, None)
+        return weighted_mse(v, velocity, None)
 
     # ---- export ----
 
