@@ -31,7 +31,10 @@ $(CHROMIUM):
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	else echo "warning: cannot install Debian's chromium here (needs root and apt-get); browser tests will skip" >&2; fi
 
+# Names that do not exist and syntax errors fail before the (long) tests: ruff's pyflakes rules F82x,
+# F63x and F7xx (the whole style set is not enforced).
 test: $(VENV)/.installed-dev $(CHROMIUM)
+	$(VENV)/bin/ruff check --quiet --select F82,F63,F7 src tests benchmarks
 	$(PY) -m pytest -q
 
 # Retake the README's screenshots of the web app: the browser tests' generation, with the demo model.

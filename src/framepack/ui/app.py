@@ -31,10 +31,9 @@ from ..settings import MAX_SECONDS
 from ..video import read_metadata
 from ..world_check import world_notes
 from .files import FileGate, FileReferenceGuard, model_names, public_text
-from .form import _text, _whole  # the form's own parsers, for the redo request
 from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, AcceptFile, FormDefaults, batch_jobs,
                    form_from_settings, history_limit, job_number, length_note, plan_settings, preserve_gb,
-                   section_seconds, settings_from_form, snap_seconds)
+                   redo_request, section_seconds, settings_from_form, snap_seconds)
 from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
 from .service import JOBS_DIR, JobService, JobView, public_settings
@@ -168,9 +167,8 @@ def queue_redo(service: JobService, job: Any, section: Any, seed: Any = None, pr
     the sections not depending on K are linked from it, the rest made by a worker like any job).
     Checked by the form's parsers; the job is looked up in the app's own store, so a client never
     names a job directory, and it must lie under this app's outputs."""
-    number, k = job_number(job), _whole("section", section)
-    new_seed = None if seed is None or seed == "" else _whole("seed", seed)
-    new_prompt = _text("prompt", prompt).strip() or None
+    request = redo_request(job, section, seed, prompt)
+    number, k = request.job, request.section
     record = service.view(number).record
     if record.status != "done":
         raise ValueError(f"job {number} is {record.status}: only a finished job can be redone")
@@ -180,7 +178,7 @@ def queue_redo(service: JobService, job: Any, section: Any, seed: Any = None, pr
     plans, given = model_plans(original.settings)
     key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     branch = branch_job(original, plans, k, service.outputs / f"{key}-redo{k}.mp4", service.outputs / JOBS_DIR / key,
-                        seed=new_seed, prompt=new_prompt, given=given)
+                        seed=request.seed, prompt=request.prompt, given=given)
     queued = service.store.add(branch.settings.to_dict(), branch.root, branch.out, branch.settings.seed)
     for worker in service.workers:  # every idle worker looks; the store hands the job to one of them
         worker.wake()
@@ -571,7 +569,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 record = queue_redo(service, job, section, new_seed, new_prompt)
             except ValueError as exc:
                 return _error(public_text(one_line(exc), outputs))
-            return (f"Job {record.id} queued: job {job_number(job)} with section {_whole('section', section)} "
+            request = redo_request(job, section)  # parsed already, by queue_redo
+            return (f"Job {record.id} queued: job {request.job} with section {request.section} "
                     "made again (the sections not depending on it kept).")
 
         def fill_form(settings: Mapping[str, Any], source: str, record: JobRecord | None = None) -> tuple[Any, ...]:

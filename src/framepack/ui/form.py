@@ -152,6 +152,23 @@ def job_number(value: Any) -> int:
     return number
 
 
+@dataclass(frozen=True)
+class RedoRequest:
+    """A checked redo request: remake section ``section`` of job ``job``, optionally with a new seed/prompt."""
+
+    job: int
+    section: int
+    seed: int | None
+    prompt: str | None
+
+
+def redo_request(job: Any, section: Any, seed: Any = None, prompt: Any = None) -> RedoRequest:
+    """A redo request as a client sent it -> the checked request (empty seed or prompt: keep the job's)."""
+    return RedoRequest(job_number(job), _whole("section", section),
+                       None if seed is None or seed == "" else _whole("seed", seed),
+                       _text("prompt", prompt).strip() or None)
+
+
 def history_limit(value: Any) -> int:
     """How many finished jobs a history request lists."""
     number = _whole("limit", value)
