@@ -544,7 +544,7 @@ def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
     try:
         components = load_components(source, dtype=dtype, device=device if plan is None else "cpu",
                                      vae_tiling=getattr(args, "vae_tiling", False), on_step=step,
-                                     **load_options(plan))
+                                     stored_text=plan is None, **load_options(plan))
         bar.update(len(LOAD_STEPS) - bar.n)
     finally:
         bar.close()

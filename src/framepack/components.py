@@ -397,6 +397,7 @@ class ModelSource:
     mode: Mode
     crop_start: int | None = None
     vae: str | None = None  # a VAE directory of its own (e.g. the demo model's small autoencoder)
+    text_embeddings: str | None = None  # stored prompt embeddings (framepack.text_store), a file path
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. "resolution", "shift": the model's defaults
 
     def resolution(self, requested: int | None) -> int:
@@ -453,11 +454,11 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 return None
             return str((base / value).resolve()) if (base / value).exists() else str(value)
 
-        known = {"transformer", "hunyuan", "redux", "vae", "mode", "crop_start"}
+        known = {"transformer", "hunyuan", "redux", "vae", "mode", "crop_start", "text_embeddings"}
         return ModelSource(
             transformer=local("transformer"), hunyuan=local("hunyuan"), redux=local("redux"),
             mode=data.get("mode", "inverted"), crop_start=data.get("crop_start"), vae=local("vae"),
-            extra={k: v for k, v in data.items() if k not in known},
+            text_embeddings=local("text_embeddings"), extra={k: v for k, v in data.items() if k not in known},
         )
     except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise ValueError(f"{manifest} is not a valid model manifest ({exc})") from None
@@ -504,6 +505,7 @@ def load_components(
     on_step: Callable[[str], None] = lambda step: None,
     storage_dtype: torch.dtype | None = None,
     mapped: bool = False,
+    stored_text: bool = False,
 ) -> Components:
     """Fetch (cached, resumable) or open each component and build it.
 
@@ -512,13 +514,13 @@ def load_components(
     ``storage_dtype=torch.float8_e4m3fn`` reads the transformer's block weights straight into fp8
     (no bf16 copy of the whole model on the way: what a memory plan with fp8 storage needs);
     ``mapped`` leaves those already float8 in the file mapped, unread (a plan streaming the
-    transformer from disk: see ``model/io.py``).
+    transformer from disk: see ``model/io.py``). ``stored_text``: see :func:`load_encoders`.
     """
     hub = dict(local_files_only=local_files_only, cache_dir=cache_dir)
     # the transformer, by far the largest, loads last: the others' loading transients (transformers
     # reads a checkpoint, then casts it: 2-3x the weights for a moment) happen while it is not yet
     # resident (benchmarks/cpu_13b.py: the 13B's peak RSS on CPU)
-    encoders = load_encoders(source, dtype, device, vae_tiling, on_step=on_step, **hub)
+    encoders = load_encoders(source, dtype, device, vae_tiling, on_step=on_step, stored_text=stored_text, **hub)
     on_step("transformer")
     log.info("loading transformer from %s", source.transformer)
     with loading("transformer", source.transformer):
@@ -533,18 +535,27 @@ def load_encoders(
     device: str | torch.device = "cpu",
     vae_tiling: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
+    stored_text: bool = False,
     **hub: Any,
 ) -> Encoders:
     """The parts of a model that encode its inputs: text encoders, image encoder (if any) and VAE.
 
     What generation loads before the transformer, and all that preparing a dataset needs.
-    ``hub`` is passed to :func:`resolve_source` (``local_files_only``, ``cache_dir``).
+    ``stored_text``: serve the model's stored prompt embeddings (if it ships them) and build the
+    text encoders only for another prompt (:mod:`framepack.text_store`); not for a run under a
+    memory plan, which places the encoders' modules. ``hub`` is passed to :func:`resolve_source`
+    (``local_files_only``, ``cache_dir``).
     """
     on_step("text encoders")
     with loading("text encoders", source.hunyuan):
         hunyuan = resolve_source(source.hunyuan, allow_patterns=HUNYUAN_FILES, **hub)
     log.info("loading text encoders and VAE from %s", hunyuan)
-    text = HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
+
+    def text_encoders() -> HunyuanTextEncoder:
+        return HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
+
+    text: TextEncoder = text_encoders() if not (stored_text and source.text_embeddings) else \
+        _stored_text_encoder(Path(source.text_embeddings), hunyuan, source.crop_start, text_encoders)
     on_step("image encoder")
     image = None
     if source.redux:
@@ -554,6 +565,15 @@ def load_encoders(
     on_step("VAE")
     vae = load_vae(Path(source.vae) if source.vae else hunyuan / "vae", dtype, device, vae_tiling)
     return Encoders(text, image, vae)
+
+
+def _stored_text_encoder(path: Path, hunyuan: Path, crop_start: int | None,
+                         load: Callable[[], TextEncoder]) -> TextEncoder:
+    from .text_store import StoredTextEncoder, encoder_identity, load_text_embeddings
+
+    with loading("stored text embeddings", path):
+        stored = load_text_embeddings(path, encoder_identity(hunyuan, crop_start))
+    return StoredTextEncoder(stored, load) if stored else load()
 
 
 def load_vae(directory: Path, dtype: torch.dtype, device: str | torch.device, tiling: bool) -> VideoAutoencoder:

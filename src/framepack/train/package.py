@@ -48,6 +48,7 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
         manifest["cfg"] = cfg
     manifest["world"] = world_description()  # what framepack.world_check warns against
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    add_text_embeddings(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
@@ -68,6 +69,27 @@ def add_world(model: Path) -> None:
     path = Path(model) / MANIFEST
     manifest = json.loads(path.read_text())
     manifest["world"] = world_description()
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def add_text_embeddings(model: Path, prompts: tuple[str, ...] | None = None) -> None:
+    """Store the embeddings of ``prompts`` (default: the demo's prompt and the empty negative
+    prompt) made by the model's own text encoders, and name the file in its manifest, so that
+    ``framepack demo`` never builds the encoders (framepack.text_store)."""
+    from ..components import HunyuanTextEncoder, asset
+    from ..text_store import TEXT_EMBEDDINGS, encoder_identity, save_text_embeddings
+
+    model = Path(model)
+    path = model / MANIFEST
+    manifest = json.loads(path.read_text())
+    text = model / manifest["hunyuan"]
+    crop_start = manifest.get("crop_start")
+    if prompts is None:
+        prompts = (asset("demo", "prompt.txt").read_text().strip(), "")
+    encoder = HunyuanTextEncoder.from_pretrained(text, crop_start=crop_start)
+    save_text_embeddings(model / TEXT_EMBEDDINGS, encoder_identity(text, crop_start),
+                         {p: encoder.encode(p) for p in prompts})
+    manifest["text_embeddings"] = TEXT_EMBEDDINGS
     path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -447,7 +447,7 @@ def finetuned_manifest(source: ModelSource, transformer: str) -> dict[str, Any]:
     # not the base's "world" (framepack.world_check): it describes the demo's world, not the user's videos
     extra = {k: v for k, v in source.extra.items() if k != "world"}
     manifest = {"transformer": transformer, "hunyuan": source.hunyuan, "redux": source.redux, "vae": source.vae,
-                "mode": source.mode, **extra}
+                "mode": source.mode, "text_embeddings": source.text_embeddings, **extra}
     if source.crop_start is not None:
         manifest["crop_start"] = source.crop_start
     return {k: v for k, v in manifest.items() if v is not None or k == "redux"}
