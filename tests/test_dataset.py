@@ -132,6 +132,20 @@ def test_latents_and_embeddings_are_the_pipelines(tmp_path: Path) -> None:
     assert torch.allclose(clip.latents, vae.encode(pixels)[0], atol=1e-6, rtol=0)
 
 
+def test_clips_sharing_a_caption_each_get_its_embedding(tmp_path: Path) -> None:
+    """A caption is encoded once for all its clips; each sample still stores the embedding (the
+    tensors once shared memory, which safetensors refuses to save)."""
+    root = tmp_path / "videos"
+    for i in range(3):
+        captioned(video(root / f"clip-{i}.mp4", 5, 64, 64, seed=i), "a red square blinks")
+    prepare(root, tmp_path / "out", "tiny", resolution=RESOLUTION, progress=False)
+    data = PreparedDataset(tmp_path / "out")
+    samples = [data.sample(i) for i in range(len(data))]
+    assert len(samples) == 3
+    assert all(torch.equal(s.text, samples[0].text) and torch.equal(s.pooled, samples[0].pooled) for s in samples)
+    assert not torch.equal(samples[0].latents, samples[1].latents)
+
+
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every clip the VAE encodes this test, by its frame count (dataset.load_encoders wrapped)."""
     calls: list[str] = []

@@ -287,9 +287,11 @@ def encode_sample(encoders: Encoders, frames: np.ndarray, text: TextEmbedding) -
     """One sample's tensors (without the key prefix), as the pipeline conditions on them."""
     tensors = {
         "latents": encoders.vae.encode(to_pixels(frames))[0].float().contiguous(),  # (C, T, h, w)
-        "text": text.states[0].float().contiguous(),
-        "mask": text.mask[0].bool().contiguous(),
-        "pooled": text.pooled[0].float().contiguous(),
+        # Copies: a repeated caption's embedding is encoded once and reused, and safetensors refuses
+        # to save tensors that share memory.
+        "text": text.states[0].float().clone(memory_format=torch.contiguous_format),
+        "mask": text.mask[0].bool().clone(memory_format=torch.contiguous_format),
+        "pooled": text.pooled[0].float().clone(memory_format=torch.contiguous_format),
     }
     if encoders.image is not None:
         tensors["image"] = encoders.image.encode(frames[0])[0].float().contiguous()  # the start frame's
