@@ -1,0 +1,157 @@
+"""The LoRA proof of issue 19.5: teach the demo model a concept its world lacks, an object that blinks.
+
+Steps, as a user runs them (docs/training-your-videos.md, "Proof: a concept the demo world lacks"):
+
+1. ``python benchmarks/concept_lora.py render DIR``: the user's folder, ``--clips`` mp4s of a world
+   object blinking in place (:mod:`framepack.train.concept`) with same-name ``.txt`` captions
+   ("a red square blinks on a plain gray background"). Their start frames come from the world's
+   ``train`` split (:func:`world.stream`, the ``independent`` sampler), so no start frame of the
+   ``validation`` or ``test`` split is ever in the folder.
+2. ``framepack dataset prepare DIR --model tiny --out DATA --max-frames 49`` and
+   ``framepack train configs/lora_concept.json``.
+3. ``python benchmarks/concept_lora.py evaluate --lora runs/lora-concept/final/lora.safetensors``:
+   ``--videos`` start frames of the ``test`` split (``validation`` to tune, with ``--split``), each
+   generated once with the LoRA and once without, from the same start frame, blink caption and seed
+   (seeds ``--seed``, ``--seed + 1``, ...; the training never saw them), 1.2 s (one section, as
+   the clips' first 37 frames); the detector (:func:`concept.detect_blink`) reads each video, and
+   the table gives counts, rates and 95% Wilson intervals. ``--update-doc FILE`` writes it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from doctable import publish
+
+from framepack.train import concept, world
+from framepack.train.yardstick import wilson
+
+CLIP_FRAMES = 49  # 1 + 4 x 12: the clip's first section of 9 latents (37 frames) plus room (docs: prepare)
+VIDEO_SECONDS = 1.2  # one section of the demo model: 37 frames
+TRAIN_SEED = 19
+SPLITS = ("validation", "test")
+
+
+def training_scenes(clips: int, seed: int = TRAIN_SEED) -> list[world.WorldParams]:
+    """The folder's scenes: ``clips`` distinct start frames of the world's ``train`` split."""
+    chosen: dict[tuple, world.WorldParams] = {}
+    for p in world.stream(seed, start="independent"):
+        if len(chosen) == clips:
+            return list(chosen.values())
+        chosen.setdefault(world.start_frame_key(p), p)
+    raise AssertionError("world.stream is endless")
+
+
+def render_folder(out: Path, clips: int, seed: int = TRAIN_SEED) -> list[Path]:
+    """Write a blinking clip (mp4 + caption .txt) of each of :func:`training_scenes`."""
+    from framepack.video import write_segment
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, p in enumerate(training_scenes(clips, seed)):
+        clip = out / f"blink-{i:03d}.mp4"
+        write_segment(clip, concept.render(p, CLIP_FRAMES))
+        clip.with_suffix(".txt").write_text(concept.caption(p) + "\n")
+        written.append(clip)
+    return written
+
+
+def generate(pipeline, folder: Path, name: str, p: world.WorldParams, seed: int, lora: Path | None,
+             steps: int) -> np.ndarray:
+    """One video from ``p``'s start frame and blink caption through the public pipeline: (T, H, W, 3) uint8."""
+    from PIL import Image
+
+    from framepack.jobs import JobDir
+    from framepack.settings import GenerationSettings, LoraChoice
+    from framepack.video import read_frames
+
+    image = folder / f"{name}.png"
+    Image.fromarray(world.render(p, 1)[0]).save(image)
+    loras = (LoraChoice(str(lora), 1.0),) if lora else ()
+    settings = GenerationSettings(str(image), concept.caption(p), model="tiny", seconds=VIDEO_SECONDS, steps=steps,
+                                  seed=seed, loras=loras, crf=10)
+    job = JobDir.create(folder / f"{name}.job", settings, folder / f"{name}.mp4")
+    return read_frames(pipeline.run(job))
+
+
+def evaluate(lora: Path, videos: int, split: str, seed: int, steps: int, keep: Path) -> list[dict]:
+    """Generate each held-out start frame with and without the LoRA and detect the blink in both."""
+    from framepack.pipeline import FramePackPipeline
+
+    pipeline = FramePackPipeline.from_model("tiny")
+    keep.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, p in enumerate(world.scenes(split, videos, start="independent")):
+        row = {"scene": i, "seed": seed + i, "caption": concept.caption(p)}
+        for side, path in (("with", lora), ("without", None)):  # LoRA fused, then unfused: one load
+            started = time.monotonic()
+            frames = generate(pipeline, keep, f"{split}-{i:03d}-{side}", p, seed + i, path, steps)
+            found = concept.detect_blink(frames, world.PALETTE[p.color])
+            row[side] = {"detected": found.detected, "hidden": round(found.hidden, 3), "back": round(found.back, 3),
+                         "seconds": round(time.monotonic() - started, 1)}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict], split: str, steps: int, lora: Path) -> str:
+    lines = [f"{len(rows)} start frames of the world's `{split}` split (never in the training folder), each generated "
+             f"with the LoRA (`{lora.name}`, scale 1) and without it, same blink caption and seed (one seed per "
+             f"start frame), {VIDEO_SECONDS:g} s (37 frames, one section), {steps} steps, the demo model's cfg 3; "
+             f"detected: the object's tracked area falls to <= {concept.HIDDEN_SHARE:g} of the start frame's for "
+             f"{concept.HIDDEN_FRAMES} frames in a row and comes back to >= {concept.BACK_SHARE:g}:",
+             "",
+             "| videos | blink detected | rate | 95% interval (Wilson) | median smallest area (share) |",
+             "|---|---|---|---|---|"]
+    for side in ("with", "without"):
+        hits = sum(r[side]["detected"] for r in rows)
+        low, high = wilson(hits, len(rows))
+        hidden = float(np.median([r[side]["hidden"] for r in rows]))
+        lines.append(f"| {side} the LoRA | {hits}/{len(rows)} | {100 * hits / len(rows):.0f}% | "
+                     f"{100 * low:.0f}-{100 * high:.0f}% | {hidden:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    render = commands.add_parser("render", help="write the user's folder of blinking clips (mp4 + .txt)")
+    render.add_argument("out", type=Path)
+    render.add_argument("--clips", type=int, default=32)
+    check = commands.add_parser("evaluate", help="detect the blink in videos made with and without the LoRA")
+    check.add_argument("--lora", type=Path, required=True)
+    check.add_argument("--videos", type=int, default=20, help="start frames (each makes two videos)")
+    check.add_argument("--split", choices=SPLITS, default="test", help="validation to tune, test to report")
+    check.add_argument("--seed", type=int, default=1000)
+    check.add_argument("--steps", type=int, default=25)
+    check.add_argument("--keep", type=Path, default=Path("concept-videos"), help="where the videos are written")
+    check.add_argument("--update-doc", dest="doc", type=Path, help="write the table into this Markdown file")
+    args = parser.parse_args()
+    if args.command == "render":
+        clips = render_folder(args.out, args.clips)
+        print(f"{len(clips)} clips in {args.out}")
+        return
+    if not args.lora.is_file():
+        parser.error(f"no LoRA file {args.lora}")
+    rows = evaluate(args.lora, args.videos, args.split, args.seed, args.steps, args.keep)
+    (args.keep / f"{args.split}.json").write_text(json.dumps(rows, indent=1))
+    options = itertools.chain(
+        [f"--lora {args.lora}"],
+        [f"--videos {args.videos}"] if args.videos != 20 else [],
+        [f"--split {args.split}"] if args.split != "test" else [],
+        [f"--steps {args.steps}"] if args.steps != 25 else [],
+        [f"--update-doc {args.doc}"] if args.doc else [])
+    publish(table(rows, args.split, args.steps, args.lora), args.doc, "concept-lora",
+            "python benchmarks/concept_lora.py evaluate " + " ".join(options))
+
+
+if __name__ == "__main__":
+    main()
