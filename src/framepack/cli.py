@@ -286,6 +286,7 @@ _SETTING_FLAGS = {
     "sampler": "sampler", "distilled_guidance": "distilled_guidance", "cfg": "cfg",
     "guidance_rescale": "guidance_rescale", "shift": "shift", "mode": "mode", "resolution": "resolution",
     "window": "window", "crf": "crf", "model": "model", "cache": "cache", "extend": "extend", "keyframe": "keyframes",
+    "color_match": "color_match",
 }
 
 
@@ -639,6 +640,15 @@ def _cache_option(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _color_match_option(text: str) -> str:
+    from .color_match import method_problem
+
+    problem = method_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _calibrate_cache(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -915,6 +925,10 @@ def build_parser() -> argparse.ArgumentParser:
     out = gen.add_argument_group("output")
     out.add_argument("--resolution", type=int, help="target resolution bucket (default: the model's own, 640 for the 13B models, 128 for tiny)")
     out.add_argument("--crf", type=int, help="H.264 quality, 0 (lossless) .. 51; default 16")
+    out.add_argument("--color-match", dest="color_match", nargs="?", const="lab", type=_color_match_option,
+                     metavar="METHOD", help="colour drift correction: each section's frames get the start frame's "
+                     "colours (the latents stay as sampled); lab (what the bare option means: mean and spread in "
+                     "CIELAB), histogram, or none (default); needs a start image (docs/generation.md)")
     out.add_argument("--out", help="output mp4 (default outputs/<time>-seed<seed>.mp4); an existing file is "
                      "kept unless --overwrite")
     out.add_argument("--overwrite", action="store_true", help="replace --out (and its finished job) if it exists")

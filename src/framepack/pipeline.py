@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
+from .color_match import match_colors
 from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
 from .images import load_image, nearest_bucket, prepare_image, resize_and_crop
 from .extend import prepare_source, source_layout, start_frame, with_source
@@ -131,6 +132,7 @@ class Conditioning:
     size: tuple[int, int]  # pixel (H, W)
     keyframe_latents: tuple[torch.Tensor, ...] = ()  # (1, C, 1, h, w) each, in the settings' order
     keyframe_embeds: tuple[torch.Tensor, ...] = ()  # (1, N, E) each, for models with an image encoder
+    start_rgb: np.ndarray | None = None  # (H, W, 3) uint8: the start frame as encoded (what --color-match keeps)
 
     def section_embeds(self, override: SectionOverride) -> torch.Tensor | None:
         """The image embeddings of one section: the start image's, averaged with those of the
@@ -158,6 +160,15 @@ class _Run:
     cache: CacheSpec  # the step cache in force ("model" resolved)
     mag_ratios: list[float] | None  # the model's calibrated MagCache ratios, when MagCache runs
     overrides: list[SectionOverride]  # per step: what keyframes change (framepack.keyframes)
+    color_match: str = "none"  # framepack.color_match's method for the new sections' frames
+    extended: int = 0  # the first steps, an extended video's own frames: never colour-matched
+
+    def matched(self, plan: SectionPlan, clip: np.ndarray) -> np.ndarray:
+        """A section's decoded frames (T, H, W, 3) as they are written: with ``--color-match``, in the
+        start frame's colours. Only the pixels change: the latents the next sections see stay as sampled."""
+        if self.color_match == "none" or plan.step < self.extended or self.cond.start_rgb is None:
+            return clip
+        return match_colors(clip, self.cond.start_rgb, self.color_match)
 
     def needed_segments(self, upto: int) -> list[int]:
         """Steps before ``upto`` that wrote a segment (the others made no frame final)."""
@@ -267,7 +278,7 @@ class FramePackPipeline:
         rgb_map = getattr(self.c.vae, "preview_map", None)
         rgb_map = rgb_map if rgb_map is not None else fit_latent_to_rgb(start, start_rgb)
         return Conditioning(start, end, embeds, rgb_map, (height, width),
-                            tuple(self._encode_frame(rgb) for rgb in keyframes_rgb), keyframe_embeds)
+                            tuple(self._encode_frame(rgb) for rgb in keyframes_rgb), keyframe_embeds, start_rgb)
 
     def _encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(rgb).float().permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
@@ -354,6 +365,8 @@ class FramePackPipeline:
             cache=cache,
             mag_ratios=magcache_ratios(self.c.source.extra, settings.model) if cache.method == "magcache" else None,
             overrides=overrides_for(settings.keyframes, plans),
+            color_match=settings.color_match,
+            extended=extended,
         )
         job.repair_state()
         if layout is not None:  # before the first new section: the video's frames as finished sections
@@ -431,7 +444,7 @@ class FramePackPipeline:
         # the same decode and blend as when the sections were made, so the pieces come out the same
         assembler = Assembler(run.backwards, run.assembler.overlap)
         for plan in run.plans[:done]:
-            clip = to_frames(self.c.vae.decode(run.store.gather(decode_span(plan))))
+            clip = run.matched(plan, to_frames(self.c.vae.decode(run.store.gather(decode_span(plan)))))
             final = assembler.add(clip, last=plan.is_last)
             if plan.step in damaged:
                 write_segment(job.segment_path(plan.step), to_uint8(final), job.settings.crf)
@@ -474,7 +487,7 @@ class FramePackPipeline:
         clip = run.decoder(decode_span(plan), run.store.gather)
         _check_finite(clip, plan, "pixels")  # both checked before anything of the section is written
         job.save_latents(plan.step, latents, run.generator.get_state())
-        final = run.assembler.add(clip, last=plan.is_last)
+        final = run.assembler.add(run.matched(plan, clip), last=plan.is_last)
         # freed heap back to the OS once a section (not also before the decode: the pages it returns
         # are faulted back at once; the peak stays flat over a long video either way)
         release_freed_memory()

@@ -59,6 +59,7 @@ class GenerationSettings:
     extend: str | None = None  # a video this one continues (framepack.extend); copied into the job directory
     extend_sha256: str | None = None  # that video's, so a resume with another file is refused
     keyframes: tuple[Keyframe, ...] = ()  # (seconds, image) the video passes through (framepack.keyframes)
+    color_match: str = "none"  # each section's colours matched to the start frame (framepack.color_match); absent in older videos
 
     def __post_init__(self) -> None:
         if isinstance(self.keyframes, list) or (self.keyframes and not isinstance(self.keyframes[0], Keyframe)):
@@ -131,6 +132,17 @@ class GenerationSettings:
         if self.extend is not None:
             yield from self._extend_problems()
         yield from self._keyframe_problems()
+        yield from self._color_match_problems()
+
+    def _color_match_problems(self):
+        from .color_match import method_problem
+
+        problem = method_problem(self.color_match)
+        if problem is not None:
+            yield problem
+        elif self.color_match != "none" and self.image is None and self.extend is None:
+            # text-to-video's blank grey frame is no colour to keep (docs/generation.md, "Colour drift correction")
+            yield "colour matching needs a start image to match to (text-to-video has none)"
 
     def _keyframe_problems(self):
         if not isinstance(self.keyframes, tuple) or not all(isinstance(k, Keyframe) for k in self.keyframes):
