@@ -103,11 +103,12 @@ def evaluate(lora: Path, videos: int, split: str, seed: int, steps: int, keep: P
 
 
 def table(rows: list[dict], split: str, steps: int, lora: Path) -> str:
-    lines = [f"{len(rows)} start frames of the world's `{split}` split (never in the training folder), each generated "
-             f"with the LoRA (`{lora.name}`, scale 1) and without it, same blink caption and seed (one seed per "
-             f"start frame), {VIDEO_SECONDS:g} s (37 frames, one section), {steps} steps, the demo model's cfg 3; "
-             f"detected: the object's tracked area falls to <= {concept.HIDDEN_SHARE:g} of the start frame's for "
-             f"{concept.HIDDEN_FRAMES} frames in a row and comes back to >= {concept.BACK_SHARE:g}:",
+    caption = (f"{len(rows)} start frames of the world's `{split}` split (never in the training folder), each generated "
+               f"with the LoRA (`{lora.name}`, scale 1) and without it, same blink caption and seed (one seed per "
+               f"start frame), {VIDEO_SECONDS:g} s (37 frames, one section), {steps} steps, the demo model's cfg 3; "
+               f"detected: the object's tracked area falls to <= {concept.HIDDEN_SHARE:g} of the start frame's for "
+               f"{concept.HIDDEN_FRAMES} frames in a row and comes back to >= {concept.BACK_SHARE:g}:")
+    lines = [caption,
              "",
              "| videos | blink detected | rate | 95% interval (Wilson) | median smallest area (share) |",
              "|---|---|---|---|---|"]

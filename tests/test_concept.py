@@ -90,7 +90,7 @@ def test_render_writes_a_captioned_folder_of_train_start_frames(tmp_path: Path) 
         sys.path.remove(str(ROOT / "benchmarks"))
     out = tmp_path / "videos"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concept_lora.py"), "render", str(out),
-                             "--clips", "3"], capture_output=True, text=True, timeout=120)
+                             "--clips", "3"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     clips = sorted(out.glob("*.mp4"))
     assert len(clips) == 3 and sorted(out.glob("*.txt")) == [c.with_suffix(".txt") for c in clips]
@@ -103,3 +103,24 @@ def test_render_writes_a_captioned_folder_of_train_start_frames(tmp_path: Path) 
         frames = read_frames(clip)
         assert np.abs(frames[0].astype(float) - world.render(p, 1)[0]).mean() < 3  # that scene, through H.264
         assert len(frames) == concept_lora.CLIP_FRAMES and concept.detect_blink(frames, rgb(p)).detected, clip
+
+
+def test_the_shipped_config_trains_on_a_prepared_blink_folder(tmp_path: Path) -> None:
+    """configs/lora_concept.json loads as ``framepack train`` loads it, reads the folder the guide
+    prepares (``blink-data``, relative to where it runs) and its task computes a finite loss."""
+    import torch
+
+    from framepack import trainer
+    from framepack.train import user_task  # noqa: F401 (importing it registers the lora task)
+    from framepack.train.dataset import prepare
+
+    config = trainer.TrainConfig.load(ROOT / "configs" / "lora_concept.json")
+    assert config.task == "lora" and config.task_args["dataset"] == "blink-data"
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, p in enumerate(held_out_scenes(1)):
+        write_segment(videos / f"clip-{i}.mp4", concept.render(p, 1 + 4 * 9))
+        (videos / f"clip-{i}.txt").write_text(concept.caption(p))
+    prepare(videos, tmp_path / "blink-data", "tiny", progress=False)
+    task = trainer.TASKS[config.task]({**config.task_args, "dataset": str(tmp_path / "blink-data")})
+    assert torch.isfinite(task.loss(task.model, next(task.batches(2, seed=0))))

@@ -20,7 +20,7 @@ world does (a pan takes it out of the frame and never back).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
