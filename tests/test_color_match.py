@@ -12,12 +12,12 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from test_generate import FRAMEPACK, settings_for, tiny_model, write_image  # noqa: F401  (tiny_model: a fixture)
 
 from framepack.color_match import METHODS, match_colors, rgb_to_lab
 from framepack.jobs import JobDir
 from framepack.pipeline import Cancelled, FramePackPipeline, SectionFinished
 from framepack.video import read_frames, read_metadata
-from test_generate import FRAMEPACK, settings_for, tiny_model, write_image  # noqa: F401  (tiny_model: a fixture)
 
 MATCHING = [m for m in METHODS if m != "none"]
 

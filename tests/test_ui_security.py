@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from ui_slow_server import Server
@@ -34,7 +35,10 @@ JOB_TIMEOUT_S = 180
 GENERIC = "upstream"  # Gradio's "The upstream Gradio app has raised an exception ..."
 ENDPOINTS = ("submit", "status", "cancel", "resume", "video", "history", "queue", "redo")
 SUBMIT_DEFAULTS = [None, "a red circle", None, "", 1.2, 1, False, 1, 10.0, 1.0, "unipc", "auto", None, "auto", 16, 6.0, "none",
-                   "", 1, ""]
+                   "", 1, "", None, "", False]
+SUBMIT_NAMES = ["image", "prompt", "end_image", "negative_prompt", "seconds", "seed", "random_seed", "steps",
+                "distilled_guidance", "cfg", "sampler", "mode", "model", "resolution", "crf", "preserve", "cache", "loras",
+                "count", "prompts", "keyframe_images", "keyframe_times", "color_match"]
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
@@ -108,8 +112,9 @@ def cached_copies(cache: Path, content: bytes) -> list[Path]:
             and p.read_bytes() == content]
 
 
-def submit_data(image: Any) -> list[Any]:
-    return [image, *SUBMIT_DEFAULTS[1:]]
+def submit_data(image: Any, **changes: Any) -> list[Any]:
+    values = dict(zip(SUBMIT_NAMES, [image, *SUBMIT_DEFAULTS[1:]]))
+    return list({**values, **changes}.values())
 
 
 # ---- point 1: only uploads ------------------------------------------------------------------------------------------
@@ -324,3 +329,118 @@ def test_fuzz_every_endpoint(site):
         assert response.status == 200
     kind, payload = call(server, "history", [5])
     assert kind == "complete" and isinstance(payload[0], list)
+
+
+# ---- issue 20: keyframes, text-to-video and colour matching through /submit and the page ----------------------------
+
+
+def test_hostile_keyframe_and_colour_fields_get_one_line_and_queue_nothing(site, tmp_path):
+    server, secret = site["server"], site["secret"]
+    image = {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}}
+    key = {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}}
+    (tmp_path / "notes.png").write_text("not an image at all")
+    text_file = {"path": upload(server, tmp_path / "notes.png"), "meta": {"_type": "gradio.FileData"}}
+    before = set(server.jobs())
+    cases = [
+        (dict(keyframe_images=str(secret), keyframe_times="1.2"), "error", "keyframe image 1: not a file uploaded"),
+        (dict(keyframe_images=["/etc/passwd"], keyframe_times="1.2"), "error", "keyframe image 1: not a file uploaded"),
+        (dict(keyframe_images=[{"path": str(secret)}], keyframe_times="1.2"), "error", "not a file uploaded"),
+        (dict(keyframe_images=["http://127.0.0.1:1/x.png"], keyframe_times="1.2"), "error", "not a file uploaded"),
+        (dict(keyframe_images=[{"path": str(secret), "meta": {"_type": "gradio.FileData"}}], keyframe_times="1.2"),
+         "http 400", "not a file uploaded"),
+        (dict(keyframe_images=[text_file], keyframe_times="1.2"), "error", "keyframe image 1 (1.2 s)"),
+        (dict(keyframe_images=[key], keyframe_times="30", seconds=2.4), "error", "is outside the"),
+        (dict(keyframe_images=[key], keyframe_times="-1", seconds=2.4), "error", "is outside the"),
+        (dict(keyframe_images=[key], keyframe_times="abc"), "error", "keyframe time 1 must be a number"),
+        (dict(keyframe_images=[key] * 65, keyframe_times=", ".join(["1.2"] * 65)), "error", "at most 64 keyframes"),
+        (dict(keyframe_images=[key, key], keyframe_times="1.2", seconds=3.6), "error", "2 keyframe images and 1"),
+        (dict(keyframe_images=[key, key], keyframe_times="1.2, 1.3", seconds=3.6), "error", "both snap to"),
+        (dict(keyframe_images=[key], keyframe_times="1.2", mode="forward", seconds=2.4), "error", "need mode 'inverted'"),
+        (dict(color_match="sepia"), "error", "unknown colour match 'sepia'"),
+        (dict(color_match=[1]), "error", "unknown colour match"),
+    ]
+    for changes, kind_expected, expected in cases:
+        kind, payload = call(server, "submit", submit_data(image, **changes))
+        text = answer_text(kind, payload)
+        assert kind == kind_expected and expected in text, (changes, kind, text)
+        assert "\n" not in text and GENERIC not in text and str(site["root"]) not in text, (changes, text)
+    # text-to-video with colour matching has no start image to match: one line too
+    kind, payload = call(server, "submit", submit_data(None, color_match=True))
+    assert kind == "error" and "needs a start image" in payload, payload
+    assert set(server.jobs()) == before  # nothing queued
+    # the control: text-to-video alone is a job (no start image), recorded as such
+    kind, payload = call(server, "submit", submit_data(None))
+    assert kind == "complete", payload
+    call(server, "cancel", [payload[0]["job"]])
+    assert payload[0]["settings"]["image"] is None
+
+
+def test_the_page_sends_its_keyframe_fields_through_the_same_checks(site):
+    """Generate hands the keyframe and colour fields over (on_extras), then on_submit checks them with the form."""
+    from test_ui_lora import page_call
+
+    from framepack.ui.app import EXTRA_FIELDS, FORM_FIELDS
+
+    server, secret = site["server"], site["secret"]
+    with urllib.request.urlopen(f"{server.url}config", timeout=30) as response:
+        index = {d.get("api_name"): d["id"] for d in json.loads(response.read())["dependencies"]}
+    assert EXTRA_FIELDS == ("keyframe_images", "keyframe_times", "color_match")
+    image = {"path": upload(server, site["start"]), "meta": {"_type": "gradio.FileData"}}
+    form = dict(image=image, end_image=None, prompt="a red circle", negative_prompt="", seconds=2.4, seed=1,
+                random_seed=False, steps=1, distilled_guidance=10.0, cfg=1.0, sampler="unipc", mode="auto",
+                model=Path(server.model).name, resolution="auto", crf=16, cache="none", preserve_gb=6)
+    values = [form[name] for name in FORM_FIELDS]
+    before = set(server.jobs())
+    session = "keyframes-page"
+    for keyframes in ([str(secret)], [{"path": str(secret)}], [image, "/etc/passwd"], [3]):  # never uploaded
+        request = urllib.request.Request(
+            f"{server.url}gradio_api/queue/join",
+            data=json.dumps({"data": [keyframes, "1.2", False], "fn_index": index["on_extras"],
+                             "session_hash": session}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        answer = refused.value.read().decode()
+        assert refused.value.code == 400 and "not a file uploaded" in answer and str(secret.parent) not in answer
+    # a keyframe the page did send (an upload) is still checked by the form with the rest: one line
+    page_call(server, index["on_extras"], [[image], "9.9", False], session)
+    message, _ = page_call(server, index["on_submit"], values, session)
+    assert "fp-error" in message and "is outside the" in message and "\n" not in message, message
+    assert set(server.jobs()) == before
+    page_call(server, index["on_extras"], [[image], "1.2", True], session)
+    message, _ = page_call(server, index["on_submit"], values, session)
+    job = int(message.split()[1])
+    call(server, "cancel", [job])
+    settings = json.loads(server.jobs()[job]["settings"])
+    assert [k["seconds"] for k in settings["keyframes"]] == [1.2] and settings["color_match"] == "lab"
+
+
+def test_a_keyframe_job_from_the_web_app_is_the_clis_job(site, tmp_path):
+    """One job end to end through gradio_client: a keyframe and colour matching, recorded without server
+    paths, and the video the same frames as `framepack generate` makes from the same inputs."""
+    import subprocess
+
+    from gradio_client import Client, handle_file
+    from test_generate import FRAMEPACK
+
+    from framepack.video import read_frames
+
+    server = site["server"]
+    key = write_image(tmp_path / "key.png", seed=9)
+    client = Client(server.url, verbose=False, download_files=str(tmp_path / "downloads"))
+    job = client.predict(image=handle_file(str(site["start"])), prompt="a red circle", seconds=2.4, steps=1, seed=5,
+                         cfg=1.0, keyframe_images=[handle_file(str(key))], keyframe_times="1.2s", color_match=True,
+                         api_name="/submit")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.predict(job=job["job"], api_name="/status"))["status"] != "done":
+        assert status["status"] in ("queued", "running") and time.monotonic() < deadline, status
+        time.sleep(0.3)
+    [keyframe] = status["settings"]["keyframes"]
+    assert keyframe["seconds"] == 1.2 and keyframe["image"].endswith("key.png")
+    assert not keyframe["image"].startswith("/") and status["settings"]["color_match"] == "lab"
+    web = Path(client.predict(job=job["job"], api_name="/video"))
+    out = tmp_path / "cli.mp4"
+    result = subprocess.run([FRAMEPACK, "generate", "--from", str(web), "--model", str(server.model), "--image",
+                             str(site["start"]), "--keyframe", f"1.2:{key}", "--out", str(out), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(read_frames(web), read_frames(out))

@@ -16,9 +16,10 @@ Methods (all deterministic: a killed-and-resumed job writes the same frames):
   (histogram matching). Stronger: it also fixes the shape of the distribution, and with it moves
   colours a section legitimately gained (an object entering the frame).
 
-``lab`` is the default: on the demo model's 30 s videos it removes most of the colourfulness drift
-at a far smaller change to the pixels than ``histogram`` (benchmarks/color_match.py, the table in
-docs/generation.md "Colour drift correction").
+``lab`` is the default: on the demo model's 30 s videos (benchmarks/color_match.py, the table in
+docs/generation.md "Colour drift correction") it cut the colourfulness drift from 11.7 to 1.3 on
+average (``histogram``: 2.4), changed the pixels less (27.5 dB PSNR against the uncorrected video;
+``histogram`` 22.7) and raised the sharpness drift less (0.17 -> 0.44; ``histogram`` 1.38).
 """
 
 from __future__ import annotations

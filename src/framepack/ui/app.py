@@ -46,9 +46,15 @@ POLL_S = 1.0  # how often a page asks for progress
 PROMPT_CHARS = 60  # prompt shown in tables
 LIVE_PREVIEW = "Section being denoised"
 IDLE_PREVIEW = "Preview (while a section is denoised)"
+T2V_NOTE = ("Without a start image the video starts from a grey frame (text-to-video). The demo model was trained "
+            "to move what its start image shows: from grey it draws the prompt's colours, but does not follow the "
+            "caption's object or motion (docs/generation.md, Text-to-video).")
 FORM_FIELDS: tuple[str, ...] = ("image", "end_image", "prompt", "negative_prompt", "seconds", "seed", "random_seed",
                                 "steps", "distilled_guidance", "cfg", "sampler", "mode", "model", "resolution", "crf",
                                 "cache", "preserve_gb")
+# issue 20's fields travel beside the form, as the Batch fields do (on_extras), so that clients of the
+# form handler that know nothing of them call it as before
+EXTRA_FIELDS: tuple[str, ...] = ("keyframe_images", "keyframe_times", "color_match")
 PLAN_FIELDS: tuple[str, ...] = ("model", "resolution", "cfg", "preserve_gb")  # what the memory plan panel follows
 PLANNING = "The memory plan of each GPU appears here (it is computed for the form's model and resolution)."
 PRESERVE_STEP_GB = 0.5
@@ -290,10 +296,17 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             with gr.Row():
                 with gr.Column(scale=1):
                     with gr.Row():
-                        start = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"],
-                                         height=240, elem_id="fp-start")
+                        start = gr.Image(label="Start image (empty: text-to-video)", type="filepath",
+                                         sources=["upload", "clipboard"], height=240, elem_id="fp-start")
                         end = gr.Image(label="End image (optional)", type="filepath", sources=["upload", "clipboard"],
                                        height=240, elem_id="fp-end")
+                    gr.Markdown(T2V_NOTE, elem_id="fp-t2v-note")
+                    with gr.Accordion("Keyframes", open=False, elem_id="fp-keyframes-panel"):
+                        keyframe_images = gr.File(label="Keyframe images, in order (inverted mode)", file_count="multiple",
+                                                  file_types=["image"], elem_id="fp-keyframes")
+                        keyframe_times = gr.Textbox(label="Their times in seconds, one per image in the same order "
+                                                    "(snapped to the section boundaries, every 1.2 s)", value="",
+                                                    max_lines=1, placeholder="1.2, 2.4", elem_id="fp-keyframe-times")
                     prompt = gr.Textbox(label="Prompt", lines=3, value=defaults.prompt, elem_id="fp-prompt",
                                         placeholder="a prompt, or a timeline: "
                                                     "[0s-2s: a cat sits] [2s-5s: the cat jumps]")
@@ -333,6 +346,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         # skips transformer evaluations whose result barely changes (docs/caching.md)
                         cache = gr.Dropdown(list(CACHE_CHOICES), value=defaults.cache, elem_id="fp-cache",
                                             label="Step cache (faster; 'off' is exact)")
+                        color = gr.Checkbox(label="Colour drift correction: each section's colours matched to the start "
+                                            "image (the written frames only; needs a start image)", value=False,
+                                            elem_id="fp-color-match")
                     with gr.Accordion("Batch", open=False, elem_id="fp-batch"):
                         count = gr.Number(label="Count (one job per seed: the seed above, +1, +2, ...)", value=1,
                                           precision=0, minimum=1, elem_id="fp-count")
@@ -402,16 +418,19 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         by_name = {"image": start, "end_image": end, "prompt": prompt, "negative_prompt": negative, "seconds": seconds,
                    "seed": seed, "random_seed": random_seed, "steps": steps, "distilled_guidance": guidance,
                    "cfg": cfg, "sampler": sampler, "mode": mode, "model": model, "resolution": resolution, "crf": crf,
-                   "cache": cache, "preserve_gb": preserve}
+                   "cache": cache, "preserve_gb": preserve, "keyframe_images": keyframe_images,
+                   "keyframe_times": keyframe_times, "color_match": color}
+        extras = [by_name[name] for name in EXTRA_FIELDS]
         form = [by_name[name] for name in FORM_FIELDS]
         # the LoRA field travels beside the form, not in it (see on_submit): what "use these settings" fills
-        filled = form + ([lora_box] if lora_box is not None else [])
+        filled = form + extras + ([lora_box] if lora_box is not None else [])
         private: dict[str, Any] = {"api_visibility": "private"}
         # The LoRA choice travels by session (PendingLoras): the click on Generate hands the LoRA field
         # over, then on_submit (the next step of the same click) takes it. The form handler and /submit
         # keep their arguments, so clients that know nothing of LoRAs call them as before.
         chosen_loras = PendingLoras()
         chosen_batch = PendingLoras()  # the Batch fields travel the same way (any value, by session)
+        chosen_extras = PendingLoras()  # and the keyframe and colour fields (EXTRA_FIELDS)
 
         # ---- handlers -----------------------------------------------------------------------------------------
         # Every handler that takes what a client typed gets it raw (preprocess=False) and reads it through
@@ -419,6 +438,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_batch(number: Any, lines: Any, request: gr.Request) -> None:
             chosen_batch.put(getattr(request, "session_hash", None), {"count": number, "prompts": lines})
+
+        def on_extras(request: gr.Request, *values: Any) -> None:
+            chosen_extras.put(getattr(request, "session_hash", None), dict(zip(EXTRA_FIELDS, values)))
 
         def on_loras(value: Any, request: gr.Request) -> None:
             chosen_loras.put(getattr(request, "session_hash", None), value)
@@ -436,7 +458,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         def on_submit(request: gr.Request, *values: Any) -> tuple[str, Any]:
             session = getattr(request, "session_hash", None)
             try:
-                fields = {**dict(zip(FORM_FIELDS, values)), **(chosen_batch.take(session) or {})}
+                fields = {**dict(zip(FORM_FIELDS, values)), **(chosen_batch.take(session) or {}),
+                          **(chosen_extras.take(session) or {})}
                 chosen = chosen_loras.take(session)
                 records, notes = queue_submission(service, fields, names, gate.upload, lambda: chosen, loras)
             except (ValueError, OSError) as exc:
@@ -584,7 +607,9 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                         where = path if Path(path).is_absolute() else record.job_dir / path  # relative: to the job
                         if gate.made_here(Path(where)):
                             values[name] = gate.publish(block, Path(where))
-            if values["image"] is None:
+            if record is not None:
+                values["keyframe_images"], values["keyframe_times"] = own_keyframes(record, keyframe_images)
+            if values["image"] is None and (record is None or record.settings.get("image") is not None):
                 notes.append("its start image is not kept: upload one" if record is None
                              else "its start image is gone: upload one")
             model_name = shown_name.get(values["model"]) or (values["model"] if values["model"] in names else None)
@@ -597,12 +622,26 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 values["cfg"], values["distilled_guidance"] = field_updates(
                     names[model_name], values["cfg"], values["distilled_guidance"])
             for name in ("image", "end_image"):
-                if values[name] is None:
+                if values[name] is None and not (name == "image" and record is not None
+                                                 and record.settings.get("image") is None):
                     values[name] = gr.skip() if name == "image" else None
             values["preserve_gb"] = gr.skip()  # this machine's GPU memory, not the video's: kept as it is
             note = f"Settings of {source} are in the Generate tab" + (f"; {'; '.join(notes)}." if notes else ".")
             lora_value = [loras_text(settings.get("loras"))] if lora_box is not None else []
-            return (*[values[name] for name in FORM_FIELDS], *lora_value, note)
+            return (*[values[name] for name in (*FORM_FIELDS, *EXTRA_FIELDS)], *lora_value, note)
+
+        def own_keyframes(record: JobRecord, block: Any) -> tuple[list[str] | None, str]:
+            """A job's keyframe images (served copies, while they are there) and their times."""
+            images, times = [], []
+            for k in record.settings.get("keyframes") or []:
+                path = k.get("image") if isinstance(k, dict) else None
+                if not isinstance(path, str):
+                    continue
+                where = Path(path) if Path(path).is_absolute() else record.job_dir / path
+                if gate.made_here(where):
+                    images.append(gate.publish(block, where))
+                    times.append(f"{k.get('seconds'):g}")
+            return (images or None), ", ".join(times)
 
         def on_use(job: Any) -> tuple[Any, ...]:
             try:
@@ -630,6 +669,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         raw: dict[str, Any] = dict(private, preprocess=False)  # raw values: a broken payload reaches our checks
         # the Batch and LoRA fields are handed over first, in the same click (on_loras says why)
         submission = generate.click(checked(on_batch), [count, prompts_box], None, show_progress="hidden", **raw)
+        submission = submission.then(checked(on_extras), extras, None, show_progress="hidden", **raw)
         if lora_box is not None:
             submission = submission.then(checked(on_loras), lora_box, None, show_progress="hidden", **raw)
         submission.then(checked(on_submit), form, [message, watched], show_progress="minimal", **raw)
@@ -670,13 +710,14 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
 
     chosen_loras = chosen_loras or PendingLoras()
 
-    def submit(request: gr.Request, image: gr.FileData, prompt: str, end_image: gr.FileData | None = None, negative_prompt: str = "",
+    def submit(request: gr.Request, image: gr.FileData | None = None, prompt: str = "", end_image: gr.FileData | None = None, negative_prompt: str = "",
                seconds: float = defaults.seconds, seed: int = defaults.seed, random_seed: bool = False,
                steps: int = defaults.steps, distilled_guidance: float = defaults.distilled_guidance,
                cfg: float | None = defaults.cfg, sampler: str = defaults.sampler, mode: str = defaults.mode,
                model: str = first, resolution: str = defaults.resolution, crf: int = defaults.crf,
                preserve: float = defaults.preserve_gb, cache: str = defaults.cache, loras: str = "",
-               count: int = 1, prompts: str = "") -> dict:
+               count: int = 1, prompts: str = "", keyframe_images: list[gr.FileData] | None = None,
+               keyframe_times: str = "", color_match: bool = False) -> dict:
         """Queue a job; returns its status (job id, seed used, place in the queue). ``preserve``: GB
         of GPU memory the job's memory plan leaves free (CUDA workers); ``cache``: the step cache
         (none, model, teacache:0.15, ...: docs/caching.md); ``loras``: files of /loras by name with
@@ -684,11 +725,15 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
         /choose_loras, else none). A batch, each job queued on its own: ``count`` jobs with seeds
         S, S+1, ... and/or ``prompts``, one job per line (a prompt, or a JSON object of settings).
         The answer is the first job's status, with ``jobs`` (every job's id) and ``notes`` (where
-        the jobs leave the model's world, e.g. words it never learned)."""
+        the jobs leave the model's world, e.g. words it never learned). No ``image``: text-to-video.
+        ``keyframe_images`` (uploads) with ``keyframe_times`` ("1.2, 2.4": one per image, in order):
+        images the video passes through (inverted mode). ``color_match``: colour drift correction
+        (true: lab; or "lab", "histogram")."""
         form = dict(image=image, prompt=prompt, end_image=end_image, negative_prompt=negative_prompt,
                     seconds=seconds, seed=seed, random_seed=random_seed, steps=steps,
                     distilled_guidance=distilled_guidance, cfg=cfg, sampler=sampler, mode=mode, model=model,
-                    resolution=resolution, crf=crf, cache=cache, preserve_gb=preserve, count=count, prompts=prompts)
+                    resolution=resolution, crf=crf, cache=cache, preserve_gb=preserve, count=count, prompts=prompts,
+                    keyframe_images=keyframe_images, keyframe_times=keyframe_times, color_match=color_match)
         def chosen() -> Any:  # the session's choice is used up once the jobs pass, even when loras= is given
             pending = chosen_loras.take(getattr(request, "session_hash", None))
             return loras if loras else pending

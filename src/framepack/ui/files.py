@@ -256,11 +256,19 @@ class FileReferenceGuard:
             values = data["data"]
             for i in self.file_slots.get(data["fn_index"], ()):
                 value = values[i] if i < len(values) else None
-                # a page's file input holds nothing, an upload's object, or (rewritten below) a path string
-                if not (value is None or isinstance(value, str)
-                        or (isinstance(value, dict) and isinstance(value.get("path", ""), str))):
+                # a page's file input holds nothing, an upload's object, or (rewritten below) a path
+                # string, which the handler's gate checks
+                if not (_file_value(value) or isinstance(value, list)):
+                    return f"file: {REFUSED}"
+                # a multiple-file input: a list of those, checked here (Gradio would answer a path it
+                # does not serve with a validation error in several lines, before any handler runs)
+                if isinstance(value, list) and not all(_file_value(v) and self._known_or_empty(v) for v in value):
                     return f"file: {REFUSED}"
         return self._too_few(data, route)
+
+    def _known_or_empty(self, value: Any) -> bool:
+        path = value.get("path") if isinstance(value, dict) else value
+        return not path or self.gate.known(path)
 
     def _too_few(self, data: Any, route: str) -> str | None:
         """Gradio answers a call with too few values in several lines naming its own objects;
@@ -293,7 +301,15 @@ class FileReferenceGuard:
             if i < len(data) and isinstance(data[i], str) and data[i]:
                 data[i] = {"path": data[i]}
                 changed = True
+            elif i < len(data) and isinstance(data[i], list) and any(isinstance(v, str) and v for v in data[i]):
+                data[i] = [{"path": v} if isinstance(v, str) and v else v for v in data[i]]
+                changed = True
         return json.dumps(request).encode() if changed else body
+
+
+def _file_value(value: Any) -> bool:
+    """Whether a page's file input may hold ``value``: nothing, a path string, or an upload's object."""
+    return value is None or isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("path", ""), str))
 
 
 async def _answer(send: Any, status: int, message: str) -> None:

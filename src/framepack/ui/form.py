@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..batch import expand, parse_prompts
+from ..color_match import DEFAULT_METHOD, METHODS, method_problem
+from ..keyframes import MAX_KEYFRAMES, Keyframe
 from ..planning import DEFAULT_WINDOW, FPS, TEMPORAL_RATIO, real_seconds, section_count
 from ..runtime.choose import DEFAULT_PRESERVE_GB
 from ..settings import DEFAULT_SEED, MAX_SECONDS, GenerationSettings
@@ -214,10 +216,9 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
     ``models`` maps the names the page shows to model arguments; ``accept_file`` checks each
     file reference (only uploads pass) and returns its path.
     """
-    image = accept_file("start image", form.get("image"))
-    if image is None:
-        raise ValueError("upload a start image first")
+    image = accept_file("start image", form.get("image"))  # None: text-to-video (docs/generation.md)
     end_image = accept_file("end image", form.get("end_image"))
+    keyframes = keyframes_from_form(form.get("keyframe_images"), form.get("keyframe_times"), accept_file)
     random_seed = _flag("random seed", form.get("random_seed"))
     seed = secrets.randbelow(SEED_LIMIT) if random_seed else _whole("seed", form.get("seed"))
     mode = _choice("mode", form.get("mode") or AUTO, MODES)
@@ -240,7 +241,60 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
         resolution=_resolution(form.get("resolution")),
         crf=_whole("mp4 quality (CRF)", form.get("crf")),
         cache=_cache(form.get("cache")),
+        keyframes=keyframes,
+        color_match=color_match(form.get("color_match")),
     )
+
+
+def _file_list(value: Any) -> list[Any]:
+    """A multiple-file field as a client sent it: nothing, one file payload, or a list of them."""
+    if value is None or value == "" or value == []:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _keyframe_times(value: Any) -> list[float]:
+    """Keyframe times: "1.2, 2.4" (seconds, an optional "s" each; commas or spaces), or a list of numbers."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        items = value
+    elif isinstance(value, str):
+        items = [item.strip().removesuffix("s") for item in re.split(r"[,\s]+", value.strip()) if item.strip()]
+    else:
+        items = [value]
+    return [_number(f"keyframe time {i}", item) for i, item in enumerate(items, 1)]
+
+
+def keyframes_from_form(images: Any, times: Any, accept_file: AcceptFile) -> tuple[Keyframe, ...]:
+    """The keyframe field (uploaded images, in order) with the keyframe times (one per image) -> keyframes.
+
+    Counted before any file is looked at; each image goes through ``accept_file`` like the start
+    image. Where the times fall in the video is the settings' check (framepack.keyframes)."""
+    files, seconds = _file_list(images), _keyframe_times(times)
+    if max(len(files), len(seconds)) > MAX_KEYFRAMES:
+        raise ValueError(f"at most {MAX_KEYFRAMES} keyframes, got {max(len(files), len(seconds))}")
+    if len(files) != len(seconds):
+        raise ValueError(f"{len(files)} keyframe image{'s' if len(files) != 1 else ''} and {len(seconds)} keyframe "
+                         f"time{'s' if len(seconds) != 1 else ''}: give one time per image, in the images' order")
+    keyframes = []
+    for i, (payload, at) in enumerate(zip(files, seconds), 1):
+        path = accept_file(f"keyframe image {i}", payload)
+        if path is None:
+            raise ValueError(f"keyframe image {i} is empty: upload an image")
+        keyframes.append(Keyframe(at, path))
+    return tuple(keyframes)
+
+
+def color_match(value: Any) -> str:
+    """The colour-match field: the page's checkbox (true: the default method), or a method's name."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return DEFAULT_METHOD
+    if isinstance(value, str) and method_problem(value) is None:
+        return value
+    raise ValueError(f"unknown colour match {shown(value)}; choose from true, false, {', '.join(METHODS)}")
 
 
 # ---- batches: one submission, many queued jobs (the CLI's --count and --prompts, through framepack.batch) --------
@@ -248,7 +302,7 @@ def settings_from_form(form: Mapping[str, Any], models: Mapping[str, str], *,
 # what a JSON line of the prompts field may set: the form's own settings, never a file (the images
 # are the uploads of the form, LoRAs the LoRA field's)
 LINE_SETTINGS: tuple[str, ...] = ("prompt", "negative_prompt", "seconds", "seed", "steps", "distilled_guidance", "cfg",
-                                  "sampler", "mode", "model", "resolution", "crf", "cache")
+                                  "sampler", "mode", "model", "resolution", "crf", "cache", "color_match")
 # a line that is one word with a path separator, a home directory or a file extension names a file
 _FILE_NAME = re.compile(r"^\S*[/\\]\S*$|^~\S*$|^\S+\.(txt|jsonl?|csv|md|mp4|png|jpe?g)$", re.IGNORECASE)
 
@@ -343,4 +397,8 @@ def form_from_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         "model": settings.get("model") if isinstance(settings.get("model"), str) else None,
         "image": None,
         "end_image": None,
+        # a job's own keyframes are the caller's to hand out, as its start image; an mp4's are not taken
+        "keyframe_images": None,
+        "keyframe_times": "",
+        "color_match": pick("color_match", "none", lambda _, v: color_match(v)) != "none",
     }

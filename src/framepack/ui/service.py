@@ -70,6 +70,10 @@ def public_settings(settings: dict[str, Any], outputs: Path) -> dict[str, Any]:
              for key, value in settings.items()}
     if "loras" in shown:  # LoRA files by name, as the video records them
         shown["loras"] = public_loras(shown["loras"])
+    if isinstance(shown.get("keyframes"), list):  # each keyframe's image as the other images
+        shown["keyframes"] = [{**k, "image": public_text(k["image"], outputs)}
+                              if isinstance(k, dict) and isinstance(k.get("image"), str) else k
+                              for k in shown["keyframes"]]
     return shown
 
 
@@ -159,7 +163,9 @@ class JobService:
         """Queue each of ``jobs`` as its own job, in order (a batch); every image is checked before
         the first is queued, so a bad one queues none."""
         images = dict.fromkeys((label, path) for settings in jobs
-                               for label, path in (("start image", settings.image), ("end image", settings.end_image))
+                               for label, path in (("start image", settings.image), ("end image", settings.end_image),
+                                                   *((f"keyframe image {i} ({k.seconds:g} s)", k.image)
+                                                     for i, k in enumerate(settings.keyframes, 1)))
                                if path is not None)
         for label, path in images:  # a batch's jobs share their images: each decoded once
             _check_image(label, path)
