@@ -145,6 +145,25 @@ def test_only_the_pixels_change_toward_the_start_frames_colours(pipeline, tiny_m
         assert np.array_equal(plain.load_latents(step), matched.load_latents(step))
 
 
+def test_an_extended_videos_own_frames_are_left_as_they_are(pipeline, tiny_model, tmp_path):
+    """--extend: only the new sections are matched (to the frame they start from), the video's stay."""
+    from framepack.settings import GenerationSettings
+    from framepack.train.world import WorldParams, render
+    from framepack.video import overlap_frames, write_segment
+
+    clip = tmp_path / "clip.mp4"
+    write_segment(clip, render(WorldParams("circle", "red", "plain", "blue", "right", speed=10.0, x=0.3, y=0.5), 50,
+                               size=64), crf=0)
+    base = GenerationSettings(image=None, prompt="a red circle moves to the right", model=str(tiny_model), seconds=1.2,
+                              steps=2, resolution=64, mode="forward", crf=0, extend=str(clip))
+    plain = read_frames(make(pipeline, base, tmp_path / "plain").out)
+    matched = read_frames(make(pipeline, base.replace(color_match="lab"), tmp_path / "matched").out)
+    kept = 50 - overlap_frames(base.window)  # the video's frames before the blend into the new ones
+    assert len(matched) == len(plain) > 50
+    assert np.array_equal(matched[:kept], plain[:kept])
+    assert not np.array_equal(matched[50:], plain[50:])
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------------
 
 
