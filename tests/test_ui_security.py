@@ -444,3 +444,17 @@ def test_a_keyframe_job_from_the_web_app_is_the_clis_job(site, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_frames(web), read_frames(out))
+
+    # History's "Use these settings" puts the job's keyframe (a served copy of its own) and colour box back
+    from test_ui_lora import page_call
+
+    from framepack.ui.app import EXTRA_FIELDS, FORM_FIELDS
+
+    with urllib.request.urlopen(f"{server.url}config", timeout=30) as response:
+        index = {d.get("api_name"): d["id"] for d in json.loads(response.read())["dependencies"]}
+    filled = page_call(server, index["on_use"], [str(job["job"])], "use-keyframes")
+    extras = dict(zip(EXTRA_FIELDS, filled[len(FORM_FIELDS):]))
+    [copy] = extras["keyframe_images"]
+    served = copy["path"] if isinstance(copy, dict) else copy
+    assert Path(served).read_bytes() == key.read_bytes() and not Path(served).is_relative_to(server.outputs)
+    assert extras["keyframe_times"] == "1.2" and extras["color_match"] is True
