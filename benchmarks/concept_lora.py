@@ -7,7 +7,7 @@ Steps, as a user runs them (docs/training-your-videos.md, "Proof: a concept the 
    ("a red square blinks on a plain gray background"). Their start frames come from the world's
    ``train`` split (:func:`world.stream`, the ``independent`` sampler), so no start frame of the
    ``validation`` or ``test`` split is ever in the folder.
-2. ``framepack dataset prepare DIR --model tiny --out DATA --max-frames 49`` and
+2. ``framepack dataset prepare DIR --model tiny --out blink-data --max-frames 49`` (the folder the config reads) and
    ``framepack train configs/lora_concept.json``.
 3. ``python benchmarks/concept_lora.py evaluate --lora runs/lora-concept/final/lora.safetensors``:
    ``--videos`` start frames of the ``test`` split (``validation`` to tune, with ``--split``), each
@@ -15,15 +15,17 @@ Steps, as a user runs them (docs/training-your-videos.md, "Proof: a concept the 
    (seeds ``--seed``, ``--seed + 1``, ...; the training never saw them), 1.2 s (one section, as
    the clips' first 37 frames); the detector (:func:`concept.detect_blink`) reads each video, and
    the table gives counts, rates and 95% Wilson intervals. ``--update-doc FILE`` writes it there.
+   ``--seconds 2.4`` (two sections) and ``--caption still`` (the world's "stays still" caption) ask
+   what the LoRA does beyond what it was trained on; each table has markers of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from doctable import publish
 
+from framepack.planning import frame_count, latent_count, section_count
 from framepack.train import concept, world
 from framepack.train.yardstick import wilson
 
@@ -64,9 +67,32 @@ def render_folder(out: Path, clips: int, seed: int = TRAIN_SEED) -> list[Path]:
     return written
 
 
-def generate(pipeline, folder: Path, name: str, p: world.WorldParams, seed: int, lora: Path | None,
-             steps: int) -> np.ndarray:
-    """One video from ``p``'s start frame and blink caption through the public pipeline: (T, H, W, 3) uint8."""
+@dataclass(frozen=True)
+class Trial:
+    """What ``evaluate`` generates: ``videos`` start frames of ``split``, seeds ``seed``, ``seed + 1``, ...,
+    ``seconds`` long, with the blink caption (``caption="blink"``) or the world's own caption of the
+    object standing still (``"still"``: does the LoRA blink where the prompt does not ask?)."""
+
+    split: str = "test"
+    videos: int = 20
+    seed: int = 1000
+    steps: int = 25
+    seconds: float = VIDEO_SECONDS
+    caption: str = "blink"
+
+    @property
+    def name(self) -> str:
+        """The table's marker and the videos' prefix: the proof's own trial is plain ``concept-lora``."""
+        default = Trial(split=self.split, videos=self.videos, seed=self.seed, steps=self.steps)
+        return "concept-lora" if self == default else f"concept-lora-{self.caption}-{self.seconds:g}s"
+
+    def prompt(self, p: world.WorldParams) -> str:
+        return concept.caption(p) if self.caption == "blink" else world.caption(concept.blinking(p))
+
+
+def generate(pipeline, folder: Path, name: str, p: world.WorldParams, prompt: str, seed: int, lora: Path | None,
+             trial: Trial) -> np.ndarray:
+    """One video from ``p``'s start frame and ``prompt`` through the public pipeline: (T, H, W, 3) uint8."""
     from PIL import Image
 
     from framepack.jobs import JobDir
@@ -76,24 +102,25 @@ def generate(pipeline, folder: Path, name: str, p: world.WorldParams, seed: int,
     image = folder / f"{name}.png"
     Image.fromarray(world.render(p, 1)[0]).save(image)
     loras = (LoraChoice(str(lora), 1.0),) if lora else ()
-    settings = GenerationSettings(str(image), concept.caption(p), model="tiny", seconds=VIDEO_SECONDS, steps=steps,
+    settings = GenerationSettings(str(image), prompt, model="tiny", seconds=trial.seconds, steps=trial.steps,
                                   seed=seed, loras=loras, crf=10)
     job = JobDir.create(folder / f"{name}.job", settings, folder / f"{name}.mp4")
     return read_frames(pipeline.run(job))
 
 
-def evaluate(lora: Path, videos: int, split: str, seed: int, steps: int, keep: Path) -> list[dict]:
+def evaluate(lora: Path, trial: Trial, keep: Path) -> list[dict]:
     """Generate each held-out start frame with and without the LoRA and detect the blink in both."""
     from framepack.pipeline import FramePackPipeline
 
     pipeline = FramePackPipeline.from_model("tiny")
     keep.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, p in enumerate(world.scenes(split, videos, start="independent")):
-        row = {"scene": i, "seed": seed + i, "caption": concept.caption(p)}
+    for i, p in enumerate(world.scenes(trial.split, trial.videos, start="independent")):
+        row = {"scene": i, "seed": trial.seed + i, "caption": trial.prompt(p)}
         for side, path in (("with", lora), ("without", None)):  # LoRA fused, then unfused: one load
             started = time.monotonic()
-            frames = generate(pipeline, keep, f"{split}-{i:03d}-{side}", p, seed + i, path, steps)
+            frames = generate(pipeline, keep, f"{trial.name}-{trial.split}-{i:03d}-{side}", p, row["caption"],
+                              row["seed"], path, trial)
             found = concept.detect_blink(frames, world.PALETTE[p.color])
             row[side] = {"detected": found.detected, "hidden": round(found.hidden, 3), "back": round(found.back, 3),
                          "seconds": round(time.monotonic() - started, 1)}
@@ -102,11 +129,15 @@ def evaluate(lora: Path, videos: int, split: str, seed: int, steps: int, keep: P
     return rows
 
 
-def table(rows: list[dict], split: str, steps: int, lora: Path) -> str:
-    caption = (f"{len(rows)} start frames of the world's `{split}` split (never in the training folder), each generated "
-               f"with the LoRA (`{lora.name}`, scale 1) and without it, same blink caption and seed (one seed per "
-               f"start frame), {VIDEO_SECONDS:g} s (37 frames, one section), {steps} steps, the demo model's cfg 3; "
-               f"detected: the object's tracked area falls to <= {concept.HIDDEN_SHARE:g} of the start frame's for "
+def table(rows: list[dict], trial: Trial, lora: Path) -> str:
+    frames, sections = video_frames(trial.seconds), section_count(trial.seconds)
+    length = "one section" if sections == 1 else f"{sections} sections"
+    prompt = ("same blink caption" if trial.caption == "blink"
+              else "same caption, the world's own for the object standing still (\"... stays still on ...\")")
+    caption = (f"{len(rows)} start frames of the world's `{trial.split}` split (never in the training folder), each "
+               f"generated with the LoRA (`{lora.name}`, scale 1) and without it, {prompt} and seed (one seed per "
+               f"start frame), {trial.seconds:g} s ({frames} frames, {length}), {trial.steps} steps, the demo model's cfg "
+               f"3; detected: the object's tracked area falls to <= {concept.HIDDEN_SHARE:g} of the start frame's for "
                f"{concept.HIDDEN_FRAMES} frames in a row and comes back to >= {concept.BACK_SHARE:g}:")
     lines = [caption,
              "",
@@ -121,6 +152,11 @@ def table(rows: list[dict], split: str, steps: int, lora: Path) -> str:
     return "\n".join(lines)
 
 
+def video_frames(seconds: float) -> int:
+    """Frames of a demo-model video asked for ``seconds`` (whole sections, as the pipeline rounds)."""
+    return frame_count(latent_count(section_count(seconds)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,10 +165,13 @@ def main() -> None:
     render.add_argument("--clips", type=int, default=32)
     check = commands.add_parser("evaluate", help="detect the blink in videos made with and without the LoRA")
     check.add_argument("--lora", type=Path, required=True)
-    check.add_argument("--videos", type=int, default=20, help="start frames (each makes two videos)")
-    check.add_argument("--split", choices=SPLITS, default="test", help="validation to tune, test to report")
-    check.add_argument("--seed", type=int, default=1000)
-    check.add_argument("--steps", type=int, default=25)
+    check.add_argument("--videos", type=int, default=Trial.videos, help="start frames (each makes two videos)")
+    check.add_argument("--split", choices=SPLITS, default=Trial.split, help="validation to tune, test to report")
+    check.add_argument("--seed", type=int, default=Trial.seed)
+    check.add_argument("--steps", type=int, default=Trial.steps)
+    check.add_argument("--seconds", type=float, default=Trial.seconds, help="video length (1.2: one section)")
+    check.add_argument("--caption", choices=("blink", "still"), default=Trial.caption,
+                       help="the blink caption, or the world's 'stays still' one")
     check.add_argument("--keep", type=Path, default=Path("concept-videos"), help="where the videos are written")
     check.add_argument("--update-doc", dest="doc", type=Path, help="write the table into this Markdown file")
     args = parser.parse_args()
@@ -142,15 +181,14 @@ def main() -> None:
         return
     if not args.lora.is_file():
         parser.error(f"no LoRA file {args.lora}")
-    rows = evaluate(args.lora, args.videos, args.split, args.seed, args.steps, args.keep)
-    (args.keep / f"{args.split}.json").write_text(json.dumps(rows, indent=1))
-    options = itertools.chain(
-        [f"--lora {args.lora}"],
-        [f"--videos {args.videos}"] if args.videos != 20 else [],
-        [f"--split {args.split}"] if args.split != "test" else [],
-        [f"--steps {args.steps}"] if args.steps != 25 else [],
-        [f"--update-doc {args.doc}"] if args.doc else [])
-    publish(table(rows, args.split, args.steps, args.lora), args.doc, "concept-lora",
+    trial = Trial(args.split, args.videos, args.seed, args.steps, args.seconds, args.caption)
+    rows = evaluate(args.lora, trial, args.keep)
+    (args.keep / f"{trial.name}-{trial.split}.json").write_text(json.dumps(rows, indent=1))
+    changed = [f"--{field.name} {getattr(trial, field.name):g}" if isinstance(getattr(trial, field.name), float)
+               else f"--{field.name} {getattr(trial, field.name)}"
+               for field in fields(Trial) if getattr(trial, field.name) != getattr(Trial, field.name)]
+    options = [f"--lora {args.lora}", *changed] + ([f"--update-doc {args.doc}"] if args.doc else [])
+    publish(table(rows, trial, args.lora), args.doc, trial.name,
             "python benchmarks/concept_lora.py evaluate " + " ".join(options))
 
 
