@@ -53,17 +53,24 @@ def training_scenes(clips: int, seed: int = TRAIN_SEED) -> list[world.WorldParam
     raise AssertionError("world.stream is endless")
 
 
-def render_folder(out: Path, clips: int, seed: int = TRAIN_SEED) -> list[Path]:
-    """Write a blinking clip (mp4 + caption .txt) of each of :func:`training_scenes`."""
+def render_folder(out: Path, clips: int, world_clips: int = 0, seed: int = TRAIN_SEED) -> list[Path]:
+    """Write a blinking clip (mp4 + caption .txt) of each of :func:`training_scenes` and, for the
+    first ``world_clips`` of them, the world's own clip of that start frame (its sampled motion, its
+    caption): the same image with another caption makes another video, so the LoRA has a reason to
+    read the caption rather than blink whatever it says."""
     from framepack.video import write_segment
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, p in enumerate(training_scenes(clips, seed)):
-        clip = out / f"blink-{i:03d}.mp4"
-        write_segment(clip, concept.render(p, CLIP_FRAMES))
-        clip.with_suffix(".txt").write_text(concept.caption(p) + "\n")
-        written.append(clip)
+        jobs = [("blink", concept.render(p, CLIP_FRAMES), concept.caption(p))]
+        if i < world_clips:
+            jobs.append(("world", world.render(p, CLIP_FRAMES), world.caption(p)))
+        for kind, frames, caption in jobs:
+            clip = out / f"{kind}-{i:03d}.mp4"
+            write_segment(clip, frames)
+            clip.with_suffix(".txt").write_text(caption + "\n")
+            written.append(clip)
     return written
 
 
@@ -162,7 +169,9 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     render = commands.add_parser("render", help="write the user's folder of blinking clips (mp4 + .txt)")
     render.add_argument("out", type=Path)
-    render.add_argument("--clips", type=int, default=32)
+    render.add_argument("--clips", type=int, default=32, help="blinking clips")
+    render.add_argument("--world-clips", type=int, default=0,
+                        help="also the world's own clips of the first N start frames, with their captions")
     check = commands.add_parser("evaluate", help="detect the blink in videos made with and without the LoRA")
     check.add_argument("--lora", type=Path, required=True)
     check.add_argument("--videos", type=int, default=Trial.videos, help="start frames (each makes two videos)")
@@ -176,7 +185,7 @@ def main() -> None:
     check.add_argument("--update-doc", dest="doc", type=Path, help="write the table into this Markdown file")
     args = parser.parse_args()
     if args.command == "render":
-        clips = render_folder(args.out, args.clips)
+        clips = render_folder(args.out, args.clips, args.world_clips)
         print(f"{len(clips)} clips in {args.out}")
         return
     if not args.lora.is_file():

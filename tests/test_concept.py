@@ -90,10 +90,13 @@ def test_render_writes_a_captioned_folder_of_train_start_frames(tmp_path: Path) 
         sys.path.remove(str(ROOT / "benchmarks"))
     out = tmp_path / "videos"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concept_lora.py"), "render", str(out),
-                             "--clips", "3"], capture_output=True, text=True, timeout=120, check=False)
+                             "--clips", "3", "--world-clips", "1"], capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 0, result.stderr
-    clips = sorted(out.glob("*.mp4"))
-    assert len(clips) == 3 and sorted(out.glob("*.txt")) == [c.with_suffix(".txt") for c in clips]
+    assert sorted(p.name for p in out.iterdir()) == [f"{kind}-{i:03d}.{ext}" for kind, i in
+                                                     [("blink", 0), ("blink", 1), ("blink", 2), ("world", 0)]
+                                                     for ext in ("mp4", "txt")]
+    clips = sorted(out.glob("blink-*.mp4"))
     scenes = concept_lora.training_scenes(3)
     assert len({world.start_frame_key(p) for p in scenes}) == 3
     assert all(world.split_of(p, "independent") == "train" for p in scenes)  # held-out start frames never
@@ -103,6 +106,10 @@ def test_render_writes_a_captioned_folder_of_train_start_frames(tmp_path: Path) 
         frames = read_frames(clip)
         assert np.abs(frames[0].astype(float) - world.render(p, 1)[0]).mean() < 3  # that scene, through H.264
         assert len(frames) == concept_lora.CLIP_FRAMES and concept.detect_blink(frames, rgb(p)).detected, clip
+    own = read_frames(out / "world-000.mp4")  # the first start frame doing its own motion, with its caption
+    assert (out / "world-000.txt").read_text().strip() == world.caption(scenes[0])
+    assert np.abs(own.astype(float) - world.render(scenes[0], len(own))).mean() < 3
+    assert not concept.detect_blink(own, rgb(scenes[0])).detected
 
 
 def test_the_shipped_config_trains_on_a_prepared_blink_folder(tmp_path: Path) -> None:
