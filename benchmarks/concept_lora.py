@@ -6,7 +6,9 @@ Steps, as a user runs them (docs/training-your-videos.md, "Proof: a concept the 
    object blinking in place (:mod:`framepack.train.concept`) with same-name ``.txt`` captions
    ("a red square blinks on a plain gray background"). Their start frames come from the world's
    ``train`` split (:func:`world.stream`, the ``independent`` sampler), so no start frame of the
-   ``validation`` or ``test`` split is ever in the folder.
+   ``validation`` or ``test`` split is ever in the folder. Beside each blinking clip, the world's own
+   clip of the same start frame with its own caption (``--world-clips``, 32 by default): trained on
+   blinks alone, a LoRA blinks whatever the caption says.
 2. ``framepack dataset prepare DIR --model tiny --out blink-data --max-frames 49`` (the folder the config reads) and
    ``framepack train configs/lora_concept.json``.
 3. ``python benchmarks/concept_lora.py evaluate --lora runs/lora-concept/final/lora.safetensors``:
@@ -170,7 +172,7 @@ def main() -> None:
     render = commands.add_parser("render", help="write the user's folder of blinking clips (mp4 + .txt)")
     render.add_argument("out", type=Path)
     render.add_argument("--clips", type=int, default=32, help="blinking clips")
-    render.add_argument("--world-clips", type=int, default=0,
+    render.add_argument("--world-clips", type=int, default=32,
                         help="also the world's own clips of the first N start frames, with their captions")
     check = commands.add_parser("evaluate", help="detect the blink in videos made with and without the LoRA")
     check.add_argument("--lora", type=Path, required=True)
