@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from test_ui_lora import page_call
-from test_ui_security import call, upload
+from test_ui_security import call, submit_data, upload
 from ui_slow_server import Server
 from ui_tiny_model import write_image, write_tiny_model
 
@@ -100,9 +100,8 @@ def test_count_and_prompts_queue_one_job_each_as_the_cli_would(site, tmp_path):
 
 
 def submit_values(image: Any, count: Any, prompts: Any) -> list[Any]:
-    """/submit's values over REST, in its order (image, prompt, ..., loras, count, prompts)."""
-    return [image, "a red circle", None, "", 1.2, 1, False, 1, 10.0, 1.0, "unipc", "auto", None, "auto", 16, 6.0,
-            "none", "", count, prompts]
+    """/submit's values over REST, in its order, with these count and prompts."""
+    return submit_data(image, count=count, prompts=prompts)
 
 
 def test_hostile_batches_get_one_line_and_queue_nothing(site):

@@ -215,8 +215,10 @@ def test_two_users_submit_and_both_finish_in_order(server, browser, images):
 
 def test_bad_input_gets_an_inline_message_and_the_server_goes_on(server, browser, images, screenshots):
     with open_page(browser, server.url) as page:
-        fill_form(page, None, "a red circle", seconds=1.2, steps=2)
-        expect_message(page, "upload a start image first")
+        fill_form(page, None, "a red circle", seconds=1.2, steps=2)  # no image: text-to-video, but no colours to match
+        page.locator("#fp-color-match input[type=checkbox]").check()
+        expect_message(page, "needs a start image")
+        page.locator("#fp-color-match input[type=checkbox]").uncheck()
         page.locator("#fp-start input[type=file]").set_input_files(str(images["fake"]))
         expect_message(page, "not a readable image: notes.png")
         assert "/tmp" not in page.locator("#fp-message").inner_text()  # no server paths in messages

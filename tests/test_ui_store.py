@@ -150,7 +150,7 @@ def form(start: Path | None, **changes) -> dict:
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"image": None}, "upload a start image first"),
+    ({"image": None, "color_match": True}, "needs a start image"),  # no image is text-to-video, but nothing to match
     ({"prompt": "  "}, "type a prompt"),
     ({"prompt": "[0s-2s: a cat] oops"}, "malformed prompt timeline"),
     ({"seconds": 1e9}, "seconds must be > 0"),
