@@ -458,7 +458,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
         return ModelSource(
             transformer=local("transformer"), hunyuan=local("hunyuan"), redux=local("redux"),
             mode=data.get("mode", "inverted"), crop_start=data.get("crop_start"), vae=local("vae"),
-            text_embeddings=local("text_embeddings"), extra={k: v for k, v in data.items() if k not in known},
+            # stored embeddings are a speed-up, never a hub id: a manifest copied without them loads the encoders
+            text_embeddings=local("text_embeddings") if (base / (data.get("text_embeddings") or "")).is_file() else None,
+            extra={k: v for k, v in data.items() if k not in known},
         )
     except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise ValueError(f"{manifest} is not a valid model manifest ({exc})") from None
