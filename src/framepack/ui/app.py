@@ -33,7 +33,7 @@ from ..world_check import world_notes
 from .files import FileGate, FileReferenceGuard, model_names, public_text
 from .form import (AUTO, CACHE_CHOICES, MAX_PRESERVE_GB, MODES, RESOLUTIONS, AcceptFile, FormDefaults, batch_jobs,
                    form_from_settings, history_limit, job_number, length_note, plan_settings, preserve_gb,
-                   redo_request, section_seconds, settings_from_form, snap_seconds)
+                   RedoRequest, redo_request, section_seconds, settings_from_form, snap_seconds)
 from .loras import LoraFolder, PendingLoras, loras_from_form, loras_text, public_loras
 from .memory import BUSY, NO_PLAN, plan_panel, plans_memory
 from .service import JOBS_DIR, JobService, JobView, public_settings
@@ -168,12 +168,11 @@ def queue_submission(service: JobService, form: Mapping[str, Any], models: Mappi
     return service.submit_many([settings.replace(loras=chosen) for settings in jobs], preserve), notes
 
 
-def queue_redo(service: JobService, job: Any, section: Any, seed: Any = None, prompt: Any = None) -> JobRecord:
+def queue_redo(service: JobService, request: RedoRequest) -> JobRecord:
     """Queue a branch of one of this app's finished jobs with section K made again (framepack.redo:
     the sections not depending on K are linked from it, the rest made by a worker like any job).
-    Checked by the form's parsers; the job is looked up in the app's own store, so a client never
-    names a job directory, and it must lie under this app's outputs."""
-    request = redo_request(job, section, seed, prompt)
+    ``request`` comes from the form's parser (:func:`redo_request`); the job is looked up in the
+    app's own store, so a client never names a job directory, and it must lie under this app's outputs."""
     number, k = request.job, request.section
     record = service.view(number).record
     if record.status != "done":
@@ -589,10 +588,10 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
 
         def on_redo(job: Any, section: Any, new_seed: Any, new_prompt: Any) -> str:
             try:
-                record = queue_redo(service, job, section, new_seed, new_prompt)
+                request = redo_request(job, section, new_seed, new_prompt)
+                record = queue_redo(service, request)
             except ValueError as exc:
                 return _error(public_text(one_line(exc), outputs))
-            request = redo_request(job, section)  # parsed already, by queue_redo
             return (f"Job {record.id} queued: job {request.job} with section {request.section} "
                     "made again (the sections not depending on it kept).")
 
@@ -602,12 +601,8 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             notes = []
             if record is not None:
                 for name, block in (("image", start), ("end_image", end)):
-                    path = record.settings.get(name)
-                    if isinstance(path, str):
-                        where = path if Path(path).is_absolute() else record.job_dir / path  # relative: to the job
-                        if gate.made_here(Path(where)):
-                            values[name] = gate.publish(block, Path(where))
-            if record is not None:
+                    if (served := own_file(record, record.settings.get(name), block)) is not None:
+                        values[name] = served
                 values["keyframe_images"], values["keyframe_times"] = own_keyframes(record, keyframe_images)
             if values["image"] is None and (record is None or record.settings.get("image") is not None):
                 notes.append("its start image is not kept: upload one" if record is None
@@ -630,16 +625,20 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
             lora_value = [loras_text(settings.get("loras"))] if lora_box is not None else []
             return (*[values[name] for name in (*FORM_FIELDS, *EXTRA_FIELDS)], *lora_value, note)
 
+        def own_file(record: JobRecord, path: Any, block: Any) -> str | None:
+            """A served copy of a file a job of ours recorded (relative paths are the job's), while it is there."""
+            if not isinstance(path, str):
+                return None
+            where = Path(path) if Path(path).is_absolute() else record.job_dir / path
+            return gate.publish(block, where) if gate.made_here(where) else None
+
         def own_keyframes(record: JobRecord, block: Any) -> tuple[list[str] | None, str]:
             """A job's keyframe images (served copies, while they are there) and their times."""
             images, times = [], []
             for k in record.settings.get("keyframes") or []:
-                path = k.get("image") if isinstance(k, dict) else None
-                if not isinstance(path, str):
-                    continue
-                where = Path(path) if Path(path).is_absolute() else record.job_dir / path
-                if gate.made_here(where):
-                    images.append(gate.publish(block, where))
+                served = own_file(record, k.get("image"), block) if isinstance(k, dict) else None
+                if served is not None:
+                    images.append(served)
                     times.append(f"{k.get('seconds'):g}")
             return (images or None), ", ".join(times)
 
@@ -775,7 +774,7 @@ def _api(service: JobService, names: dict[str, str], defaults: FormDefaults, gat
     def redo(job: int, section: int, seed: int | None = None, prompt: str = "") -> dict:
         """Queue a new job: finished job ``job`` with section ``section`` (1 = the first in the video)
         made again, with ``seed`` / ``prompt`` if given; the sections not depending on it are kept."""
-        return public(service.view(queue_redo(service, job, section, seed, prompt).id))
+        return public(service.view(queue_redo(service, redo_request(job, section, seed, prompt)).id))
 
     def history(limit: int = 50) -> list:
         """Finished jobs (done, failed, cancelled), newest first; at most ``limit`` (1 to 1000)."""
