@@ -556,8 +556,11 @@ def load_encoders(
     def text_encoders() -> HunyuanTextEncoder:
         return HunyuanTextEncoder.from_pretrained(hunyuan, dtype, device, crop_start=source.crop_start)
 
-    text: TextEncoder = text_encoders() if not (stored_text and source.text_embeddings) else \
-        _stored_text_encoder(Path(source.text_embeddings), hunyuan, source.crop_start, text_encoders)
+    text: TextEncoder
+    if stored_text and source.text_embeddings:
+        text = _stored_text_encoder(Path(source.text_embeddings), hunyuan, source.crop_start, text_encoders)
+    else:
+        text = text_encoders()
     on_step("image encoder")
     image = None
     if source.redux:
