@@ -303,6 +303,26 @@ def test_model_card_notes_survive_a_repackaging_without_notes(tmp_path):
     assert card_notes(card) == notes  # stable: packaging again and again keeps them as they are
 
 
+def test_store_half_keeps_every_weight_at_fp16_precision_and_the_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from framepack.train.package import store_half
+
+    weights = {"w": torch.randn(64, 32), "steps": torch.arange(5)}
+    path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    path.parent.mkdir()
+    save_file(weights, path, metadata={"format": "pt"})
+    before = path.stat().st_size
+    store_half(tmp_path / "transformer")
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("w").dtype == torch.float16
+        assert torch.equal(f.get_tensor("w").float(), weights["w"].half().float())  # rounded once, not worse
+        assert torch.equal(f.get_tensor("steps"), weights["steps"])  # integers untouched
+    assert path.stat().st_size < 0.6 * before
+
+
 def _tiny_framepack_args(root) -> dict:
     """task_args of a tiny 'framepack' task (random small VAE, demo-style text encoders, 32 px)."""
     from framepack.train import framepack_task  # noqa: F401  (registers the task)

@@ -31,12 +31,31 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copyfile(path, target)
 
 
+def store_half(folder: Path) -> None:
+    """Rewrite every safetensors file under ``folder`` with its fp32 tensors in fp16. The package
+    ships in git and in the wheel, so the transformer's weights are stored at half the bytes; they
+    are loaded (and were evaluated) at fp32, which represents every fp16 value exactly."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        half = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+        save_file(half, path, metadata=metadata)
+
+
 def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: int = 128, shift: float = 3.0,
-             mode: str = "inverted", cfg: float | None = None) -> Path:
-    """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory)."""
+             mode: str = "inverted", cfg: float | None = None, half: bool = False) -> Path:
+    """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory);
+    ``half`` stores the transformer's weights in fp16 (:func:`store_half`)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _copy_tree(transformer, tmp / "transformer")
+    if half:
+        store_half(tmp / "transformer")
     _copy_tree(vae, tmp / "vae")
     for part in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
         _copy_tree(text / part, tmp / "text" / part)
@@ -159,10 +178,12 @@ def stage_rows(runs: list[Path], previous: dict[str, str]) -> list[str]:
     return rows
 
 
-def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str = "") -> str:
-    """The MODEL_CARD.md text: data, training stages (``rows``: see :func:`stage_rows`), metrics."""
+def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str = "", story: str = "") -> str:
+    """The MODEL_CARD.md text: components, training stages (``rows``: see :func:`stage_rows`; ``story``:
+    prose on how they were chained), evaluation table and notes."""
     vae_metrics = json.loads((model / "vae" / "metrics.json").read_text()) if (model / "vae" / "metrics.json").exists() else {}
     transformer = json.loads((model / "transformer" / "config.json").read_text())
+    source = resolve_model(str(model))
     lines = [
         "# FramePack demo model (`--model tiny`)",
         "",
@@ -185,10 +206,10 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         f"{_text_training(model / 'text')}, then frozen | {_size_mb(model / 'text'):.1f} MB |",
         "",
         "Sampling modes: trained on all three layouts the planner produces (inverted anti-drifting, forward",
-        "as F1, vanilla), for videos of 1 to 4 sections; its default is inverted. No image encoder, no",
-        "distilled-guidance embedder (the `--distilled-guidance` value is ignored). From the fine-tune on, each stage",
-        "replaced 10% of the captions by the empty prompt, so real CFG (`--cfg`, negative prompt \"\") works.",
-        f"Defaults from its manifest: 128 px, sigma shift 3 (the training shift), cfg {resolve_model(str(model)).cfg(None):g}, 25 UniPC steps.",
+        f"as F1, vanilla); its default is {source.extra.get('mode', 'inverted')}. No image encoder, no distilled-guidance",
+        "embedder (the `--distilled-guidance` value is ignored). Training replaced 10% of the captions by the",
+        "empty prompt, so real CFG (`--cfg`, negative prompt \"\") works. Defaults from its manifest: 128 px,",
+        f"sigma shift 3 (the training shift), cfg {source.cfg(None):g}, 25 UniPC steps.",
         "",
         "## Training (CPU only: 2 cores)",
         "",
@@ -198,22 +219,11 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         "| stage | task | steps | batch | peak lr | loss (first -> last checkpoint) | wall hours |",
         "|---|---|---|---|---|---|---|",
         *rows,
-        "",
-        "Data: the endless training stream of the world (held-out scenes, a hash bucket of their parameters,",
-        "never appear in it). The VAE trains on 64 px crops of 128 px renders; the transformer on a cache of",
-        "encoded 4-section clips (145 frames each), each step drawing a mode, a section and a noise level",
-        "(flow matching, shifted sigmas). Stages: `demo-framepack` from scratch (400 clips starting at a",
-        "random time in 0-10 s, random text encoders at transformers' default scale); `demo-framepack-ft`",
-        "fine-tunes it with the text encoders it ships with (LLaMA embeddings redrawn at unit scale, both",
-        "encoders trained on the captions), on 600 clips all starting at t = 0 as inference does, each",
-        "sample planned as a video of 1-4 sections, the inverted layout drawn half the time, 10% of the",
-        "captions dropped; `demo-framepack-object` continues it on the same clips with the loss weighted 5x",
-        "on the latent cells the object touches (and their neighbours), and `demo-framepack-object2` on",
-        "1200 clips, the first 600 and 600 more of the same stream. The last two export the moving average",
-        "of their weights (0.999).",
     ]
+    if story:
+        lines += ["", story.rstrip()]
     if eval_table:
-        lines += ["", "## Evaluation (`framepack eval`, held-out scenes)", "", eval_table]
+        lines += ["", "## Evaluation (`framepack eval`)", "", eval_table.rstrip()]
     if notes:
         lines += ["", notes.rstrip()]
     return "\n".join(lines) + "\n"
@@ -222,14 +232,16 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m framepack.train.package", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="src/framepack/assets/tiny")
-    parser.add_argument("--transformer", default="runs/demo-framepack-object2", help="the transformer run to ship")
-    parser.add_argument("--transformer-runs", nargs="*", default=["runs/demo-framepack", "runs/demo-framepack-ft",
-                                                                  "runs/demo-framepack-object", "runs/demo-framepack-object2"],
+    parser.add_argument("--transformer", default="runs/gen2-framepack-long", help="the transformer run to ship")
+    parser.add_argument("--transformer-runs", nargs="*", default=["runs/gen2-framepack", "runs/gen2-framepack-long"],
                         help="transformer stages, for the card")
-    parser.add_argument("--vae", default="runs/demo-vae", help="the VAE run to ship (its final/ is used)")
-    parser.add_argument("--vae-runs", nargs="*", default=["runs/demo-vae"], help="VAE stages, for the card")
-    parser.add_argument("--text", default="runs/demo-text")
+    parser.add_argument("--vae", default="runs/gen2-vae", help="the VAE run to ship (its final/ is used)")
+    parser.add_argument("--vae-runs", nargs="*", default=["runs/gen2-vae"], help="VAE stages, for the card")
+    parser.add_argument("--text", default="src/framepack/assets/tiny/text")
     parser.add_argument("--cfg", type=float, help="the model's default real-CFG scale (default: none, i.e. off)")
+    parser.add_argument("--half", action="store_true", help="store the transformer's weights in fp16 (loaded at fp32)")
+    parser.add_argument("--story", default="configs/gen2_card.md",
+                        help="a markdown file on how the stages were chained, for the card ('' for none)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
     parser.add_argument("--notes", help="a file of notes to append to the card (default: the current card's notes)")
     args = parser.parse_args(argv)
@@ -237,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(card))
     notes = Path(args.notes).read_text() if args.notes else card_notes(card)  # read before the card is replaced
     out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text),
-                   cfg=args.cfg)
+                   cfg=args.cfg, half=args.half)
     table = Path(args.eval_table).read_text() if args.eval_table else None
-    (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes))
+    story = Path(args.story).read_text() if args.story else ""
+    (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes, story))
     print(f"{out}: {_size_mb(out):.1f} MB")
     return 0
 
