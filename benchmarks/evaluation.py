@@ -90,13 +90,44 @@ def blind_rules() -> str:
     return "\n".join(lines)
 
 
+def _edge_rule(p: world.WorldParams) -> str:
+    return yardstick.edge_rule(world.render(p, 1, size=64)[0], world.PALETTE[p.color])
+
+
+def direction_baseline() -> str:
+    """The first yardstick's motion-direction score of the edge rule (it never reads the caption) on
+    the held-out prompts of the first shipped model's published table."""
+    from framepack.train.evaluate import direction_cases
+
+    lines = ["| held-out prompts (`framepack eval --prompts N`) | edge rule: direction right | 95% interval (Wilson) |",
+             "|---|---|---|"]
+    for n in (50, 100):
+        cases = direction_cases(n)
+        right = sum(world.expected_direction(world.with_motion(p, _edge_rule(p))) == world.expected_direction(p)
+                    for p in cases)
+        low, high = yardstick.wilson(right, n)
+        lines.append(f"| the first {n} | {right}/{n} = {100 * right / n:.1f}% | {100 * low:.0f}-{100 * high:.0f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-json", required=True, help="the JSON of `framepack eval --json FILE`")
+    parser.add_argument("--model-json", help="the JSON of `framepack eval --json FILE`")
     parser.add_argument("--doc", help="write the tables between this Markdown file's bench:yardstick markers")
     parser.add_argument("--command", default="", help="the `framepack eval` command that made the JSON, for the doc")
+    parser.add_argument("--direction-baseline", action="store_true",
+                        help="instead: the edge rule's score on the first yardstick's held-out direction prompts "
+                             "(bench:direction-baseline markers)")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from doctable import publish  # beside this script
 
+    if args.direction_baseline:
+        publish(direction_baseline(), Path(args.doc) if args.doc else None, "direction-baseline",
+                "python benchmarks/evaluation.py --direction-baseline" + (f" --doc {args.doc}" if args.doc else ""))
+        return
+    if not args.model_json:
+        parser.error("--model-json is required (or --direction-baseline)")
     saved = json.loads(Path(args.model_json).read_text())
     config = _config(saved["config"])
     model = YardstickResult(config=saved["config"], captions=saved["captions"], long=saved["long"],
@@ -110,9 +141,6 @@ def main() -> None:
         f"Caption-blind rules on {2 * RULE_SCENES} held-out start frames of each world (Wilson 95% intervals):",
         blind_rules(),
     ]).strip()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from doctable import publish  # beside this script
-
     publish(report, Path(args.doc) if args.doc else None, "yardstick",
             f"python benchmarks/evaluation.py --model-json {args.model_json}"
             + (f" --command '{args.command}'" if args.command else "") + (f" --doc {args.doc}" if args.doc else ""))
