@@ -52,11 +52,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strip", default="docs/screenshots/demo-strip.png", help="the PNG to write")
     parser.add_argument("--every", type=float, default=0.6, help="seconds between strip frames (default 0.6)")
+    parser.add_argument("--model", default="tiny", help="the model (default tiny, the demo's)")
+    parser.add_argument("--cache", default="model", help="step cache (default: the model's own, as the demo)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--doc", help="write the table between this doc's bench:demo-strip markers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = demo_settings(cache="model")
+    settings = demo_settings(model=args.model, cache=args.cache)
     with tempfile.TemporaryDirectory(prefix="framepack-demo-strip-") as scratch:
         job = JobDir.create(Path(scratch) / "demo.job", settings, Path(scratch) / "demo.mp4")
         frames = read_frames(FramePackPipeline.from_model(settings.model).run(job))
@@ -65,7 +67,7 @@ def main() -> None:
     Image.fromarray(np.concatenate([frames[i] for i in indices], axis=1)).save(args.strip)
     rows = shape_rows(frames, indices)
     lines = [f"`framepack demo` ({settings.prompt!r}, seed {settings.seed}, model {settings.model}, its default "
-             f"cfg and step cache): {len(frames)} frames; the strip `{args.strip}` shows the frames at these times.",
+             f"cfg, cache {settings.cache}): {len(frames)} frames; the strip `{args.strip}` shows the frames at these times.",
              "", "| second | object area / first frame's | shape: centred IoU with the first frame |", "|---|---|---|"]
     lines += [f"| {t:.1f} | {a:.2f} | {o:.2f} |" for t, a, o in rows]
     lines += ["", f"Lowest shape IoU: {min(o for _, _, o in rows):.2f}; area from {min(a for _, a, _ in rows):.2f} "

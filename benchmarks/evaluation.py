@@ -31,6 +31,31 @@ def _config(saved: dict) -> YardstickConfig:
     return YardstickConfig(**{k: tuple(v) if k in lists else v for k, v in saved.items()})
 
 
+PARTS = ("start_frames", "long_videos", "drift_seconds")  # what may differ between the runs merged
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One `framepack eval` JSON from runs of the same model and settings that each made a part of
+    it (say ``--long-videos 0`` and ``--start-frames 0``, run side by side on two cores): the
+    caption trials from the run with start frames, the long videos from the run with long videos.
+    Every video's seed depends only on its own part, so the merge equals a single run."""
+    def settings(run: dict) -> dict:
+        return {k: v for k, v in run["config"].items() if k not in PARTS + ("workdir",)}
+
+    if any(settings(r) != settings(runs[0]) for r in runs[1:]):
+        raise SystemExit("the runs to merge differ in more than which parts they made: "
+                         + ", ".join(sorted(k for r in runs[1:] for k in settings(r) if settings(r)[k] != settings(runs[0])[k])))
+    captions = [r for r in runs if r["config"]["start_frames"]]
+    long = [r for r in runs if r["config"]["long_videos"]]
+    if len(captions) > 1 or len(long) > 1:
+        raise SystemExit("more than one of the runs to merge made caption trials, or long videos")
+    config = {**runs[0]["config"], "start_frames": captions[0]["config"]["start_frames"] if captions else 0,
+              "long_videos": long[0]["config"]["long_videos"] if long else 0,
+              "drift_seconds": long[0]["config"]["drift_seconds"] if long else 0.0}
+    return {"config": config, "captions": captions[0]["captions"] if captions else [],
+            "long": long[0]["long"] if long else [], "vanilla": long[0]["vanilla"] if long else []}
+
+
 def controls(config: YardstickConfig) -> dict[str, YardstickResult]:
     scenes = world.scenes(config.split, config.start_frames, config.start) + yardstick.long_scenes(
         config.split, config.long_videos, config.start)
@@ -112,9 +137,12 @@ def direction_baseline() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-json", help="the JSON of `framepack eval --json FILE`")
+    parser.add_argument("--model-json", nargs="+", help="the JSON of `framepack eval --json FILE`, or of "
+                        "several runs that each made a part of it (merged: see merge_runs)")
     parser.add_argument("--doc", help="write the tables between this Markdown file's bench:yardstick markers")
     parser.add_argument("--command", default="", help="the `framepack eval` command that made the JSON, for the doc")
+    parser.add_argument("--card-table", help="also write the model's own table (as `framepack eval` prints it) to "
+                        "this file, for `python -m framepack.train.package --eval-table`")
     parser.add_argument("--direction-baseline", action="store_true",
                         help="instead: the edge rule's score on the first yardstick's held-out direction prompts "
                              "(bench:direction-baseline markers)")
@@ -128,10 +156,12 @@ def main() -> None:
         return
     if not args.model_json:
         parser.error("--model-json is required (or --direction-baseline)")
-    saved = json.loads(Path(args.model_json).read_text())
+    saved = merge_runs([json.loads(Path(path).read_text()) for path in args.model_json])
     config = _config(saved["config"])
     model = YardstickResult(config=saved["config"], captions=saved["captions"], long=saved["long"],
                             vanilla=saved["vanilla"])
+    if args.card_table:
+        Path(args.card_table).write_text(format_yardstick(model) + "\n")
     results = {f"model {config.model}": model, **controls(config)}
     report = "\n\n".join([
         f"`{args.command}`:" if args.command else "",
@@ -142,7 +172,7 @@ def main() -> None:
         blind_rules(),
     ]).strip()
     publish(report, Path(args.doc) if args.doc else None, "yardstick",
-            f"python benchmarks/evaluation.py --model-json {args.model_json}"
+            f"python benchmarks/evaluation.py --model-json {' '.join(args.model_json)}"
             + (f" --command '{args.command}'" if args.command else "") + (f" --doc {args.doc}" if args.doc else ""))
 
 
