@@ -35,7 +35,7 @@ from framepack.lora import (
 from framepack.model import FramePackTransformer
 from framepack.video import read_frames, read_metadata
 
-DIM = 128  # the tiny model's width
+DIM = 128  # the tiny preset's width (the `model` fixture)
 # two layers with different shapes and ranks: a dual-stream attention projection and a
 # single-stream output projection (in = dim + mlp width)
 TARGETS = {"transformer_blocks.0.attn.to_q": 2, "single_transformer_blocks.1.proj_out": 3}
@@ -328,8 +328,10 @@ DEMO_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2
 
 
 def demo_lora(path: Path, seed: int = 5) -> Path:
-    """A random rank-4 LoRA for the demo model (the tiny preset's shapes), in our format."""
-    shapes = linear_shapes(FramePackTransformer("tiny"))
+    """A random rank-4 LoRA for the shipped demo model (its transformer's shapes), in our format."""
+    from framepack.components import resolve_model
+
+    shapes = linear_shapes(FramePackTransformer.from_pretrained(resolve_model("tiny").transformer, dtype=torch.float32))
     g = torch.Generator().manual_seed(seed)
     layers = {p: LoraLayer(torch.randn(4, shapes[p][1], generator=g) * 0.3,
                            torch.randn(shapes[p][0], 4, generator=g) * 0.3, 4.0) for p in DEMO_TARGETS}
@@ -409,7 +411,7 @@ def test_a_lora_that_does_not_fit_is_one_line_before_anything_is_made(demo_dir, 
         save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
                    "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4)}, bad)
         expected = "key 'lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight' fits no layer of this model"
-    elif case == "wrong shape":  # a LoRA of the 13B model (width 3072) on the demo model (width 128)
+    elif case == "wrong shape":  # a LoRA of the 13B model (width 3072) on the demo model
         save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
                    "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)}, bad)
         expected = "key 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' has shape (4, 3072)"

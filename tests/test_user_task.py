@@ -192,7 +192,8 @@ def test_fp8_base_lora_trains_on_cpu(demo_data, tmp_path):
     task = UserTask({"dataset": str(demo_data), "fp8_base": True, "rank": 2}, "lora")
     layer = task.model.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == FP8
-    full = FramePackTransformer.from_pretrained(user_task.resolve_model("tiny").transformer).transformer_blocks[0]
+    shipped = FramePackTransformer.from_pretrained(user_task.resolve_model("tiny").transformer, dtype=torch.float32)
+    full = shipped.transformer_blocks[0]
     # the base's own weights, within fp8's rounding (3 mantissa bits: 2**-4 of the largest at most)
     error = layer.base_layer.dequantized(torch.float32) - full.attn.to_q.weight
     assert 0 < error.abs().max() <= 2**-4 * full.attn.to_q.weight.abs().max()
@@ -207,7 +208,7 @@ def test_fp8_base_lora_trains_on_cpu(demo_data, tmp_path):
     assert torch.equal(layer.base_layer.weight.view(torch.uint8), stored)  # the base stays as stored
     assert layer.lora_B["default"].weight.abs().sum() > 0
     task.export(task.model, tmp_path)
-    weights = read_lora(tmp_path / LORA_FILE, linear_shapes(FramePackTransformer("tiny")))
+    weights = read_lora(tmp_path / LORA_FILE, linear_shapes(shipped))
     assert torch.equal(weights.layers["transformer_blocks.0.attn.to_q"].up, layer.lora_B["default"].weight.detach())
 
 
@@ -252,7 +253,7 @@ def _merged_model_dir(checkpoint: Path, out: Path) -> Path:
     from safetensors.torch import load_file
 
     state = load_file(str(checkpoint / "model.safetensors"))
-    model = FramePackTransformer.from_pretrained(user_task.resolve_model("tiny").transformer)
+    model = FramePackTransformer.from_pretrained(user_task.resolve_model("tiny").transformer, dtype=torch.float32)
     merged = 0
     with torch.no_grad():
         for name, module in model.named_modules():
