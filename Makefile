@@ -48,14 +48,14 @@ bench: $(VENV)/.installed-dev
 # Retrain the embedded demo model from scratch (hours on a CPU; every stage resumes from its latest
 # checkpoint, so it can be interrupted and started again), evaluate it and package it.
 demo-model: $(VENV)/.installed-train
-	$(VENV)/bin/framepack train configs/demo_vae.json
-	$(VENV)/bin/framepack train configs/demo_framepack.json
-	$(VENV)/bin/framepack train configs/demo_framepack_finetune.json
-	$(VENV)/bin/framepack train configs/demo_framepack_object.json
-	$(VENV)/bin/framepack train configs/demo_framepack_object2.json
-	$(PY) -m framepack.train.package --cfg 3
-	$(VENV)/bin/framepack eval --prompts 100 --long-videos 2 --json runs/eval.json > runs/eval.md
-	$(PY) -m framepack.train.package --cfg 3 --eval-table runs/eval.md
+	for stage in gen2_vae gen2_framepack gen2_framepack_long; do \
+	  $(VENV)/bin/framepack train configs/$$stage.json || exit 1; done
+	$(PY) -m framepack.train.package --out runs/gen2-model --cfg 3 --half
+	$(VENV)/bin/framepack eval --model runs/gen2-model --split test --json runs/gen2-eval-test.json > runs/gen2-eval-test.md
+	$(PY) -m framepack.train.package --cfg 3 --half --vae-runs runs/demo-vae runs/gen2-vae \
+	  --notes configs/gen2_card_notes.md --eval-table runs/gen2-eval-test.md
+	$(VENV)/bin/framepack calibrate-cache --model tiny
+	$(PY) benchmarks/caching.py --write-default
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -79,33 +79,38 @@ def cli(*args: str) -> str:
 
 
 def published_table(markdown: str) -> str:
-    """The evaluation table the package writes: from its 'model tiny, ...' line to the last row."""
-    start = markdown.index("model tiny, ")
+    """The evaluation table the package writes: from its 'model NAME, N steps, ...' line to the last
+    row of its measurements."""
+    start = re.search(r"^model \S+, \d+ steps, ", markdown, flags=re.MULTILINE).start()
     rows = markdown[start:].split("\n\n", 2)
     return rows[0] + "\n\n" + rows[1]
 
 
-def test_every_eval_recipe_is_the_command_behind_the_published_table():
+SIZE_OPTIONS = ("--start-frames", "--long-videos", "--caption-seconds", "--shape-seconds", "--persistence-seconds",
+                "--drift-seconds", "--steps", "--cfg", "--seed", "--start", "--yardstick", "--prompts")
+
+
+def test_the_published_test_table_is_the_model_cards_and_was_measured_at_the_models_defaults():
     doc = (ROOT / "docs" / "demo-model.md").read_text()
-    shipped = doc[doc.index("### The shipped model"):]
+    shipped = doc[doc.index("### The shipped model on the test split"):doc.index("## History")]
     table = published_table(shipped)
     # the table the model card carries is the one the docs publish
     assert table == published_table(MODEL_CARD.read_text())
-    prompts = int(re.search(r"all (\d+) prompts", table).group(1))
-    long_videos = int(re.search(r"(\d+) videos of 30 s", table).group(1))
+    first = table.splitlines()[0]
     cfg = json.loads(MANIFEST.read_text())["cfg"]
-    assert re.search(rf"\bcfg {cfg:g}\b", table.splitlines()[0]), "the table was not measured at the manifest's cfg"
+    assert re.search(rf"\bcfg {cfg:g}\b", first), "the table was not measured at the manifest's cfg"
+    assert "test split" in first and "25 steps" in first and "independent starts" in first, first
 
     # Where the docs tell a user how to evaluate (the README, the usage block at the top of
-    # docs/demo-model.md, the shipped model's section) and in `make demo-model`, every `framepack
-    # eval` is the command behind the table. The history sections keep the commands of their own tables.
-    recipe = f"framepack eval --prompts {prompts} --long-videos {long_videos}"
+    # docs/demo-model.md) and in `make demo-model`, `framepack eval` is the test split at the
+    # yardstick's defaults, as the table was measured. The history sections keep their own commands.
+    recipe = "framepack eval --split test"
     usage = doc[: doc.index("## The world")]
-    makefile = (ROOT / "Makefile").read_text()
     for where, words in [("README.md", (ROOT / "README.md").read_text()), ("docs/demo-model.md usage", usage),
-                         ("Makefile", makefile)]:
+                         ("Makefile", (ROOT / "Makefile").read_text())]:
         commands = re.findall(r"framepack eval\b[^`#\n]*", words)
         assert commands, f"{where} shows no `framepack eval`"
         for command in commands:
-            assert command.startswith(recipe), f"{where}: `{command.strip()}` is not `{recipe}`"
+            assert "--split test" in command and not any(o in command for o in SIZE_OPTIONS), \
+                f"{where}: `{command.strip()}` is not the published table's settings"
     assert recipe in shipped[: shipped.index("\n|")], "the shipped model's section does not name its table's command"

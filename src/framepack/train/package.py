@@ -243,13 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--story", default="configs/gen2_card.md",
                         help="a markdown file on how the stages were chained, for the card ('' for none)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite only the card of the model at --out (its weights and manifest, with the cache "
+                             "calibration written since, are kept)")
     parser.add_argument("--notes", help="a file of notes to append to the card (default: the current card's notes)")
     args = parser.parse_args(argv)
     card = Path(args.out) / "MODEL_CARD.md"
     rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(card))
     notes = Path(args.notes).read_text() if args.notes else card_notes(card)  # read before the card is replaced
-    out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text),
-                   cfg=args.cfg, half=args.half)
+    out = Path(args.out) if args.card_only else assemble(
+        Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text), cfg=args.cfg,
+        half=args.half)
     table = Path(args.eval_table).read_text() if args.eval_table else None
     story = Path(args.story).read_text() if args.story else ""
     (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes, story))
