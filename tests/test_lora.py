@@ -327,11 +327,11 @@ DEMO_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2
                 "single_transformer_blocks.3.proj_out")
 
 
-def demo_lora(path: Path, seed: int = 5) -> Path:
-    """A random rank-4 LoRA for the shipped demo model (its transformer's shapes), in our format."""
+def demo_lora(path: Path, seed: int = 5, model: str | Path = "tiny") -> Path:
+    """A random rank-4 LoRA for ``model`` (default the shipped demo model; its transformer's shapes), in our format."""
     from framepack.components import resolve_model
 
-    shapes = linear_shapes(FramePackTransformer.from_pretrained(resolve_model("tiny").transformer, dtype=torch.float32))
+    shapes = linear_shapes(FramePackTransformer.from_pretrained(resolve_model(str(model)).transformer, dtype=torch.float32))
     g = torch.Generator().manual_seed(seed)
     layers = {p: LoraLayer(torch.randn(4, shapes[p][1], generator=g) * 0.3,
                            torch.randn(shapes[p][0], 4, generator=g) * 0.3, 4.0) for p in DEMO_TARGETS}

@@ -40,9 +40,9 @@ def site(tmp_path_factory):
     folder = root / "loras"
     (folder / "sub").mkdir(parents=True)
     (root / "outside").mkdir()
-    demo_lora(folder / "good.safetensors")
-    demo_lora(folder / "sub" / "inner.safetensors")
-    demo_lora(root / "outside" / "secret.safetensors", seed=9)
+    demo_lora(folder / "good.safetensors", model=model)
+    demo_lora(folder / "sub" / "inner.safetensors", model=model)
+    demo_lora(root / "outside" / "secret.safetensors", seed=9, model=model)
     (folder / "escape.safetensors").symlink_to(root / "outside" / "secret.safetensors")
     (folder / "notes.txt").write_text("not a LoRA")
     server = Server(root / "outputs", model, root / "server.log", extra=("--lora-dir", str(folder))).start()
