@@ -852,11 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="make a video with the embedded demo model from the bundled start image "
-                                            "and prompt (7-12 s for the whole command on 2 CPU cores)",
+                                            "and prompt (7-14 s for the whole command on 2 CPU cores)",
                                description="Make a 5 s video (4.83 s: 145 frames at 30 fps) with the embedded demo "
                                f"model at its default cfg {demo_cfg:g}, from the bundled start image and prompt; print "
                                "each section's context length and time. Measured over several runs on 2 CPU cores: "
-                               "5-6 s of generation, 7-12 s for the whole command (with the demo model's step cache; --cache none "
+                               "5-6 s of generation, 7-14 s for the whole command (with the demo model's step cache; --cache none "
                                "about 2.5 times the generation).")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
     demo.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
