@@ -27,9 +27,7 @@ from framepack.demo import demo_settings
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
 from framepack.train import world, yardstick
-from framepack.video import read_frames
-
-FPS = 30
+from framepack.video import FPS, read_frames
 
 
 def strip_indices(frames: int, every: float) -> list[int]:
@@ -41,12 +39,10 @@ def strip_indices(frames: int, every: float) -> list[int]:
 
 def shape_rows(frames: np.ndarray, indices: list[int], scene: world.WorldParams) -> list[tuple[float, ...]]:
     """(seconds, area / true area, IoU in place, centred IoU) per strip frame, against the truth."""
-    truth = yardstick.true_masks(scene, len(frames), frames.shape[2])[indices]
-    masks = yardstick.object_masks(frames[indices], world.PALETTE[scene.color])
-    in_place = yardstick.iou(masks, truth)
-    aligned = yardstick.iou(yardstick.centred(masks, yardstick.centroids(truth)), truth)
-    area = masks.sum(axis=(1, 2)) / np.maximum(1, truth.sum(axis=(1, 2)))
-    return [(i / FPS, float(a), float(p), float(c)) for i, a, p, c in zip(indices, area, in_place, aligned)]
+    in_place, aligned = yardstick.shape_ious(frames, scene)
+    area = yardstick.object_masks(frames, world.PALETTE[scene.color]).sum(axis=(1, 2))
+    true_area = yardstick.true_masks(scene, len(frames), frames.shape[2]).sum(axis=(1, 2))
+    return [(i / FPS, float(area[i] / max(1, true_area[i])), float(in_place[i]), float(aligned[i])) for i in indices]
 
 
 def main() -> None:

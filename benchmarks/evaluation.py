@@ -115,10 +115,6 @@ def blind_rules() -> str:
     return "\n".join(lines)
 
 
-def _edge_rule(p: world.WorldParams) -> str:
-    return yardstick.edge_rule(world.render(p, 1, size=64)[0], world.PALETTE[p.color])
-
-
 def direction_baseline() -> str:
     """The first yardstick's motion-direction score of the edge rule (it never reads the caption) on
     the held-out prompts of the first shipped model's published table."""
@@ -128,7 +124,7 @@ def direction_baseline() -> str:
              "|---|---|---|"]
     for n in (50, 100):
         cases = direction_cases(n)
-        right = sum(world.expected_direction(world.with_motion(p, _edge_rule(p))) == world.expected_direction(p)
+        right = sum(world.expected_direction(world.with_motion(p, yardstick.edge_rule_of(p))) == world.expected_direction(p)
                     for p in cases)
         low, high = yardstick.wilson(right, n)
         lines.append(f"| the first {n} | {right}/{n} = {100 * right / n:.1f}% | {100 * low:.0f}-{100 * high:.0f}% |")

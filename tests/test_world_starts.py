@@ -23,10 +23,6 @@ def _chance(scenes: list[world.WorldParams]) -> float:
     return float(np.mean([1 / len(world.applicable_motions(p)) for p in scenes]))
 
 
-def _edge_rule(p: world.WorldParams) -> str:
-    return yardstick.edge_rule(world.render(p, 1, size=64)[0], world.PALETTE[p.color])
-
-
 @pytest.fixture(scope="module")
 def held_out_new() -> list[world.WorldParams]:
     return world.scenes("validation", SCENES) + world.scenes("test", SCENES)
@@ -41,7 +37,7 @@ def test_caption_blind_rules_score_at_chance_on_the_new_world_and_above_it_on_th
     for start, scenes, at_chance in (("independent", held_out_new, True), ("by-motion", old, False)):
         fitted = yardstick.fit_start_frame_rule(itertools.islice(world.stream(11, start), 20_000))
         chance = _chance(scenes)
-        for name, rule in (("edge", _edge_rule), ("fitted", fitted)):
+        for name, rule in (("edge", yardstick.edge_rule_of), ("fitted", fitted)):
             low, high = _accuracy_interval(rule, scenes)
             if at_chance:
                 assert low <= chance <= high, (start, name, low, high, chance)

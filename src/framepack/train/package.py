@@ -206,7 +206,7 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         f"{_text_training(model / 'text')}, then frozen | {_size_mb(model / 'text'):.1f} MB |",
         "",
         "Sampling modes: trained on all three layouts the planner produces (inverted anti-drifting, forward",
-        f"as F1, vanilla); its default is {source.extra.get('mode', 'inverted')}. No image encoder, no distilled-guidance",
+        f"as F1, vanilla); its default is {source.mode}. No image encoder, no distilled-guidance",
         "embedder (the `--distilled-guidance` value is ignored). Training replaced 10% of the captions by the",
         "empty prompt, so real CFG (`--cfg`, negative prompt \"\") works. Defaults from its manifest: 128 px,",
         f"sigma shift 3 (the training shift), cfg {source.cfg(None):g}, 25 UniPC steps.",

@@ -252,14 +252,17 @@ def confusion(trials: Iterable[CaptionTrial]) -> dict[str, dict[str, int]]:
     return {m: dict(table[m]) for m in world.MOTIONS if m in table}
 
 
-def shape_fidelity(frames: np.ndarray, p: world.WorldParams) -> tuple[float, float]:
-    """(mean IoU in place, mean centred IoU) of the tracked object against the ground truth over the
-    frames where either has an object (frames run from t = 0 at ``frames``' size)."""
-    size = frames.shape[2]
-    truth = true_masks(p, len(frames), size)
+def shape_ious(frames: np.ndarray, p: world.WorldParams) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, (IoU in place, centred IoU) of the tracked object against the ground truth (frames
+    run from t = 0 at ``frames``' size); NaN where neither has an object."""
+    truth = true_masks(p, len(frames), frames.shape[2])
     tracked = object_masks(frames, world.PALETTE[p.color])
-    in_place = iou(tracked, truth)
-    aligned = iou(centred(tracked, centroids(truth)), truth)
+    return iou(tracked, truth), iou(centred(tracked, centroids(truth)), truth)
+
+
+def shape_fidelity(frames: np.ndarray, p: world.WorldParams) -> tuple[float, float]:
+    """(mean IoU in place, mean centred IoU) over the frames where either has an object (:func:`shape_ious`)."""
+    in_place, aligned = shape_ious(frames, p)
     return float(np.nanmean(in_place)), float(np.nanmean(aligned))
 
 
@@ -288,6 +291,11 @@ def edge_rule(frame: np.ndarray, rgb: world.RGB) -> str:
     distances = {"right": centre[0] / w, "left": 1 - centre[0] / w, "down": centre[1] / h, "up": 1 - centre[1] / h}
     away, nearest = min(distances.items(), key=lambda item: item[1])
     return away if nearest < EDGE_NEAR else "stay"
+
+
+def edge_rule_of(p: world.WorldParams, size: int = 64) -> str:
+    """:func:`edge_rule` on the start frame of scene ``p``, rendered at ``size``."""
+    return edge_rule(world.render(p, 1, size=size)[0], world.PALETTE[p.color])
 
 
 def _start_features(p: world.WorldParams) -> tuple:
