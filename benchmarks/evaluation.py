@@ -42,9 +42,10 @@ def merge_runs(runs: list[dict]) -> dict:
     def settings(run: dict) -> dict:
         return {k: v for k, v in run["config"].items() if k not in PARTS + ("workdir",)}
 
-    if any(settings(r) != settings(runs[0]) for r in runs[1:]):
-        raise SystemExit("the runs to merge differ in more than which parts they made: "
-                         + ", ".join(sorted(k for r in runs[1:] for k in settings(r) if settings(r)[k] != settings(runs[0])[k])))
+    first = settings(runs[0])
+    differing = sorted({k for r in runs[1:] for k, v in settings(r).items() if first.get(k) != v})
+    if differing:
+        raise SystemExit(f"the runs to merge differ in more than which parts they made: {', '.join(differing)}")
     captions = [r for r in runs if r["config"]["start_frames"]]
     long = [r for r in runs if r["config"]["long_videos"]]
     if len(captions) > 1 or len(long) > 1:
