@@ -221,8 +221,9 @@ class FramePackTask:
         )
         self.model = FramePackTransformer(cfg)
         if args.get("init"):
-            # fine-tuning (e.g. more steps on the shipped demo model): start from exported weights
-            self.model = FramePackTransformer.from_pretrained(args["init"])
+            # fine-tuning (e.g. more steps on the shipped demo model): start from exported weights, in
+            # fp32 whatever they were stored in (the demo model is stored fp16: AdamW on fp16 weights is NaN)
+            self.model = FramePackTransformer.from_pretrained(args["init"], dtype=torch.float32)
             if self.model.config != cfg:
                 raise ValueError(f"init weights {args['init']} do not match this task's transformer config")
         self._captions: dict[str, TextEmbedding] = {}
