@@ -161,6 +161,41 @@ def test_distill_runs_stops_resumes_and_exports(tmp_path, teacher):
     with pytest.raises(ValueError, match="no finished student"):
         distill_task.package_student(tmp_path, tmp_path / "nothing")
 
+    # as the package ships it: fp16 weights, the teacher's encoders shared by relative paths, its card
+    card = tmp_path / "card.md"
+    card.write_text("# the student\n")
+    shipped = distill_task.package_student(out, teacher.parent / "student-shared", half=True, share=teacher, card=card)
+    manifest = json.loads((shipped / "framepack.json").read_text())
+    assert manifest["steps"] == 2 and manifest["cache"] == "none" and manifest["distilled_from"]["teacher_cfg"] == TEACHER_CFG
+    assert manifest["vae"] == "../teacher/vae" and manifest["hunyuan"] == "../teacher/text"
+    assert not (shipped / "vae").exists() and not (shipped / "text").exists()
+    source, teacher_source = resolve_model(str(shipped)), resolve_model(str(teacher))
+    assert (source.vae, source.hunyuan, source.text_embeddings) == (
+        teacher_source.vae, teacher_source.hunyuan, teacher_source.text_embeddings)
+    assert source.steps(None) == 2 and source.steps(7) == 7 and teacher_source.steps(None) == 25
+    assert (shipped / "MODEL_CARD.md").read_text() == "# the student\n"
+    from safetensors import safe_open
+
+    with safe_open(shipped / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    # a task that starts from fp16-stored weights trains in fp32 (fp16 AdamW went NaN from step 1)
+    again = distill_task.DistillTask(_task_args(tmp_path / "again", shipped))
+    assert {p.dtype for p in again.model.parameters()} == {torch.float32}
+
+
+def test_share_encoders_refuses_parts_that_differ(tmp_path, teacher):
+    """Two models share encoders only when the parts are byte-identical: a changed VAE is refused,
+    and the model keeps its own copies."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    config = other / "vae" / "config.json"
+    config.write_text(config.read_text() + " ")
+    with pytest.raises(ValueError, match="differs from"):
+        package.share_encoders(other, teacher)
+    assert (other / "vae").is_dir() and json.loads((other / "framepack.json").read_text())["vae"] == "vae"
+
 
 def test_distill_refuses_mixed_pairs_and_teacher_fields(tmp_path, teacher):
     """Pairs made with another recipe are not mixed in; fields that describe the teacher are its
@@ -192,3 +227,24 @@ def test_student_configs_load_and_build(tmp_path, teacher, name):
     assert config.task == "distill" and task.teacher_cfg == TEACHER_CFG and task.teacher_steps == 25
     assert min(task.student_steps) <= 8 and task.data.world_start == "independent"
     assert config.task_args["pairs_dir"] != config.task_args["cache"]
+
+
+def test_a_models_own_steps_are_the_default_everywhere(tmp_path, teacher):
+    """A few-step student is run at its steps unless told otherwise: by generate (CLI settings), the
+    demo and the yardstick; a model without "steps" keeps 25; an explicit count wins."""
+    import shutil
+
+    from framepack.cli import _complete_settings
+    from framepack.demo import demo_settings
+    from framepack.train.evaluate import YardstickConfig, _as_run
+
+    student = tmp_path / "student"
+    shutil.copytree(teacher, student)
+    package.update_manifest(student, {"steps": 3, "cfg": 1.0})
+    for model, steps in ((student, 3), (teacher, 25)):
+        assert _complete_settings({"prompt": "a red square", "model": str(model)}).steps == steps
+        assert _complete_settings({"prompt": "a red square", "model": str(model), "steps": 9}).steps == 9
+        assert demo_settings(model=str(model)).steps == steps and demo_settings(model=str(model), steps=9).steps == 9
+        ran = _as_run(YardstickConfig(model=str(model)), resolve_model(str(model)))
+        assert (ran.steps, ran.cfg) == (steps, 1.0 if model == student else TEACHER_CFG)
+        assert _as_run(YardstickConfig(model=str(model), steps=9), resolve_model(str(model))).steps == 9

@@ -359,12 +359,12 @@ def calibrate_magcache(pipeline, settings, workdir: Path) -> list[float]:
 
 def manifest_path(model: str) -> Path:
     """The framepack.json that ``calibrate-cache`` writes into: the demo model's, or a model directory's."""
-    from .components import MANIFEST, NAMED_MODELS, asset
+    from .components import EMBEDDED_MODELS, MANIFEST, NAMED_MODELS, asset
 
     if model in NAMED_MODELS:
         raise ValueError(f"{model!r} is a hub model with no manifest to write into: download it into a model "
                          f"directory with a {MANIFEST} and calibrate that")
-    path = asset("tiny") if model == "tiny" else Path(model).expanduser()
+    path = asset(model) if model in EMBEDDED_MODELS else Path(model).expanduser()
     manifest = path / MANIFEST if path.is_dir() else path
     if not manifest.is_file():
         raise ValueError(f"{path} has no {MANIFEST}: not a framepack model directory")

@@ -297,6 +297,10 @@ def _complete_settings(base: dict):
         raise ValueError("--prompt is required (or --from a framepack video)")
     base.setdefault("image", None)  # no --image: text-to-video (with --extend, a frame of that video)
     base.setdefault("model", _default_model())
+    if base.get("steps") is None:  # the model's own: a few-step student is made for its few steps
+        from .components import resolve_model
+
+        base["steps"] = resolve_model(base["model"]).steps(None)
     return GenerationSettings.from_dict(base)
 
 
@@ -859,7 +863,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "5-6 s of generation, 7-14 s for the whole command (with the demo model's step cache; --cache none "
                                "about 2.5 times the generation).")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
-    demo.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
+    demo.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's, 4 for "
+                      "tiny-fast, 25 for tiny)")
     demo.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     demo.add_argument("--model", default="tiny", help="model (default tiny, the embedded demo model)")
     demo.add_argument("--cache", type=_cache_option, default="model", metavar="METHOD[:T]", help="step cache (default model: the model's own, "
@@ -906,7 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fuse a LoRA (.safetensors: ours, musubi-tuner's or diffusers' naming) at SCALE (default "
                      "1); repeat for several; recorded in the video by file name and sha256 (docs/lora.md)")
     samp = gen.add_argument_group("sampling")
-    samp.add_argument("--steps", type=int, help="denoising steps per section (default 25)")
+    samp.add_argument("--steps", type=int, help="denoising steps per section (default: the model's own; 25 for "
+                      "all but a few-step student such as tiny-fast, 4)")
     samp.add_argument("--sampler", choices=["unipc", "euler"], help="unipc (default; order-3 UniPC) or euler")
     samp.add_argument("--distilled-guidance", dest="distilled_guidance", type=_number,
                       help="distilled guidance scale fed to the model (default 10)")
@@ -979,7 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", type=_positive, help="direction: held-out prompts (default 50)")
     ev.add_argument("--seconds", type=_number, help="direction: length of each direction video (default 2)")
     ev.add_argument("--long-seconds", type=_number, help="direction: length of each long video (default 30)")
-    ev.add_argument("--steps", type=_positive, default=25, help="sampling steps per section (default 25)")
+    ev.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's own, 25 "
+                    "for tiny)")
     ev.add_argument("--cfg", type=_number,
                     help="real classifier-free guidance against the empty prompt (default: the model's own)")
     ev.add_argument("--seed", type=int, default=0, help="first seed (default 0)")

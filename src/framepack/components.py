@@ -408,6 +408,10 @@ class ModelSource:
         """The real-CFG scale: the request, else the model's recommended one, else 1 (off)."""
         return requested if requested is not None else float(self.extra.get("cfg", 1.0))
 
+    def steps(self, requested: int | None) -> int:
+        """Sampling steps per section: the request, else the model's own (a few-step student's), else 25."""
+        return requested if requested is not None else int(self.extra.get("steps", 25))
+
     def shift(self, requested: float | None) -> float | None:
         """The sigma shift: the request, else the one the model was trained with (None: from tokens)."""
         return requested if requested is not None else self.extra.get("shift")
@@ -420,6 +424,11 @@ NAMED_MODELS: dict[str, ModelSource] = {
     "framepack-f1": ModelSource("lllyasviel/FramePack_F1_I2V_HY_20250503", HUNYUAN, REDUX, "forward"),
 }
 MANIFEST = "framepack.json"
+# models shipped inside the package (framepack/assets/NAME), each with its MODEL_CARD.md
+EMBEDDED_MODELS: dict[str, str] = {
+    "tiny": "the embedded demo model: 25 steps with real CFG",
+    "tiny-fast": "its few-step student: 4 steps, CFG folded in; what framepack demo runs",
+}
 
 
 def asset(*parts: str) -> Path:
@@ -431,15 +440,15 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """A named model, or a directory holding a ``framepack.json`` manifest with relative paths."""
     if name_or_path in NAMED_MODELS:
         return NAMED_MODELS[name_or_path]
-    if name_or_path == "tiny":
-        path = asset("tiny")  # the embedded demo model (see its MODEL_CARD.md)
+    if name_or_path in EMBEDDED_MODELS:
+        path = asset(name_or_path)  # an embedded demo model (see its MODEL_CARD.md)
         if not (path / MANIFEST).is_file():
-            raise ValueError(f"the embedded demo model is missing from this installation ({path})")
+            raise ValueError(f"the embedded model {name_or_path!r} is missing from this installation ({path})")
     else:
         path = Path(name_or_path).expanduser()
     manifest = path / MANIFEST if path.is_dir() else path
     if not manifest.is_file():
-        known = ", ".join(sorted(NAMED_MODELS))
+        known = ", ".join(sorted(NAMED_MODELS) + sorted(EMBEDDED_MODELS))
         if path.exists():
             raise ValueError(f"{path} has no {MANIFEST}: not a framepack model directory")
         raise ValueError(f"unknown model {name_or_path!r}: not one of {known}, and no such directory")

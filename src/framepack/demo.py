@@ -2,7 +2,7 @@
 
 ``framepack demo`` (``make demo``) runs the *same* pipeline as the 13B model (transformer class,
 planner, sampler, job directory, video writer) with the demo model shipped in the package
-(``assets/tiny``: see its MODEL_CARD.md) and reports, per section, the packed context length and
+(``assets/tiny-fast``, the few-step student of ``assets/tiny``: see their MODEL_CARD.md) and reports, per section, the packed context length and
 the time taken: the point of FramePack is that both stay constant however long the video grows.
 """
 
@@ -11,20 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .components import asset
+from .components import asset, resolve_model
 from .packing import tokens_for
 from .planning import SectionPlan
 from .settings import DEFAULT_SEED, GenerationSettings
 
 
-def demo_settings(seconds: float = 5.0, steps: int = 25, seed: int = DEFAULT_SEED, model: str = "tiny",
+def demo_settings(seconds: float = 5.0, steps: int | None = None, seed: int = DEFAULT_SEED, model: str = "tiny",
                   cache: str = "none") -> GenerationSettings:
-    """The bundled start image and its prompt (a held-out scene of the training world). Exact by
-    default (benchmarks measure against it); ``framepack demo`` passes ``cache="model"``, the demo
-    model's step cache, which passed the quality gate (docs/caching.md)."""
+    """The bundled start image and its prompt (a held-out scene of the training world), at the
+    model's own steps unless ``steps`` is given. Exact by default (benchmarks measure against it);
+    ``framepack demo`` passes ``cache="model"``, the model's own step cache (the teacher's passed
+    the quality gate, docs/caching.md; the few-step student has none)."""
     prompt = asset("demo", "prompt.txt").read_text().strip()
-    return GenerationSettings(image=str(asset("demo", "start.png")), prompt=prompt, model=model,
-                              seconds=seconds, steps=steps, seed=seed, cache=cache)
+    return GenerationSettings(image=str(asset("demo", "start.png")), prompt=prompt, model=model, seconds=seconds,
+                              steps=resolve_model(model).steps(steps), seed=seed, cache=cache)
 
 
 def context_tokens(plan: SectionPlan, latent_height: int, latent_width: int, window_kernel=(1, 2, 2)) -> int:

@@ -362,9 +362,9 @@ def _finished_entries(out: Path) -> list[dict]:
 def model_name(model: str) -> str:
     """How the manifest names the model: a named model as it is, a model directory by its absolute
     path (training may run from another folder than the preparation did)."""
-    from ..components import NAMED_MODELS
+    from ..components import EMBEDDED_MODELS, NAMED_MODELS
 
-    if model in NAMED_MODELS or model == "tiny" or not Path(model).expanduser().exists():
+    if model in NAMED_MODELS or model in EMBEDDED_MODELS or not Path(model).expanduser().exists():
         return model
     return str(Path(model).expanduser().resolve())
 

@@ -39,6 +39,7 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,17 +312,30 @@ class DistillTask:
 register("distill")(DistillTask)
 
 
-def package_student(run: Path, out: Path) -> Path:
+def package_student(run: Path, out: Path, half: bool = False, share: Path | None = None,
+                    card: Path | None = None) -> Path:
     """The model directory ``out`` of a finished distill run: the student's transformer with its
-    teacher's VAE, text encoders and defaults (resolution, shift, mode), and cfg 1."""
+    teacher's VAE, text encoders and defaults (resolution, shift, mode), cfg 1 and the student's
+    steps, no step cache. ``half`` stores the weights in fp16; ``share`` points the manifest at that
+    model's encoders instead of copying them (they must be byte-identical: the teacher's, shipped
+    beside it); ``card`` is a markdown file written as its MODEL_CARD.md."""
     final = Path(run) / "final"
     if not (final / "distill.json").exists():
         raise ValueError(f"{run} has no finished student ({final / 'distill.json'} is missing): train it to the end first")
     config = json.loads((Path(run) / "train_config.json").read_text())
     source = resolve_model(str(config["task_args"]["teacher"]))
-    return package.assemble(Path(out), final, Path(source.vae), Path(source.hunyuan),
-                            resolution=int(source.extra.get("resolution", 128)), shift=float(source.shift(None) or 3.0),
-                            mode=source.mode, cfg=1.0)
+    out = package.assemble(Path(out), final, Path(source.vae), Path(source.hunyuan),
+                           resolution=int(source.extra.get("resolution", 128)), shift=float(source.shift(None) or 3.0),
+                           mode=source.mode, cfg=1.0, half=half)
+    distill = json.loads((final / "distill.json").read_text())
+    package.update_manifest(out, {"steps": int(distill["steps"]), "cache": "none", "distilled_from": {
+        "teacher": str(config["task_args"]["teacher"]), "teacher_steps": distill["teacher_steps"],
+        "teacher_cfg": distill["teacher_cfg"], "trained_steps": distill["trained_steps"], "training_steps": config["steps"]}})
+    if share is not None:
+        package.share_encoders(out, Path(share))
+    if card is not None:
+        shutil.copyfile(card, out / "MODEL_CARD.md")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in this run (a checkpoint is written)")
     parser.add_argument("--package", metavar="DIR", help="then write the finished student as a model directory "
                         "(its teacher's VAE and text encoders, cfg 1)")
+    parser.add_argument("--half", action="store_true", help="with --package: store the weights in fp16 (loaded at fp32)")
+    parser.add_argument("--share-encoders", metavar="MODEL_DIR", help="with --package: use that model directory's VAE "
+                        "and text encoders (byte-identical to the teacher's) instead of copies, by relative paths")
+    parser.add_argument("--card", metavar="FILE", help="with --package: a markdown file to write as its MODEL_CARD.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -340,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         run = train(config, max_steps_this_run=args.max_steps)
         print(run)
         if args.package:
-            print(package_student(run, Path(args.package)))
+            print(package_student(run, Path(args.package), half=args.half, share=args.share_encoders,
+                                  card=Path(args.card) if args.card else None))
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 0

@@ -125,14 +125,14 @@ class EvalConfig:
     seconds: float = 2.0
     long_videos: int = 6
     long_seconds: float = 30.0
-    steps: int = 25
+    steps: int | None = None  # None: the model's own (25, or a few-step student's)
     cfg: float | None = None  # real classifier-free guidance (negative prompt ""); None: the model's own
     seed: int = 0
     workdir: str | None = None  # keep the videos here (default: a temporary directory)
     split: str = "held-out"  # the direction scenes: "held-out" (reported) or "validation" (for choosing)
 
     def __post_init__(self) -> None:
-        if self.prompts < 1 or self.long_videos < 0 or self.steps < 1:
+        if self.prompts < 1 or self.long_videos < 0 or (self.steps is not None and self.steps < 1):
             raise ValueError("prompts and steps must be >= 1, long videos >= 0")
         if self.cfg is not None and not (math.isfinite(self.cfg) and self.cfg >= 0):
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
@@ -181,9 +181,14 @@ def _video(pipeline, config: EvalConfig | YardstickConfig, first: np.ndarray, ca
     return read_frames(job.out)
 
 
+def _as_run(config, source):
+    """The config with the model's own CFG scale and steps filled in: what runs, for the record."""
+    return replace(config, cfg=source.cfg(config.cfg), steps=source.steps(config.steps))
+
+
 def run_eval(config: EvalConfig, pipeline, progress: Callable[[str], None] = lambda s: None) -> EvalResult:
     """Generate every case with ``pipeline`` (a FramePackPipeline) and measure it."""
-    config = replace(config, cfg=pipeline.c.source.cfg(config.cfg))  # the scale that runs, for the record
+    config = _as_run(config, pipeline.c.source)
     result = EvalResult(config=asdict(config))
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(config.workdir) if config.workdir else Path(scratch)
@@ -262,7 +267,7 @@ class YardstickConfig:
     shape_seconds: tuple[float, ...] = (5.0, 30.0)
     persistence_seconds: tuple[float, ...] = (30.0, 60.0)
     drift_seconds: float = 30.0  # the long videos of this length are also made with vanilla sampling; 0: not
-    steps: int = 25
+    steps: int | None = None  # None: the model's own
     cfg: float | None = None
     seed: int = 0
     workdir: str | None = None
@@ -272,7 +277,7 @@ class YardstickConfig:
             raise ValueError(f"split must be validation or test, got {self.split!r}")
         if self.start not in world.STARTS:
             raise ValueError(f"start must be one of {world.STARTS}, got {self.start!r}")
-        if self.start_frames < 0 or self.long_videos < 0 or self.steps < 1:
+        if self.start_frames < 0 or self.long_videos < 0 or (self.steps is not None and self.steps < 1):
             raise ValueError("start frames and long videos must be >= 0, steps >= 1")
         if self.start_frames == 0 and self.long_videos == 0:
             raise ValueError("nothing to measure: start frames and long videos are both 0")
@@ -349,7 +354,7 @@ def measure(config: YardstickConfig, generate: yardstick.Generator, vanilla: yar
 
 def run_yardstick(config: YardstickConfig, pipeline, progress: Callable[[str], None] = lambda s: None) -> YardstickResult:
     """Generate every video with ``pipeline`` (a FramePackPipeline) and measure it."""
-    config = replace(config, cfg=pipeline.c.source.cfg(config.cfg))  # the scale that runs, for the record
+    config = _as_run(config, pipeline.c.source)
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(config.workdir) if config.workdir else Path(scratch)
         count = itertools.count()

@@ -83,12 +83,43 @@ def world_description() -> dict:
             "shade_range": list(world.SHADE_RANGE), "objects": [list(c) for c in world.PALETTE.values()]}
 
 
+def update_manifest(model: Path, entries: dict) -> None:
+    """Set ``entries`` in an assembled model's manifest (the rest kept as it is)."""
+    path = Path(model) / MANIFEST
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}, indent=2) + "\n")
+
+
 def add_world(model: Path) -> None:
     """Write :func:`world_description` into an assembled model's manifest (the rest kept as it is)."""
-    path = Path(model) / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest["world"] = world_description()
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    update_manifest(model, {"world": world_description()})
+
+
+SHARED_PARTS = ("vae", "hunyuan", "text_embeddings")  # manifest keys of what two embedded models can share
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} \
+        if root.is_dir() else {".": root.read_bytes()}
+
+
+def share_encoders(model: Path, other: Path) -> None:
+    """Make ``model`` use ``other``'s VAE, text encoders and stored embeddings by relative paths,
+    removing its own copies (the package ships one set for the demo model and its student). Refused
+    unless each part is byte-identical, so the model runs exactly as it did with its copies."""
+    model, other = Path(model), Path(other)
+    mine, theirs = json.loads((model / MANIFEST).read_text()), json.loads((other / MANIFEST).read_text())
+    entries = {}
+    for key in SHARED_PARTS:
+        own, shared = model / mine[key], other / theirs[key]
+        if _files(own) != _files(shared):
+            raise ValueError(f"{own} differs from {shared}: only identical parts can be shared")
+        entries[key] = Path("..", other.name, theirs[key]).as_posix() if other.parent.resolve() == model.parent.resolve() \
+            else str(shared.resolve())
+    for key in SHARED_PARTS:
+        own = model / mine[key]
+        shutil.rmtree(own) if own.is_dir() else own.unlink()
+    update_manifest(model, entries)
 
 
 def add_text_embeddings(model: Path, prompts: tuple[str, ...] | None = None) -> None:

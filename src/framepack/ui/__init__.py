@@ -74,11 +74,11 @@ def parse_devices(device: str | None, devices: str | None) -> list[str]:
 
 
 def available_models(default: str, cuda: bool) -> tuple[str, ...]:
-    """The default model first; the demo model when installed; the 13B models when a CUDA GPU is present."""
-    from ..components import resolve_model
+    """The default model first; the demo models when installed; the 13B models when a CUDA GPU is present."""
+    from ..components import EMBEDDED_MODELS, resolve_model
 
     models = [default]
-    candidates = ["tiny"] + (list(LARGE_MODELS) if cuda else [])
+    candidates = list(EMBEDDED_MODELS) + (list(LARGE_MODELS) if cuda else [])
     for name in candidates:
         if name in models:
             continue
