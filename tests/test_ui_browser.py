@@ -356,7 +356,7 @@ def test_page_state_follows_the_model_the_length_and_the_job(server, browser, im
     tables fit at 1400 px, and after a cancel nothing of the previous job or of the running state stays."""
     from framepack.planning import real_seconds
 
-    from framepack.ui.app import model_cfg, uses_distilled_guidance
+    from framepack.ui.app import model_cfg, model_steps, uses_distilled_guidance
 
     with open_page(browser, server.url) as page:
         # the length control: steps of one section, and the length the video really has
@@ -371,11 +371,18 @@ def test_page_state_follows_the_model_the_length_and_the_job(server, browser, im
         model = str(server.model)
         assert page.locator("#fp-guidance").is_visible() == uses_distilled_guidance(model)
         assert float(page.locator("#fp-cfg input").input_value()) == model_cfg(model)
-        if model != "tiny":  # the demo model is offered too: choosing it brings its own CFG
+        if model != "tiny":  # the demo models are offered too: choosing one brings its own CFG and steps
             page.locator("#fp-model input").click()
             page.get_by_role("option", name="tiny").click()
             playwright_api.expect(page.locator("#fp-cfg input")).to_have_value(f"{model_cfg('tiny'):g}")
             assert page.locator("#fp-guidance").is_visible() == uses_distilled_guidance("tiny")
+            # the few-step student brings its own steps and CFG, and the teacher its own back
+            for name in ("tiny-fast", "tiny"):
+                page.locator("#fp-model input").click()
+                page.get_by_role("option", name=name, exact=True).click()
+                playwright_api.expect(page.locator("#fp-steps input")).to_have_value(f"{model_steps(name)}")
+                playwright_api.expect(page.locator("#fp-cfg input")).to_have_value(f"{model_cfg(name):g}")
+            assert model_steps("tiny-fast") < model_steps("tiny")
             page.locator("#fp-model input").click()
             page.get_by_role("option", name=Path(model).name).click()
             playwright_api.expect(page.locator("#fp-cfg input")).to_have_value(f"{model_cfg(model):g}")

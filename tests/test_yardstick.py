@@ -169,3 +169,36 @@ def test_the_docs_table_script_writes_the_model_beside_the_controls(tmp_path):
     assert not blind.startswith("100.0%") and not frozen_cell.startswith("100.0%")
     assert "| model tiny | world's own clips | caption-blind | frozen video | random video |" in text
     assert "new world (independent starts)" in text
+
+
+def test_the_student_script_holds_the_student_to_its_teachers_bounds(tmp_path):
+    """benchmarks/student.py: the world's own clips as a "teacher", and as "students" the same clips
+    (within every bound) and a frozen video (below them): the table says which holds, pairs the
+    caption trials, and runs made on other trials are refused."""
+    from framepack.train.evaluate import save
+
+    config = YardstickConfig(start_frames=2, long_videos=1, shape_seconds=(1.0,), persistence_seconds=(1.0,),
+                             drift_seconds=0)
+    scenes = world.scenes("validation", 2) + yardstick.long_scenes("validation", 1)
+    save(measure(config, yardstick.world_generator(scenes)), tmp_path / "truth.json")
+    save(measure(config, frozen), tmp_path / "frozen.json")
+    save(measure(YardstickConfig(start_frames=1, long_videos=0), frozen), tmp_path / "other.json")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "student.py"
+
+    def table(student: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "--teacher", str(tmp_path / "truth.json"), "--student",
+                               str(tmp_path / student)], capture_output=True, text=True, timeout=300, check=False)
+
+    same, worse, other = table("truth.json"), table("frozen.json"), table("other.json")
+    assert same.returncode == 0 and worse.returncode == 0, same.stderr + worse.stderr
+
+    def within(out: str, row: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith(f"| {row}")).split("|")[-2].strip()
+
+    assert within(same.stdout, "caption control") == "yes" and within(same.stdout, "shape IoU in place") == "yes"
+    assert within(worse.stdout, "caption control") == "no" and within(worse.stdout, "shape IoU in place") == "no"
+    assert "the student misses 0 that the teacher shows" in same.stdout
+    right = sum(yardstick.CaptionTrial(**t).right for t in json.loads((tmp_path / "frozen.json").read_text())["captions"])
+    trials = len(json.loads((tmp_path / "truth.json").read_text())["captions"])
+    assert f"the student misses {trials - right} that the teacher shows and shows 0" in worse.stdout
+    assert other.returncode != 0 and "not made on the same trials" in other.stderr

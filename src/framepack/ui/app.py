@@ -231,6 +231,13 @@ def model_cfg(model: str) -> float:
     return resolve_model(model).cfg(None)
 
 
+def model_steps(model: str) -> int:
+    """The sampling steps a model is made for: what the steps field shows when it is chosen."""
+    from ..components import resolve_model
+
+    return resolve_model(model).steps(None)
+
+
 def field_updates(model: str, cfg: float | None = None, guidance: float | None = None) -> tuple[Any, Any]:
     """The CFG and distilled-guidance fields for ``model``: its own CFG unless ``cfg`` is given; the
     guidance field only where the model reads it."""
@@ -501,11 +508,14 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
                 return _error(public_text(one_line(exc), outputs))
             return public_text(text, outputs)
 
-        def on_model(name: Any) -> tuple[Any, Any]:
+        def on_model(name: Any) -> tuple[Any, Any, Any]:
+            # a model's own CFG, guidance and steps (a few-step student is made for its few steps)
             try:
-                return field_updates(names[name]) if name in names else (gr.skip(), gr.skip())
+                if name in names:
+                    return (*field_updates(names[name]), gr.update(value=model_steps(names[name])))
             except ValueError:
-                return gr.skip(), gr.skip()
+                pass
+            return gr.skip(), gr.skip(), gr.skip()
 
         def on_poll(job: Any, seen: dict[str, Any], stopping: Any) -> tuple[Any, ...]:
             # only submit writes `watched`; a page that submitted nothing follows the first running job
@@ -678,7 +688,7 @@ def build_app(service: JobService, models: Sequence[str], defaults: FormDefaults
         cancel.click(checked(on_cancel), [watched, shown], [message, cancelling], show_progress="hidden", **raw)
         resume.click(checked(on_resume), [watched, shown], message, show_progress="hidden", **raw)
         seconds.change(checked(on_length), seconds, length, show_progress="hidden", queue=False, **raw)
-        model.input(checked(on_model), model, [cfg, guidance], show_progress="hidden", **raw)
+        model.input(checked(on_model), model, [cfg, guidance, steps], show_progress="hidden", **raw)
         plan_inputs = [by_name[name] for name in PLAN_FIELDS]
         gr.on([app.load, *(block.change for block in plan_inputs)], checked(on_plan), plan_inputs, plan_view,
               trigger_mode="always_last", show_progress="hidden", **raw)
