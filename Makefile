@@ -45,7 +45,7 @@ screenshots: $(VENV)/.installed-dev $(CHROMIUM)
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/transformer_forward.py
 
-# Retrain the embedded demo model from scratch (hours on a CPU; every stage resumes from its latest
+# Retrain the embedded demo models from scratch (hours on a CPU; every stage resumes from its latest
 # checkpoint, so it can be interrupted and started again), evaluate it and package it.
 demo-model: $(VENV)/.installed-train
 	for stage in gen2_vae gen2_framepack gen2_framepack_long; do \
@@ -56,6 +56,14 @@ demo-model: $(VENV)/.installed-train
 	  --notes configs/gen2_card_notes.md --eval-table runs/gen2-eval-test.md
 	$(VENV)/bin/framepack calibrate-cache --model tiny
 	$(PY) benchmarks/caching.py --write-default
+	# the few-step student that `framepack demo` runs (tiny-fast), held to its teacher on the test split
+	$(VENV)/bin/framepack train configs/gen2_student.json
+	$(PY) -m framepack.train.distill_task configs/gen2_student.json --package src/framepack/assets/tiny-fast \
+	  --half --share-encoders src/framepack/assets/tiny --card configs/gen2_student_card.md
+	$(VENV)/bin/framepack eval --model tiny-fast --split test --json runs/gen2-student-eval-test.json
+	$(PY) benchmarks/student.py --teacher runs/gen2-eval-test.json --student runs/gen2-student-eval-test.json \
+	  --name student-test --doc docs/demo-model.md configs/gen2_student_card.md
+	cp configs/gen2_student_card.md src/framepack/assets/tiny-fast/MODEL_CARD.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strip", default="docs/screenshots/demo-strip.png", help="the PNG to write")
     parser.add_argument("--every", type=float, default=0.6, help="seconds between strip frames (default 0.6)")
-    parser.add_argument("--model", default="tiny", help="the model (default tiny, the demo's)")
+    parser.add_argument("--model", default="tiny-fast", help="the model (default tiny-fast, the demo's)")
     parser.add_argument("--cache", default="model", help="step cache (default: the model's own, as the demo)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--doc", help="write the table between this doc's bench:demo-strip markers")

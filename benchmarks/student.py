@@ -10,7 +10,8 @@
    the generation time it prints, with the machine's load average at the start.
 
     python benchmarks/student.py --teacher runs/eval-s3h-cap.json runs/eval-s3h-long.json \\
-        --student runs/eval-student-cap.json runs/eval-student-long.json --time 3 --doc docs/demo-model.md
+        --student runs/eval-student-cap.json runs/eval-student-long.json --name student-validation \\
+        --doc docs/demo-model.md configs/gen2_student_card.md
 """
 
 from __future__ import annotations
@@ -132,11 +133,13 @@ def main() -> None:
     parser.add_argument("--teacher", nargs="+", help="the teacher's `framepack eval --json` file(s)")
     parser.add_argument("--student", nargs="+", help="the student's, on the same trials")
     parser.add_argument("--time", type=int, default=0, metavar="N", help="also time N demo runs of each")
-    parser.add_argument("--doc", help="write the tables between this Markdown file's bench:student markers")
+    parser.add_argument("--doc", nargs="+", default=[], help="write the tables between these Markdown files' "
+                        "bench:NAME markers (the docs and the student's model card)")
+    parser.add_argument("--name", default="student", help="the markers' NAME (default student)")
     args = parser.parse_args()
     if bool(args.teacher) != bool(args.student) or not (args.teacher or args.time):
         parser.error("give --teacher and --student, or --time N, or both")
-    from doctable import publish
+    from doctable import update_doc
 
     parts = []
     if args.teacher:
@@ -145,8 +148,11 @@ def main() -> None:
         parts.append(timing(args.time))
     command = "python benchmarks/student.py" + (f" --teacher {' '.join(args.teacher)} --student {' '.join(args.student)}"
                                                 if args.teacher else "") + (f" --time {args.time}" if args.time else "")
-    publish("\n\n".join(parts), Path(args.doc) if args.doc else None, "student",
-            command + (f" --doc {args.doc}" if args.doc else ""))
+    command += (f" --name {args.name}" if args.name != "student" else "") + (f" --doc {' '.join(args.doc)}" if args.doc else "")
+    report = "\n\n".join(parts)
+    print(report)
+    for doc in args.doc:
+        update_doc(Path(doc), args.name, report, command)
 
 
 if __name__ == "__main__":

@@ -379,9 +379,11 @@ def test_help_and_argument_errors_import_no_torch(args):
 
 def test_help_states_the_demo_models_own_defaults():
     manifest = json.loads((asset("tiny") / "framepack.json").read_text())
+    student = json.loads((asset("tiny-fast") / "framepack.json").read_text())
     demo_help = framepack("demo", "--help").stdout
     generate_help = " ".join(framepack("generate", "--help").stdout.split())
-    assert f"cfg {manifest['cfg']:g}" in " ".join(demo_help.split())
+    assert f"default cfg {manifest['cfg']:g}" in " ".join(demo_help.split())  # the teacher's
+    assert f"tiny-fast: {student['steps']} steps at cfg {student['cfg']:g}" in " ".join(demo_help.split())
     assert f"{manifest['cfg']:g} for the demo model" in generate_help
     assert f"default {DEFAULT_SEED}" in " ".join(demo_help.split()) and f"default {DEFAULT_SEED}" in generate_help
 

@@ -37,6 +37,29 @@ def test_shipped_files_are_complete_and_small():
     assert json.loads((root / "vae" / "metrics.json").read_text())["psnr_db"] >= 30
 
 
+def test_the_shipped_student_is_its_teachers_few_step_student():
+    """tiny-fast: the teacher's encoders by relative paths (no second copy in the package), its
+    own transformer of the teacher's architecture, 4 steps at cfg 1 and no step cache by default;
+    and `framepack demo` runs it unless told otherwise."""
+    from framepack.cli import build_parser
+    from framepack.model import FramePackTransformer
+
+    student, teacher = resolve_model("tiny-fast"), resolve_model("tiny")
+    assert (student.vae, student.hunyuan, student.text_embeddings) == (teacher.vae, teacher.hunyuan, teacher.text_embeddings)
+    assert not (asset("tiny-fast") / "vae").exists() and not (asset("tiny-fast") / "text").exists()
+    assert Path(student.transformer) == asset("tiny-fast") / "transformer"
+    a = FramePackTransformer.from_pretrained(student.transformer, dtype=torch.float32)
+    b = FramePackTransformer.from_pretrained(teacher.transformer, dtype=torch.float32)
+    assert a.config == b.config and any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    manifest = json.loads((asset("tiny-fast") / "framepack.json").read_text())
+    assert student.steps(None) == 4 and student.cfg(None) == 1.0 and manifest["cache"] == "none"
+    assert manifest["distilled_from"]["teacher_cfg"] == teacher.cfg(None) and teacher.steps(None) == 25
+    assert (student.mode, student.resolution(None), student.shift(None)) == (teacher.mode, 128, teacher.shift(None))
+    assert build_parser().parse_args(["demo"]).model == "tiny-fast"
+    card = (asset("tiny-fast") / "MODEL_CARD.md").read_text()
+    assert "<!-- bench:student-test -->\nMade by" in card and "<!-- bench:student-time -->\nMade by" in card
+
+
 def test_tiny_is_the_default_without_cuda(monkeypatch):
     import torch
 
@@ -47,12 +70,12 @@ def test_tiny_is_the_default_without_cuda(monkeypatch):
 
 
 def test_demo_command_makes_a_video_of_the_prompt(tmp_path):
-    """`framepack demo` with the embedded model: a playable mp4, the table, and the object stays."""
+    """`framepack demo` with the embedded student: a playable mp4, the table, and the object stays."""
     out = tmp_path / "demo.mp4"
     result = subprocess.run([FRAMEPACK, "demo", "--seconds", "1", "--steps", "8", "--out", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "model tiny on cpu" in result.stderr
+    assert "model tiny-fast on cpu" in result.stderr  # the student, by default
     assert "context stays at 736 tokens in every section" in result.stdout
     frames = read_frames(out)
     assert frames.shape == (37, 128, 128, 3)

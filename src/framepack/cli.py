@@ -839,10 +839,10 @@ def _plan(args: argparse.Namespace) -> int:
 # ---- parser ---------------------------------------------------------------------------------------------
 
 
-def _demo_manifest() -> dict:
-    """The embedded demo model's manifest (its defaults, for the help), read without importing torch."""
+def _demo_manifest(name: str = "tiny") -> dict:
+    """An embedded demo model's manifest (its defaults, for the help), read without importing torch."""
     try:
-        return json.loads(resources.files("framepack").joinpath("assets", "tiny", "framepack.json").read_text())
+        return json.loads(resources.files("framepack").joinpath("assets", name, "framepack.json").read_text())
     except (OSError, ValueError):
         return {}
 
@@ -851,25 +851,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .settings import DEFAULT_SEED  # light: no torch
 
     demo_cfg = _demo_manifest().get("cfg", 1.0)
+    student = _demo_manifest("tiny-fast")
     parser = _Parser(prog="framepack", description="FramePack: long videos, section by section, on a constant budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="make a video with the embedded demo model from the bundled start image "
-                                            "and prompt (7-14 s for the whole command on 2 CPU cores)",
-                               description="Make a 5 s video (4.83 s: 145 frames at 30 fps) with the embedded demo "
-                               f"model at its default cfg {demo_cfg:g}, from the bundled start image and prompt; print "
+                                            "and prompt (3.9-4.4 s for the whole command on 2 CPU cores)",
+                               description="Make a 5 s video (4.83 s: 145 frames at 30 fps) from the bundled start image "
+                               "and prompt with the embedded demo model's few-step student (tiny-fast: "
+                               f"{student.get('steps', 4)} steps at cfg {student.get('cfg', 1.0):g}, CFG folded in); print "
                                "each section's context length and time. Measured over several runs on 2 CPU cores: "
-                               "5-6 s of generation, 7-14 s for the whole command (with the demo model's step cache; --cache none "
-                               "about 2.5 times the generation).")
+                               "2.6-3.0 s of generation, 3.9-4.4 s for the whole command, warm. --model tiny runs its "
+                               f"teacher ({_demo_manifest().get('steps', 25)} steps at its default cfg {demo_cfg:g}, with its "
+                               "step cache): 6.0-6.6 s of generation.")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
     demo.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's, 4 for "
                       "tiny-fast, 25 for tiny)")
     demo.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
-    demo.add_argument("--model", default="tiny", help="model (default tiny, the embedded demo model)")
+    demo.add_argument("--model", default="tiny-fast", help="model (default tiny-fast, the demo model's few-step "
+                      "student; tiny: the demo model itself)")
     demo.add_argument("--cache", type=_cache_option, default="model", metavar="METHOD[:T]", help="step cache (default model: the model's own, "
-                      f"{_demo_manifest().get('cache', 'none')} for the demo model; none: every step exact; "
-                      "see generate --cache)")
+                      f"{student.get('cache', 'none')} for tiny-fast, {_demo_manifest().get('cache', 'none')} for tiny; "
+                      "none: every step exact; see generate --cache)")
     demo.add_argument("--out", help="output .mp4 (default outputs/demo-TIMESTAMP.mp4)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out (and its finished job) if it exists")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")

@@ -97,22 +97,43 @@ def add_world(model: Path) -> None:
 SHARED_PARTS = ("vae", "hunyuan", "text_embeddings")  # manifest keys of what two embedded models can share
 
 
-def _files(root: Path) -> dict[str, bytes]:
+def _files(root: Path) -> dict[str, Path]:
     root = Path(root)
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} \
-        if root.is_dir() else {".": root.read_bytes()}
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()} if root.is_dir() \
+        else {".": root}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Byte-identical, or for safetensors the same metadata and tensors (their header's key order
+    is not fixed, so two saves of the same embeddings can differ in bytes)."""
+    if a.read_bytes() == b.read_bytes():
+        return True
+    if a.suffix != ".safetensors":
+        return False
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(a, "pt") as x, safe_open(b, "pt") as y:
+        return x.metadata() == y.metadata() and set(x.keys()) == set(y.keys()) and all(
+            x.get_tensor(k).dtype == y.get_tensor(k).dtype and torch.equal(x.get_tensor(k), y.get_tensor(k))
+            for k in x.keys())
+
+
+def _same_part(a: Path, b: Path) -> bool:
+    mine, theirs = _files(a), _files(b)
+    return mine.keys() == theirs.keys() and all(_same_file(mine[k], theirs[k]) for k in mine)
 
 
 def share_encoders(model: Path, other: Path) -> None:
     """Make ``model`` use ``other``'s VAE, text encoders and stored embeddings by relative paths,
     removing its own copies (the package ships one set for the demo model and its student). Refused
-    unless each part is byte-identical, so the model runs exactly as it did with its copies."""
+    unless each part is identical (:func:`_same_file`), so the model runs exactly as with its copies."""
     model, other = Path(model), Path(other)
     mine, theirs = json.loads((model / MANIFEST).read_text()), json.loads((other / MANIFEST).read_text())
     entries = {}
     for key in SHARED_PARTS:
         own, shared = model / mine[key], other / theirs[key]
-        if _files(own) != _files(shared):
+        if not _same_part(own, shared):
             raise ValueError(f"{own} differs from {shared}: only identical parts can be shared")
         entries[key] = Path("..", other.name, theirs[key]).as_posix() if other.parent.resolve() == model.parent.resolve() \
             else str(shared.resolve())
