@@ -317,7 +317,7 @@ def package_student(run: Path, out: Path, half: bool = False, share: Path | None
     """The model directory ``out`` of a finished distill run: the student's transformer with its
     teacher's VAE, text encoders and defaults (resolution, shift, mode), cfg 1 and the student's
     steps, no step cache. ``half`` stores the weights in fp16; ``share`` points the manifest at that
-    model's encoders instead of copying them (they must be byte-identical: the teacher's, shipped
+    model's encoders instead of copying them (they must be identical: the teacher's, shipped
     beside it); ``card`` is a markdown file written as its MODEL_CARD.md."""
     final = Path(run) / "final"
     if not (final / "distill.json").exists():
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(its teacher's VAE and text encoders, cfg 1)")
     parser.add_argument("--half", action="store_true", help="with --package: store the weights in fp16 (loaded at fp32)")
     parser.add_argument("--share-encoders", metavar="MODEL_DIR", help="with --package: use that model directory's VAE "
-                        "and text encoders (byte-identical to the teacher's) instead of copies, by relative paths")
+                        "and text encoders (identical to the teacher's) instead of copies, by relative paths")
     parser.add_argument("--card", metavar="FILE", help="with --package: a markdown file to write as its MODEL_CARD.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
