@@ -373,7 +373,7 @@ def test_page_state_follows_the_model_the_length_and_the_job(server, browser, im
         assert float(page.locator("#fp-cfg input").input_value()) == model_cfg(model)
         if model != "tiny":  # the demo models are offered too: choosing one brings its own CFG and steps
             page.locator("#fp-model input").click()
-            page.get_by_role("option", name="tiny").click()
+            page.get_by_role("option", name="tiny", exact=True).click()
             playwright_api.expect(page.locator("#fp-cfg input")).to_have_value(f"{model_cfg('tiny'):g}")
             assert page.locator("#fp-guidance").is_visible() == uses_distilled_guidance("tiny")
             # the few-step student brings its own steps and CFG, and the teacher its own back
