@@ -424,11 +424,9 @@ NAMED_MODELS: dict[str, ModelSource] = {
     "framepack-f1": ModelSource("lllyasviel/FramePack_F1_I2V_HY_20250503", HUNYUAN, REDUX, "forward"),
 }
 MANIFEST = "framepack.json"
-# models shipped inside the package (framepack/assets/NAME), each with its MODEL_CARD.md
-EMBEDDED_MODELS: dict[str, str] = {
-    "tiny": "the embedded demo model: 25 steps with real CFG",
-    "tiny-fast": "its few-step student: 4 steps, CFG folded in; what framepack demo runs",
-}
+# models shipped inside the package (framepack/assets/NAME), each with its MODEL_CARD.md: the demo
+# model (25 steps, real CFG) and its few-step student (4 steps, CFG folded in; what framepack demo runs)
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny", "tiny-fast")
 
 
 def asset(*parts: str) -> Path:
