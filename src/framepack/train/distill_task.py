@@ -233,6 +233,8 @@ class DistillTask:
         self.sigmas = student_sigmas(self.student_steps, self.shift)
         weights = Path(source.transformer) / "diffusion_pytorch_model.safetensors"
         recipe = {"teacher_weights": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else None,
+                  # the dtype the teacher computes in: fp16 pairs once passed for fp32 ones unseen
+                  "teacher_dtype": str(next(self.teacher.parameters()).dtype),
                   "teacher_steps": self.teacher_steps, "teacher_cfg": self.teacher_cfg, "shift": self.shift,
                   "pair_batch": self.pair_batch, "data": {k: v for k, v in data.items() if k != "cache"}}
         self.store = PairStore(Path(args.get("pairs_dir", "runs/distill-pairs")), recipe)
