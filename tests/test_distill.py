@@ -200,9 +200,16 @@ def test_share_encoders_refuses_parts_that_differ(tmp_path, teacher):
 def test_distill_refuses_mixed_pairs_and_teacher_fields(tmp_path, teacher):
     """Pairs made with another recipe are not mixed in; fields that describe the teacher are its
     own. One-line errors, also through the module's entry point (exit 2, no traceback)."""
-    distill_task.DistillTask(_task_args(tmp_path, teacher)).store.check()
+    store = distill_task.DistillTask(_task_args(tmp_path, teacher)).store
+    store.check()
     with pytest.raises(ValueError, match="another teacher or recipe"):
         distill_task.DistillTask(_task_args(tmp_path, teacher, teacher_cfg=5.0)).store.check()
+    # the teacher computes in fp32 whatever its stored dtype; pairs recorded as made in fp16 are refused
+    recipe = json.loads((store.directory / "pairs.json").read_text())
+    assert recipe["teacher_dtype"] == "torch.float32"
+    (store.directory / "pairs.json").write_text(json.dumps({**recipe, "teacher_dtype": "torch.float16"}))
+    with pytest.raises(ValueError, match="another teacher or recipe"):
+        distill_task.DistillTask(_task_args(tmp_path, teacher)).store.check()
     with pytest.raises(ValueError, match="come from the teacher"):
         distill_task.DistillTask(_task_args(tmp_path, teacher, vae="elsewhere"))
     config = tmp_path / "bad.json"
