@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from framepack.components import asset
-from framepack.extend import file_sha256, seam
+from framepack.extend import file_sha256, frame_differences, seam
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
 from framepack.settings import GenerationSettings
@@ -46,6 +46,7 @@ class Row:
     frames: tuple[int, int]  # original, extended
     join: float
     inside: tuple[float, ...]
+    new: tuple[float, ...]
     within: bool
 
 
@@ -61,10 +62,27 @@ def _extend(pipeline: FramePackPipeline, video: Path, prompt: str, mode: str, st
     out = _make(pipeline, settings, root)
     original, extended = read_frames(video), read_frames(out)
     measured = seam(original, extended, backwards=mode == "inverted", overlap=overlap_frames(settings.window))
-    return Row(video.stem, mode, (len(original), len(extended)), measured.join, measured.inside, measured.within)
+    return Row(video.stem, mode, (len(original), len(extended)), measured.join, measured.inside, measured.new,
+               measured.within)
 
 
-def measure(steps: int, seed: int, scratch: Path) -> list[Row]:
+def vae_round_trips(pipeline: FramePackPipeline) -> list[str]:
+    """Table rows: each rendered original's frame differences before and after the demo VAE alone
+    (encode, decode): how smooth a continuation through that VAE can be at best."""
+    from framepack.video import to_frames
+
+    lines = []
+    for i, params in enumerate(RENDERED):
+        clip = render(params, round(SOURCE_SECONDS * 30) + 1)
+        pixels = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+        with torch.no_grad():
+            rebuilt = to_frames(pipeline.c.vae.decode(pipeline.c.vae.encode(pixels)))
+        lines.append(f"| rendered-{i + 1} | {_spread(tuple(frame_differences(clip)))} | "
+                     f"{_spread(tuple(frame_differences(rebuilt)))} |")
+    return lines
+
+
+def measure(steps: int, seed: int, scratch: Path) -> tuple[list[Row], list[str]]:
     pipeline = FramePackPipeline.from_model("tiny")
     start = str(asset("demo", "start.png"))
     sources: list[tuple[Path, str, tuple[str, ...]]] = []
@@ -81,18 +99,21 @@ def measure(steps: int, seed: int, scratch: Path) -> list[Row]:
     for video, prompt, modes in sources:
         for mode in modes:
             rows.append(_extend(pipeline, video, prompt, mode, steps, seed, scratch / f"{video.stem}-{mode}-extended"))
-    return rows
+    return rows, vae_round_trips(pipeline)
+
+
+def _spread(values: tuple[float, ...]) -> str:
+    v = np.array(values)
+    return f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}"
 
 
 def table(rows: list[Row]) -> str:
     header = ("| original | extended in mode | frames (original -> extended) | join | original's differences: "
-              "min / median / max | join within |")
-    lines = [header, "|---|---|---|---|---|---|"]
+              "min / median / max | new frames' differences: min / median / max | join within the original's |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
-        inside = np.array(r.inside)
-        lines.append(f"| {r.source} | {r.mode} | {r.frames[0]} -> {r.frames[1]} | {r.join:.2f} | "
-                     f"{inside.min():.2f} / {np.median(inside):.2f} / {inside.max():.2f} | "
-                     f"{'yes' if r.within else 'no'} |")
+        lines.append(f"| {r.source} | {r.mode} | {r.frames[0]} -> {r.frames[1]} | {r.join:.2f} | {_spread(r.inside)} | "
+                     f"{_spread(r.new)} | {'yes' if r.within else 'no'} |")
     return "\n".join(lines)
 
 
@@ -106,7 +127,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="framepack-extend-seam-") as scratch:
-        rows = measure(args.steps, args.seed, Path(scratch))
+        rows, vae = measure(args.steps, args.seed, Path(scratch))
     setup = (f"Demo model (CPU, {args.threads} threads), {args.steps} steps, seed {args.seed}; each original "
              f"({SOURCE_SECONDS:g} s) extended by one section ({NEW_SECONDS:g} s). Mean absolute difference of "
              "consecutive frames, 0-255 scale; the join is the largest over the last new frame into the video "
@@ -114,7 +135,11 @@ def main() -> None:
     from doctable import publish  # beside this script
 
     command = "python benchmarks/extend_seam.py " + " ".join(sys.argv[1:])
-    publish(setup + "\n\n" + table(rows), Path(args.doc) if args.doc else None, "extend_seam", command.strip())
+    vae_table = "\n".join(["The demo VAE alone (each rendered original encoded and decoded, no generation):", "",
+                           "| original | differences: min / median / max | after the VAE: min / median / max |",
+                           "|---|---|---|", *vae])
+    publish(setup + "\n\n" + table(rows) + "\n\n" + vae_table, Path(args.doc) if args.doc else None, "extend_seam",
+            command.strip())
 
 
 if __name__ == "__main__":

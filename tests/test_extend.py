@@ -51,6 +51,24 @@ def test_a_span_decodes_to_the_frames_its_latents_stand_for():
     assert span_frames((10, 11), 9) == [4, 5, 6, 7, 8]
 
 
+def _ramp(levels: list[float]) -> np.ndarray:
+    """Uniform frames at these grey levels: consecutive differences are the steps between levels."""
+    return np.stack([np.full((2, 2, 3), v, np.float32) for v in levels])
+
+
+def test_the_seam_separates_a_jump_at_the_join_from_the_new_frames_own_changes():
+    original = _ramp([10, 11, 12, 13, 14])  # steps of 1
+    # forward: a blend of 2 frames, then the new frames moving by 3 per frame, with a jump of 5 into them
+    forward = np.concatenate([original[:3], _ramp([14, 16, 21, 24, 27])])
+    measured = seam(original, forward, backwards=False, overlap=2)
+    assert measured.join == 5.0 and measured.inside == (1.0,) * 4 and measured.new == (3.0, 3.0)
+    assert not measured.within
+    # backward: the new frames come first; a join as small as the original's steps is within
+    backward = np.concatenate([_ramp([2, 4, 6, 8]), original])
+    measured = seam(original, backward, backwards=True, overlap=0)
+    assert measured.new == (2.0,) * 4 and measured.join == 1.0 and measured.within
+
+
 def test_extending_backward_adds_the_new_frames_before_the_video_without_a_seam(ours, tmp_path):
     out = tmp_path / "longer.mp4"
     run = _run("generate", "--extend", str(ours), "--prompt", PROMPT, "--seconds", "1.2", "--steps", "25",

@@ -289,6 +289,8 @@ def check_copy(job) -> None:
 class Seam:
     join: float  # mean abs difference between the frames on either side of the join (0..255)
     inside: tuple[float, ...]  # the same between consecutive frames inside the original clip
+    new: tuple[float, ...] = ()  # and inside the new frames: a join above both is a seam, one within
+    # the new part's range but above the original's is the new part's own flicker
 
     @property
     def within(self) -> bool:
@@ -314,4 +316,5 @@ def seam(original: np.ndarray, extended: np.ndarray, backwards: bool, overlap: i
         region = diffs[new : new + TEMPORAL_RATIO + overlap]
     else:  # the blend (the video's last frames into their reconstruction), then the first new frame
         region = diffs[len(original) - overlap - 1 : len(original)]
-    return Seam(float(region.max()), tuple(float(d) for d in inside))
+    own = diffs[:new] if backwards else diffs[len(original) :]  # the differences on the new side of the region
+    return Seam(float(region.max()), tuple(float(d) for d in inside), tuple(float(d) for d in own))
