@@ -62,7 +62,8 @@ demo-model: $(VENV)/.installed-train
 	  --half --share-encoders src/framepack/assets/tiny --card configs/gen2_student_card.md
 	$(VENV)/bin/framepack eval --model tiny-fast --split test --json runs/gen2-student-eval-test.json
 	$(PY) benchmarks/student.py --teacher runs/gen2-eval-test.json --student runs/gen2-student-eval-test.json \
-	  --name student-test --doc docs/demo-model.md configs/gen2_student_card.md
+	  > runs/gen2-student-vs-teacher-test.md
+	$(PY) benchmarks/evaluation.py --model-json runs/gen2-student-eval-test.json --card-table runs/gen2-student-eval-test.md
 	cp configs/gen2_student_card.md src/framepack/assets/tiny-fast/MODEL_CARD.md
 
 clean:
