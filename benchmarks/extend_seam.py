@@ -28,10 +28,11 @@ from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
 from framepack.settings import GenerationSettings
 from framepack.train.world import WorldParams, caption, render
-from framepack.video import overlap_frames, read_frames, write_segment
+from framepack.video import overlap_frames, read_frames, to_frames, write_segment
 
 DEMO_PROMPT = "An orange triangle moves to the right on a striped red background"
 SOURCE_SECONDS = 2.4  # 2 sections: 73 frames
+SOURCE_FRAMES = round(SOURCE_SECONDS * 30) + 1
 NEW_SECONDS = 1.2  # one new section
 RENDERED = (  # clips of the world the demo model was trained on, rendered (not generated)
     WorldParams("circle", "red", "plain", "blue", "right", speed=10.0, x=0.3, y=0.5),
@@ -66,14 +67,17 @@ def _extend(pipeline: FramePackPipeline, video: Path, prompt: str, mode: str, st
                measured.within)
 
 
+def _spread(values: tuple[float, ...]) -> str:
+    v = np.array(values)
+    return f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}"
+
+
 def vae_round_trips(pipeline: FramePackPipeline) -> list[str]:
     """Table rows: each rendered original's frame differences before and after the demo VAE alone
     (encode, decode): how smooth a continuation through that VAE can be at best."""
-    from framepack.video import to_frames
-
     lines = []
     for i, params in enumerate(RENDERED):
-        clip = render(params, round(SOURCE_SECONDS * 30) + 1)
+        clip = render(params, SOURCE_FRAMES)
         pixels = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
         with torch.no_grad():
             rebuilt = to_frames(pipeline.c.vae.decode(pipeline.c.vae.encode(pixels)))
@@ -90,21 +94,15 @@ def measure(steps: int, seed: int, scratch: Path) -> tuple[list[Row], list[str]]
         made = _make(pipeline, GenerationSettings(image=start, prompt=DEMO_PROMPT, model="tiny", seconds=SOURCE_SECONDS,
                                                   steps=steps, seed=seed, mode=mode), scratch / f"demo-{mode}")
         sources.append((made, DEMO_PROMPT, (mode,)))
-    frames = round(SOURCE_SECONDS * 30) + 1
     for i, params in enumerate(RENDERED):
         clip = scratch / f"rendered-{i + 1}.mp4"
-        write_segment(clip, render(params, frames))
+        write_segment(clip, render(params, SOURCE_FRAMES))
         sources.append((clip, caption(params), ("inverted", "forward")))
     rows = []
     for video, prompt, modes in sources:
         for mode in modes:
             rows.append(_extend(pipeline, video, prompt, mode, steps, seed, scratch / f"{video.stem}-{mode}-extended"))
     return rows, vae_round_trips(pipeline)
-
-
-def _spread(values: tuple[float, ...]) -> str:
-    v = np.array(values)
-    return f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}"
 
 
 def table(rows: list[Row]) -> str:
