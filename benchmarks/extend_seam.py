@@ -27,6 +27,7 @@ from framepack.extend import file_sha256, frame_differences, seam
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
 from framepack.settings import GenerationSettings
+from framepack.train.dataset import to_pixels
 from framepack.train.world import WorldParams, caption, render
 from framepack.video import overlap_frames, read_frames, to_frames, write_segment
 
@@ -78,9 +79,8 @@ def vae_round_trips(pipeline: FramePackPipeline) -> list[str]:
     lines = []
     for i, params in enumerate(RENDERED):
         clip = render(params, SOURCE_FRAMES)
-        pixels = torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
         with torch.no_grad():
-            rebuilt = to_frames(pipeline.c.vae.decode(pipeline.c.vae.encode(pixels)))
+            rebuilt = to_frames(pipeline.c.vae.decode(pipeline.c.vae.encode(to_pixels(clip))))
         lines.append(f"| rendered-{i + 1} | {_spread(tuple(frame_differences(clip)))} | "
                      f"{_spread(tuple(frame_differences(rebuilt)))} |")
     return lines

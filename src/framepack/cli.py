@@ -850,8 +850,8 @@ def _demo_manifest(name: str = "tiny") -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .settings import DEFAULT_SEED  # light: no torch
 
-    demo_cfg = _demo_manifest().get("cfg", 1.0)
-    student = _demo_manifest("tiny-fast")
+    teacher, student = _demo_manifest(), _demo_manifest("tiny-fast")
+    demo_cfg = teacher.get("cfg", 1.0)
     parser = _Parser(prog="framepack", description="FramePack: long videos, section by section, on a constant budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -863,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
                                f"{student.get('steps', 4)} steps at cfg {student.get('cfg', 1.0):g}, CFG folded in); print "
                                "each section's context length and time. Measured over several runs on 2 CPU cores: "
                                "2.6-3.0 s of generation, 3.9-4.5 s for the whole command, warm. --model tiny runs its "
-                               f"teacher ({_demo_manifest().get('steps', 25)} steps at its default cfg {demo_cfg:g}, with its "
+                               f"teacher ({teacher.get('steps', 25)} steps at its default cfg {demo_cfg:g}, with its "
                                "step cache): 6.0-6.8 s of generation.")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
     demo.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's, 4 for "
@@ -872,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="tiny-fast", help="model (default tiny-fast, the demo model's few-step "
                       "student; tiny: the demo model itself)")
     demo.add_argument("--cache", type=_cache_option, default="model", metavar="METHOD[:T]", help="step cache (default model: the model's own, "
-                      f"{student.get('cache', 'none')} for tiny-fast, {_demo_manifest().get('cache', 'none')} for tiny; "
+                      f"{student.get('cache', 'none')} for tiny-fast, {teacher.get('cache', 'none')} for tiny; "
                       "none: every step exact; see generate --cache)")
     demo.add_argument("--out", help="output .mp4 (default outputs/demo-TIMESTAMP.mp4)")
     demo.add_argument("--overwrite", action="store_true", help="replace --out (and its finished job) if it exists")

@@ -114,9 +114,13 @@ def _same_file(a: Path, b: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(a, "pt") as x, safe_open(b, "pt") as y:
-        return x.metadata() == y.metadata() and set(x.keys()) == set(y.keys()) and all(
-            x.get_tensor(k).dtype == y.get_tensor(k).dtype and torch.equal(x.get_tensor(k), y.get_tensor(k))
-            for k in x.keys())
+        if x.metadata() != y.metadata() or set(x.keys()) != set(y.keys()):
+            return False
+        for k in x.keys():
+            mine, theirs = x.get_tensor(k), y.get_tensor(k)
+            if mine.dtype != theirs.dtype or not torch.equal(mine, theirs):
+                return False
+        return True
 
 
 def _same_part(a: Path, b: Path) -> bool:
