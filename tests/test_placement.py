@@ -117,6 +117,19 @@ def test_quantized_linear_output_within_weight_bound(mode):
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_quantized_weights_are_frozen_parameters_so_offload_moves_them(mode):
+    """diffusers' group offloading with a CUDA stream moves a block's buffers onto the GPU and never
+    back (only its parameters), so 8-bit weights kept as buffers stayed resident: the 13B's fp8
+    offload ran out of memory on an H200. Every stored tensor must be a parameter, none trainable."""
+    layer = QuantizedLinear.from_linear(nn.Linear(16, 8), mode)
+    params = dict(layer.named_parameters())
+    assert set(params) == set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+    assert not list(layer.buffers())
+    assert not any(p.requires_grad for p in params.values())
+    assert params["weight"].dtype == (torch.float8_e4m3fn if mode == "fp8" else torch.int8)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
 def test_demo_transformer_output_close_in_fp32_compute(demo, mode):
     args = inputs()
     ref = run(demo, args)
