@@ -746,7 +746,8 @@ def test_cuda_targets_and_pinned_host_memory(model, tmp_path):
     model.save_pretrained(tmp_path)
     on_gpu = FramePackTransformer.from_pretrained(tmp_path, dtype=torch.bfloat16, storage_dtype=FP8, device="cuda")
     assert {t.device.type for t in on_gpu.state_dict().values()} == {"cuda"}
-    pinned = FramePackTransformer.from_pretrained(tmp_path, storage_dtype=FP8, device="cuda", pin_memory=True)
+    pinned = FramePackTransformer.from_pretrained(tmp_path, dtype=torch.bfloat16, storage_dtype=FP8, device="cuda",
+                                                  pin_memory=True)
     assert all(t.device.type == "cpu" and t.is_pinned() for t in pinned.state_dict().values())
     gpu_state, pinned_state = on_gpu.state_dict(), pinned.state_dict()
     for name in gpu_state:

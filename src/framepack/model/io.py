@@ -574,9 +574,9 @@ def load_transformer(
                 tensor, scale = read_tensor(reader, spans[name], (STORAGE_DTYPES[tag], shape), scale, target,
                                             make, quantize=name in fp8_names, mapped=mapped)
                 _place(model, name, tensor)
-                if scale is not None:  # float8 storage: the scale goes with its weight
+                if scale is not None:  # float8 storage: the scale goes with its weight, where make puts it
                     owner = model.get_submodule(name.rpartition(".")[0])
-                    owner.register_buffer(SCALE_NAME, scale.to(tensor.device))
+                    owner.register_buffer(SCALE_NAME, make(tuple(scale.shape), scale.dtype).copy_(scale))
         finally:
             reader.close()
     log.info("loaded %s (%d tensors, %s%s) from %s", cfg.context_schedule, len(tensors), target,
