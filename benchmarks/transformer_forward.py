@@ -1,10 +1,10 @@
-"""CPU forward time of ``framepack.FramePackTransformer`` against diffusers' independent port.
+"""Forward time of ``framepack.FramePackTransformer`` against diffusers' independent port.
 
 What it measures: one forward pass of our packed transformer and of diffusers'
 ``HunyuanVideoFramepackTransformer3DModel`` with the SAME weights (ours, copied into diffusers
 through the state dict by ``tests/reference.py``'s ``diffusers_twin``) on the SAME inputs
 (``random_inputs``: a window of noisy frames with full 1x/2x/4x history context, SigLIP image
-tokens and LLaMA-like text), on CPU, under ``torch.inference_mode()``.
+tokens and LLaMA-like text), on CPU (default) or ``--device cuda``, under ``torch.inference_mode()``.
 
 For every dtype both models are warmed up, then run alternately (the order swaps every pair so
 neither model always runs first) and the script reports the median wall time of each, the ratio
@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update-doc", type=Path, default=None,
                    help="replace the <!-- bench:transformer_forward --> block of this Markdown file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; on CUDA each timing is synchronized")
     m = p.add_argument_group("model")
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--head-dim", type=int, default=128)
@@ -137,6 +138,14 @@ def make_inputs(reference: Any, cfg: TransformerConfig, args: argparse.Namespace
     )
 
 
+def to_device(inputs: dict, device: torch.device) -> dict:
+    """``inputs`` with every tensor (those inside the history levels too) on ``device``."""
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = {k: move(v) for k, v in inputs.items()}
+    out["history"] = [replace(h, latents=move(h.latents), indices=move(h.indices)) for h in inputs["history"]]
+    return out
+
+
 def token_counts(cfg: TransformerConfig, inputs: dict) -> tuple[int, int]:
     """(image-stream tokens incl. history, conditioning tokens) of one sample."""
 
@@ -155,9 +164,13 @@ def token_counts(cfg: TransformerConfig, inputs: dict) -> tuple[int, int]:
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    """Wall time of one call in ms, and its result."""
+    """Wall time of one call in ms, and its result; CUDA work is waited for on both sides (kernels
+    launch asynchronously, so an unsynchronized timer would measure only the launches)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return (time.perf_counter() - start) * 1e3, out
 
 
@@ -173,7 +186,8 @@ def bench_dtype(
     """Warm up, then time ``args.repeats`` alternating pairs of ours and diffusers in ``name``."""
     dtype = DTYPES[name]
     ours = copy.deepcopy(base).cast(dtype).eval()
-    twin = reference.diffusers_twin(ours)  # same config, our weights, cast to ours' dtype
+    twin = reference.diffusers_twin(ours).to(args.device)  # same config, our weights, cast to ours' dtype
+    ours.to(args.device)
     run_ours: Callable[[], torch.Tensor] = lambda: ours(**inputs)  # noqa: E731
     run_theirs: Callable[[], torch.Tensor] = lambda: reference.run_diffusers(twin, inputs)  # noqa: E731
     with torch.inference_mode():
@@ -214,6 +228,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
+
+
 def header(model: FramePackTransformer, inputs: dict, args: argparse.Namespace) -> list[str]:
     import diffusers  # noqa: PLC0415  (optional dependency, only needed when the script runs)
 
@@ -221,10 +239,10 @@ def header(model: FramePackTransformer, inputs: dict, args: argparse.Namespace) 
     img, cond = token_counts(cfg, inputs)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return [
-        "## FramePackTransformer vs diffusers HunyuanVideoFramepackTransformer3DModel (CPU forward)",
+        f"## FramePackTransformer vs diffusers HunyuanVideoFramepackTransformer3DModel ({device_name(args.device)} forward)",
         "",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, threads {torch.get_num_threads()}",
-        f"- CPU: {cpu_model()}",
+        f"- device: {device_name(args.device)}; CPU: {cpu_model()}",
         f"- model: inner dim {cfg.inner_dim} ({cfg.num_attention_heads} heads x {cfg.attention_head_dim}), "
         f"{cfg.num_layers} dual + {cfg.num_single_layers} single + {cfg.num_refiner_layers} refiner layers, "
         f"text dim {cfg.text_embed_dim}, pooled {cfg.pooled_projection_dim}, "
@@ -261,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = model_config(args)
     torch.manual_seed(args.seed)
     base = FramePackTransformer(cfg).eval()
-    inputs = make_inputs(reference, cfg, args)
+    inputs = to_device(make_inputs(reference, cfg, args), torch.device(args.device))
     head = header(base, inputs, args)
     print("\n".join(head), flush=True)
     rows = [bench_dtype(reference, base, inputs, name, args) for name in args.dtypes]
@@ -274,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from doctable import update_doc
 
         command = "python benchmarks/transformer_forward.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        update_doc(args.update_doc, "transformer_forward", "\n".join(head + [""] + lines), command.strip())
+        name = "transformer_forward" + ("" if torch.device(args.device).type == "cpu" else "-cuda")
+        update_doc(args.update_doc, name, "\n".join(head + [""] + lines), command.strip())
     return 0
 
 

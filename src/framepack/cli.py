@@ -805,7 +805,8 @@ def _memory_budget(text: str) -> float | None:
 def _check_memory(settings, args: argparse.Namespace):
     """The memory plan this run applies (logged), or None: see runtime.choose (CUDA: planned for
     the GPU's free memory or --memory; elsewhere only with --memory, as one pool). A budget no
-    plan fits is refused with the smallest that works. Applying on CUDA has not run on a GPU yet."""
+    plan fits is refused with the smallest that works. On CUDA only the transformer's placement has
+    run (docs/memory.md)."""
     from .runtime.choose import plan_for_run
     from .runtime.plan import format_plan
 
