@@ -24,8 +24,8 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 echo "== the CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_checkpoints.py -k cuda 2>&1 | tee "$out/pytest-cuda.txt" | tail -5
 
-echo "== ours vs diffusers, one forward at the 13B's width (2 dual + 4 single blocks), 640 bucket"
-timeout 170 python3 benchmarks/transformer_forward.py --device cuda --dtypes bf16 --warmup 2 --repeats 7 \
+echo "== ours (eager, then compiled) vs diffusers, one forward at the 13B's width (2 dual + 4 single blocks), 640 bucket"
+timeout 240 python3 benchmarks/transformer_forward.py --device cuda --dtypes bf16 --warmup 2 --repeats 7 --compile \
   --heads 24 --layers 2 --single-layers 4 --text-embed-dim 4096 --pooled-dim 768 --image-proj-dim 1152 \
   --latent-size 76 80 --text-len 256 --image-tokens 729 --markdown-out "$out/forward-13b-width.md" 2>&1 | tail -6
 

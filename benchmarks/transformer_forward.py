@@ -85,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update-doc", type=Path, default=None,
                    help="replace the <!-- bench:transformer_forward --> block of this Markdown file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with its blocks compiled (runtime.compile, as generate --compile) "
+                        "against diffusers uncompiled: one more row per dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; on CUDA each timing is synchronized")
     m = p.add_argument_group("model")
     m.add_argument("--heads", type=int, default=4)
@@ -181,17 +184,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_dtype(
-    reference: Any, base: FramePackTransformer, inputs: dict, name: str, args: argparse.Namespace
+    reference: Any, base: FramePackTransformer, inputs: dict, name: str, args: argparse.Namespace,
+    compiled: bool = False,
 ) -> Row:
-    """Warm up, then time ``args.repeats`` alternating pairs of ours and diffusers in ``name``."""
+    """Warm up, then time ``args.repeats`` alternating pairs of ours and diffusers in ``name``
+    (``compiled``: ours with its blocks compiled; the warm-up, at least one run, compiles)."""
     dtype = DTYPES[name]
     ours = copy.deepcopy(base).cast(dtype).eval()
+    if compiled:
+        from framepack.runtime.compile import compile_blocks
+
+        compile_blocks(ours)
     twin = reference.diffusers_twin(ours).to(args.device)  # same config, our weights, cast to ours' dtype
     ours.to(args.device)
     run_ours: Callable[[], torch.Tensor] = lambda: ours(**inputs)  # noqa: E731
     run_theirs: Callable[[], torch.Tensor] = lambda: reference.run_diffusers(twin, inputs)  # noqa: E731
     with torch.inference_mode():
-        for _ in range(args.warmup):
+        for _ in range(max(args.warmup, 1 if compiled else 0)):
             run_ours()
             run_theirs()
         ours_ms: list[float] = []
@@ -207,7 +216,7 @@ def bench_dtype(
             theirs_ms.append(t_theirs)
     assert out_ours.shape == out_theirs.shape, (out_ours.shape, out_theirs.shape)
     return Row(
-        dtype=name,
+        dtype=name + (", ours compiled" if compiled else ""),
         ours_ms=statistics.median(ours_ms),
         diffusers_ms=statistics.median(theirs_ms),
         pair_ratio=statistics.median(o / t for o, t in zip(ours_ms, theirs_ms)),
@@ -283,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     head = header(base, inputs, args)
     print("\n".join(head), flush=True)
     rows = [bench_dtype(reference, base, inputs, name, args) for name in args.dtypes]
+    if args.compile:
+        rows += [bench_dtype(reference, base, inputs, name, args, compiled=True) for name in args.dtypes]
     lines = table(rows)
     print("\n".join(lines))
     if args.markdown_out is not None:
