@@ -27,9 +27,8 @@ from framepack.extend import file_sha256, frame_differences, seam
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
 from framepack.settings import GenerationSettings
-from framepack.train.dataset import to_pixels
 from framepack.train.world import WorldParams, caption, render
-from framepack.video import overlap_frames, read_frames, to_frames, write_segment
+from framepack.video import overlap_frames, read_frames, to_frames, to_pixels, write_segment
 
 DEMO_PROMPT = "An orange triangle moves to the right on a striped red background"
 SOURCE_SECONDS = 2.4  # 2 sections: 73 frames

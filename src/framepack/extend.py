@@ -204,16 +204,13 @@ def seed_job(job, plans: list[SectionPlan], layout: SourceLayout, frames: np.nda
     the job's seed holds. Each section's latents, mp4 segment and (after the last) pending frames
     are what a sampled section leaves, so the pipeline continues as on a resume.
     """
-    import torch
-
-    from .video import Assembler, to_uint8, write_segment
+    from .video import Assembler, to_pixels, to_uint8, write_segment
 
     if len(frames) != layout.frames:
         raise ValueError(f"{job.settings.extend} decodes to {len(frames)} frames, but its packets count "
                          f"{layout.frames}: re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
     used = frames[layout.first_used : layout.first_used + layout.used]
-    pixels = torch.from_numpy(used).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, T, H, W)
-    latents = encode(pixels)  # (1, C, 1 + S * window, h, w)
+    latents = encode(to_pixels(used))  # (1, C, 1 + S * window, h, w)
     offset = position_offset(plans, layout.sections)
     assembler = Assembler(layout.backwards, overlap)
     for plan in plans[: layout.sections]:

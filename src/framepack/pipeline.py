@@ -58,6 +58,7 @@ from .video import (
     preview_frames,
     segment_frames,
     to_frames,
+    to_pixels,
     to_uint8,
     write_segment,
 )
@@ -281,8 +282,7 @@ class FramePackPipeline:
                             tuple(self._encode_frame(rgb) for rgb in keyframes_rgb), keyframe_embeds, start_rgb)
 
     def _encode_frame(self, rgb: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(rgb).float().permute(2, 0, 1)[None, :, None] / 127.5 - 1  # (1, 3, 1, H, W)
-        return self.c.vae.encode(pixels)
+        return self.c.vae.encode(to_pixels(rgb[None]))  # one frame: (1, 3, 1, H, W)
 
     # ---- the run ----------------------------------------------------------------------------------------
 

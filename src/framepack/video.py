@@ -49,6 +49,11 @@ def soft_join(earlier: np.ndarray, later: np.ndarray, overlap: int) -> np.ndarra
     return np.concatenate([earlier[: len(earlier) - overlap], blended, later[overlap:]])
 
 
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1], the VAE's input; :func:`to_frames` inverts it."""
+    return torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+
+
 def to_frames(pixels: torch.Tensor) -> np.ndarray:
     """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) float32 in [0, 255]."""
     return ((pixels[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).numpy()

@@ -34,6 +34,7 @@ from .. import components
 from ..components import Encoders, TextEmbedding
 from ..jobs import atomic_write
 from ..planning import TEMPORAL_RATIO
+from ..video import to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +269,6 @@ def _decoded(path: Path, limit: int | None) -> Iterator[np.ndarray]:
                 yield frame.to_ndarray(format="rgb24")
     except av.FFmpegError as exc:
         raise ValueError(f"not a readable video ({exc.strerror or exc.__class__.__name__})") from None
-
-
-def to_pixels(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1], the VAE's input (the pipeline's scaling)."""
-    return torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
 
 
 # ---- encoding -------------------------------------------------------------------------------------------------

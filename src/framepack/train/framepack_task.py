@@ -48,6 +48,7 @@ from ..planning import MODES, START, SectionPlan, frame_count, latent_count, pla
 from ..sampling import TIMESTEP_SCALE, shift_sigmas
 from ..small_vae import SmallVideoAutoencoder
 from ..trainer import register
+from ..video import to_pixels
 from . import world
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,7 @@ class FramePackTask:
 
     def _encode_clip(self, params: world.WorldParams, start: int) -> torch.Tensor:
         pixels = world.render(params, self._clip_frames(), size=self.size, start=start)
-        video = torch.from_numpy(pixels).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
-        return self.vae.encode(video)  # (1, C, 9N + 1, h, w)
+        return self.vae.encode(to_pixels(pixels))  # (1, C, 9N + 1, h, w)
 
     def _cells(self, params: world.WorldParams, start: int) -> torch.Tensor | None:
         """The clip's object cells (1, 1, 9N + 1, h, w), or None when the loss is not weighted."""
