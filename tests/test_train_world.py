@@ -117,6 +117,8 @@ def test_vae_task_world_start():
 
 
 GEN2 = ("gen2_vae", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
+# runs that start from the chain's shipped result: the student (tests/test_distill.py) and fine-tunes
+GEN2_AFTER = ("gen2_student", "gen2_finetune_rotate")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -148,8 +150,8 @@ def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
     """Every configs/gen2_*.json is a stage of the documented chain; each, cut to tiny cost, trains
     on the new world, checkpoints, stops, resumes where it stopped and exports what the next stage
     starts from (the real transformer architecture, the previous stage's VAE and weights)."""
-    chain = sorted(p.stem for p in (REPO / "configs").glob("gen2_*.json") if p.stem != "gen2_student")
-    assert chain == sorted(GEN2)  # (the student distils the chain's result: tests/test_distill.py)
+    chain = sorted(p.stem for p in (REPO / "configs").glob("gen2_*.json") if p.stem not in GEN2_AFTER)
+    assert chain == sorted(GEN2)
     for name in GEN2:
         config = _tiny_stage(name, tmp_path)
         assert config.task_args["world_start"] == "independent"
@@ -184,3 +186,17 @@ def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
     assert "validation split" in out.stdout and str(model) in out.stdout
     trials = json.loads((tmp_path / "eval.json").read_text())["summary"]["caption_control"]["trials"]
     assert trials == len(world.applicable_motions(world.scenes("validation", 1)[0]))
+
+
+def test_gen2_finetune_starts_from_the_shipped_teacher(tmp_path):
+    """The fine-tune config, cut to tiny cost, starts from the shipped transformer (the same
+    architecture: a mismatch is refused), draws its weighted motions and exports a transformer."""
+    config = _tiny_stage("gen2_finetune_rotate", tmp_path)
+    assert config.task_args["init"] == str(REPO / "src/framepack/assets/tiny/transformer")
+    assert set(config.task_args["motion_weights"]) <= set(world.MOTIONS)
+    trainer.train(config)
+    from framepack import FramePackTransformer
+
+    shipped = FramePackTransformer.from_pretrained(REPO / "src/framepack/assets/tiny/transformer")
+    tuned = FramePackTransformer.from_pretrained(Path(config.output_dir) / "final")
+    assert tuned.config == shipped.config
