@@ -55,7 +55,9 @@ class Row:
 
     def cells(self) -> list[str]:
         gb = lambda n: "-" if n is None else f"{n / GiB:.2f} GB"
-        under = "-" if self.measured is None else ("yes" if self.measured <= self.budget_gb * GiB else "NO")
+        # an OOM's measured peak leaves out the allocation that failed: that case did not fit
+        under = ("NO (out of memory)" if self.error.startswith("OOM") else "-" if self.measured is None
+                 else "yes" if self.measured <= self.budget_gb * GiB else "NO")
         steps = self.error or ("-" if self.seconds is None else f"{self.seconds:.2f}")
         return [f"{self.budget_gb} GB", self.storage, self.plan, gb(self.predicted), gb(self.measured), under, steps]
 
