@@ -291,3 +291,17 @@ def test_rope_as_a_complex_product_is_the_pairwise_rotation():
         rounded = (xb.float() * cos[:, :, None] + rotate_pairs(xb.float()) * sin[:, :, None]).bfloat16()
         torch.testing.assert_close(apply_rope(xb, cos, sin), rounded, rtol=0.008, atol=0)
         assert not torch.allclose(apply_rope(xs, cos, -sin), expected, atol=1e-3)  # the direction matters
+
+    # compiled, the same rotation in real arithmetic, with nothing left to inductor's eager fallback
+    # for complex tensors (the warning it gives for them)
+    import warnings
+
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = torch.compile(apply_rope, dynamic=False)(xs, cos, sin)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, expected, rtol=2.5e-7, atol=1e-7)
+    assert not [w for w in caught if "complex" in str(w.message)], [str(w.message) for w in caught]
