@@ -169,7 +169,7 @@ def token_counts(cfg: TransformerConfig, inputs: dict) -> tuple[int, int]:
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     """Wall time of one call in ms, and its result; CUDA work is waited for on both sides (kernels
     launch asynchronously, so an unsynchronized timer would measure only the launches)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     sync()
     start = time.perf_counter()
     out = fn()
