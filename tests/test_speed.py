@@ -7,17 +7,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import framepack.pipeline as pipeline_module
 from framepack.demo import demo_settings
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
+from framepack.small_vae import SmallVideoAutoencoder
 from framepack.video import Assembler, read_frames
+
+FIRST_CONV = "decoder.trunk.0.weight"
 
 
 @pytest.fixture(scope="module")
 def demo() -> FramePackPipeline:
     return FramePackPipeline.from_model("tiny")
+
+
+def _decoder_variant(vae: SmallVideoAutoencoder, context: int) -> SmallVideoAutoencoder:
+    """``vae`` with a decoder that reads the previous latent (random weights on it, so the context
+    changes the frames) or that decodes each latent alone (those weights dropped)."""
+    state = vae.state_dict()
+    own = state[FIRST_CONV][:, : vae.config.latent_channels]
+    previous = torch.randn(own.shape, generator=torch.Generator().manual_seed(0)) * own.std()
+    state[FIRST_CONV] = torch.cat([own, previous], dim=1) if context else own
+    variant = SmallVideoAutoencoder(dataclasses.replace(vae.config, decoder_context=context))
+    variant.load_state_dict(state)
+    return variant.eval()
 
 
 def _clips_and_video(pipeline: FramePackPipeline, root: Path, monkeypatch, reuse: bool, mode: str):
@@ -48,6 +64,7 @@ def _clips_and_video(pipeline: FramePackPipeline, root: Path, monkeypatch, reuse
 
 @pytest.mark.parametrize("mode", ["inverted", "forward"])
 def test_reused_decoded_frames_leave_the_video_bit_identical(demo, tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(demo.c, "vae", _decoder_variant(demo.c.vae, context=0))
     clips, fewer, video = _clips_and_video(demo, tmp_path / "reuse", monkeypatch, True, mode)
     ref_clips, whole, ref_video = _clips_and_video(demo, tmp_path / "whole", monkeypatch, False, mode)
     assert fewer < whole  # the reuse did happen: fewer latents went through the VAE
@@ -55,6 +72,17 @@ def test_reused_decoded_frames_leave_the_video_bit_identical(demo, tmp_path, mon
     for clip, ref in zip(clips, ref_clips):
         assert clip.dtype == ref.dtype and clip.shape == ref.shape
         assert np.array_equal(clip, ref)  # the float frames before rounding, bit for bit
+    assert np.array_equal(video, ref_video)
+
+
+def test_a_decoder_that_reads_the_previous_latent_decodes_every_span_whole(demo, tmp_path, monkeypatch):
+    """Reusing a latent's frames from another span would give them the other span's context; with
+    a decoder that reads the previous latent, the video must be that of whole-span decodes."""
+    monkeypatch.setattr(demo.c, "vae", _decoder_variant(demo.c.vae, context=1))
+    clips, decoded, video = _clips_and_video(demo, tmp_path / "reuse", monkeypatch, True, "forward")
+    ref_clips, whole, ref_video = _clips_and_video(demo, tmp_path / "whole", monkeypatch, False, "forward")
+    assert decoded == whole
+    assert all(np.array_equal(clip, ref) for clip, ref in zip(clips, ref_clips, strict=True))
     assert np.array_equal(video, ref_video)
 
 

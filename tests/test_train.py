@@ -32,6 +32,43 @@ def test_autoencoder_geometry_matches_hunyuan_video():
         model.encode(pixels[:, :, :3])
 
 
+def test_a_decoder_with_context_reads_the_previous_latent_only(tmp_path):
+    plain = SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8)))
+    latents = plain.encode(torch.rand(1, 3, 1 + 4 * 4, 32, 32) * 2 - 1)  # 5 latents
+    widened = plain.with_decoder_context()
+    assert widened.config.decoder_context == 1
+    assert torch.equal(widened.decode(latents), plain.decode(latents))  # new inputs start at zero
+    with torch.no_grad():
+        widened.decoder.trunk[0].weight.normal_()  # a trained decoder uses its context
+    frames = widened.decode(latents)
+    changed = latents.clone()
+    changed[:, :, 2] += 1.0
+    after = widened.decode(changed)
+    # latent k holds frames 4k-3 .. 4k: latent 2 changes its own frames and latent 3's, nothing else
+    assert torch.equal(after[:, :, :5], frames[:, :, :5])
+    assert not torch.equal(after[:, :, 5:9], frames[:, :, 5:9])
+    assert not torch.equal(after[:, :, 9:13], frames[:, :, 9:13])
+    assert torch.equal(after[:, :, 13:], frames[:, :, 13:])
+    # a span that starts mid-video still makes one frame of its first latent
+    assert widened.decode(latents[:, :, 2:]).shape[2] == 1 + 4 * 2
+    widened.save_pretrained(tmp_path)
+    loaded = SmallVideoAutoencoder.from_pretrained(tmp_path)
+    assert loaded.config == widened.config and torch.equal(loaded.decode(latents), frames)
+    with pytest.raises(ValueError, match="decoder_context"):
+        SmallVAEConfig(decoder_context=2)
+
+
+def test_flicker_measures_errors_that_change_between_frames():
+    clip = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    assert vae_task.flicker(clip, clip) == 0.0
+    assert vae_task.flicker((clip + 0.1).clamp(-1, 1), clip) < vae_task.flicker(clip.flip(2), clip)
+    steady = clip.clone()
+    steady.clamp_(-0.8, 0.8)
+    assert vae_task.flicker(steady + 0.1, steady) == pytest.approx(0.0, abs=1e-4)  # the same error every frame
+    noisy = steady + 0.05 * torch.randn_like(steady)
+    assert vae_task.flicker(noisy, steady) > 2.0  # 0.05 * 127.5 per frame, changing every frame
+
+
 def test_round_trip_through_files(tmp_path):
     model = SmallVideoAutoencoder(SmallVAEConfig(channels=(8, 8, 8), scaling_factor=0.5))
     model.save_pretrained(tmp_path)
@@ -156,6 +193,31 @@ def test_decoder_stage_keeps_the_latent_space(tmp_path):
     assert torch.equal(a.encode(pixels), b.encode(pixels))
     with pytest.raises(ValueError, match="train_only"):
         trainer.TASKS["vae"]({**TINY, "train_only": "encoder"})
+
+
+def test_decoder_stage_with_context_smooths_without_moving_the_latents(tmp_path):
+    """``decoder_context`` and ``temporal_weight`` on a decoder-only stage: the exported autoencoder
+    reads the previous latent, encodes exactly as its init did and keeps its scaling factor."""
+    first = trainer.TrainConfig(task="vae", output_dir=str(tmp_path / "a"), steps=4, batch_size=2, lr=2e-3,
+                                warmup=1, checkpoint_every=4, task_args={**TINY, "groups": 2})
+    trainer.train(first)
+    stage = {**TINY, "groups": 2, "init": str(tmp_path / "a" / "final"), "train_only": "decoder",
+             "decoder_context": 1, "temporal_weight": 1.0}
+    second = trainer.TrainConfig(task="vae", output_dir=str(tmp_path / "b"), steps=6, batch_size=2, lr=2e-3,
+                                 warmup=1, checkpoint_every=3, seed=1, task_args=stage)
+    trainer.train(second, max_steps_this_run=3)
+    trainer.train(second)  # resumes the widened decoder from its checkpoint
+    a = SmallVideoAutoencoder.from_pretrained(tmp_path / "a" / "final")
+    b = SmallVideoAutoencoder.from_pretrained(tmp_path / "b" / "final")
+    assert (a.config.decoder_context, b.config.decoder_context) == (0, 1)
+    assert b.config.scaling_factor == a.config.scaling_factor
+    pixels = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    assert torch.equal(a.encode(pixels), b.encode(pixels))
+    assert b.decoder.trunk[0].weight[:, 16:].abs().sum() > 0  # the context inputs were trained
+    metrics = json.loads((tmp_path / "b" / "final" / "metrics.json").read_text())
+    assert metrics["flicker"] > 0 and metrics["psnr_db"] > 0
+    with pytest.raises(ValueError, match="init"):
+        trainer.TASKS["vae"]({**TINY, "decoder_context": 1})
 
 
 def test_bad_configs(tmp_path):

@@ -1,11 +1,17 @@
 """A small video autoencoder with HunyuanVideo's latent geometry, for the CPU demo model.
 
 16 latent channels, 8x spatial, 4x causal temporal: latent 0 holds frame 0 alone, latent k >= 1
-holds frames 4k-3 .. 4k. Each latent sees only its own frames (causal by construction), so the
-planner's and the blend's arithmetic is exactly that of the 13B model. As in the causal
+holds frames 4k-3 .. 4k. Each latent is encoded from its own frames only (causal by construction),
+so the planner's and the blend's arithmetic is exactly that of the 13B model. As in the causal
 HunyuanVideo VAE, the first latent of any decoded span becomes a single frame: the start frame
 itself, or the last frame of its group when the span starts mid-video (the overlap blend relies
 on this).
+
+With ``decoder_context = 1`` the decoder also reads the latent before the one it decodes (the
+span's first latent reads itself), as HunyuanVideo's causal decoder reads the past. A decoder that
+sees one latent alone makes each group of four frames on its own, so the frames step at every
+group boundary; the previous latent lets it join the groups and place motion inside a group. The
+encoder, and so the latent space, is the same either way.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class SmallVAEConfig:
     channels: tuple[int, int, int] = (32, 64, 96)  # widths after each 2x downsampling
     blocks: int = 1  # residual blocks per resolution
     scaling_factor: float = 1.0  # latents are multiplied by this after encoding (unit variance)
+    decoder_context: int = 0  # previous latents the decoder reads beside its own: 0 or 1
     # least-squares (latent_channels + 1, 3) map from scaled latents (+ bias) to RGB, for previews
     preview_map: tuple[tuple[float, float, float], ...] | None = None
 
@@ -40,6 +47,10 @@ class SmallVAEConfig:
             return tuple(frozen(x) for x in v) if isinstance(v, list) else v
 
         return cls(**{k: frozen(v) for k, v in data.items() if not k.startswith("_")})
+
+    def __post_init__(self) -> None:
+        if self.decoder_context not in (0, 1):
+            raise ValueError(f"decoder_context must be 0 or 1, got {self.decoder_context}")
 
 
 class ResBlock(nn.Module):
@@ -71,12 +82,15 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(latent_channels, h, w) -> one frame (first head) or four frames (group head)."""
+    """(latent_channels, h, w) -> one frame (first head) or four frames (group head); with context,
+    the previous latent is stacked on the channels of the input."""
 
     def __init__(self, cfg: SmallVAEConfig) -> None:
         super().__init__()
         c1, c2, c3 = cfg.channels
-        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, c3, 3, padding=1), ResBlock(c3)]
+        self.context = cfg.decoder_context
+        inputs = cfg.latent_channels * (1 + cfg.decoder_context)
+        layers: list[nn.Module] = [nn.Conv2d(inputs, c3, 3, padding=1), ResBlock(c3)]
         for c_in, c_out, blocks in ((c3, c3, cfg.blocks), (c3, c2, cfg.blocks), (c2, c1, 0)):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1)]
             layers += [ResBlock(c_out) for _ in range(blocks)]
@@ -84,7 +98,10 @@ class Decoder(nn.Module):
         self.first = nn.Conv2d(c1, 3, 3, padding=1)
         self.group = nn.Conv2d(c1, 3 * GROUP, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, first: bool) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, first: bool, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """``previous``: the latent before ``z`` (read only with context; ``z`` itself when None)."""
+        if self.context:
+            z = torch.cat([z, z if previous is None else previous], dim=1)
         return (self.first if first else self.group)(self.trunk(z))
 
 
@@ -117,11 +134,25 @@ class SmallVideoAutoencoder(nn.Module):
         first = self.decoder(z[:, :, 0], first=True)[:, :, None]
         if n == 1:
             return first
-        flat = z[:, :, 1:].permute(0, 2, 1, 3, 4).reshape(b * (n - 1), c, h, w)
-        rest = self.decoder(flat, first=False)  # (B*(n-1), 3*4, H, W)
+        def flat(latents: torch.Tensor) -> torch.Tensor:  # (B, C, n - 1, h, w) -> (B * (n - 1), C, h, w)
+            return latents.permute(0, 2, 1, 3, 4).reshape(b * (n - 1), c, h, w)
+
+        rest = self.decoder(flat(z[:, :, 1:]), first=False, previous=flat(z[:, :, :-1]))  # (B*(n-1), 3*4, H, W)
         H, W = rest.shape[-2:]
         rest = rest.reshape(b, n - 1, 3, GROUP, H, W).permute(0, 2, 1, 3, 4, 5).reshape(b, 3, (n - 1) * GROUP, H, W)
         return torch.cat([first, rest], dim=2)
+
+    def with_decoder_context(self) -> "SmallVideoAutoencoder":
+        """This autoencoder with a decoder that also reads the previous latent, making exactly the
+        same frames until it is trained: the new input channels start at zero."""
+        if self.config.decoder_context:
+            return self
+        wider = SmallVideoAutoencoder(SmallVAEConfig(**{**self.config.__dict__, "decoder_context": 1}))
+        state = self.state_dict()
+        first = "decoder.trunk.0.weight"
+        state[first] = torch.cat([state[first], torch.zeros_like(state[first])], dim=1)
+        wider.load_state_dict(state)
+        return wider.train(self.training)
 
     # ---- the VideoAutoencoder interface (scaled latents, no grad) ----------------------------------
 

@@ -6,6 +6,14 @@ last frame of its group (what the decoder must do when a decoded span starts mid
 small L2 on the latents to keep their scale bounded; the scaling factor that brings latents to
 unit variance is measured at export.
 
+``temporal_weight`` (default 0) adds the MSE between the clip's consecutive-frame differences and
+the reconstruction's: per-frame errors that change from frame to frame are flicker, and errors that
+change at a group boundary are a step, though both cost little PSNR. ``decoder_context: 1`` widens
+an ``init`` autoencoder's decoder to read the previous latent too
+(:meth:`SmallVideoAutoencoder.with_decoder_context`); with ``train_only: "decoder"`` that is a stage
+that smooths the frames without moving the latent space, so a transformer trained on it still fits.
+The exported ``metrics.json`` gives the held-out PSNR and :func:`flicker`.
+
 ``world_start`` picks the world's start-position sampler (:data:`framepack.train.world.STARTS`):
 "by-motion" (the default: the shipped VAE's config trains and measures on the same scenes as
 before) or "independent", whose training scenes are its ``train`` split and whose held-out PSNR is
@@ -48,28 +56,45 @@ def clip_batch(rng: np.random.Generator, params_stream: Iterator, batch: int, gr
     return video.permute(0, 4, 1, 2, 3).contiguous()
 
 
-def reconstruction_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor) -> torch.Tensor:
-    z = model.encode_raw(pixels)
+def frame_differences(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) -> (B, 3, T - 1, H, W): each frame minus the one before it."""
+    return video[:, :, 1:] - video[:, :, :-1]
+
+
+def _decoding_loss(model: SmallVideoAutoencoder, z: torch.Tensor, pixels: torch.Tensor,
+                   temporal_weight: float) -> torch.Tensor:
     recon = model.decode_raw(z)
     loss = F.mse_loss(recon, pixels)
+    if temporal_weight:
+        loss = loss + temporal_weight * F.mse_loss(frame_differences(recon), frame_differences(pixels))
     # a span that starts mid-video: the first head must give the last frame of the group
     mid = model.decoder(z[:, :, 1], first=True)
-    loss = loss + 0.25 * F.mse_loss(mid, pixels[:, :, GROUP])
-    return loss + LATENT_L2 * z.pow(2).mean()
+    return loss + 0.25 * F.mse_loss(mid, pixels[:, :, GROUP])
 
 
-def decoder_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor, temporal_weight: float = 0.0) -> torch.Tensor:
+    z = model.encode_raw(pixels)
+    return _decoding_loss(model, z, pixels, temporal_weight) + LATENT_L2 * z.pow(2).mean()
+
+
+def decoder_loss(model: SmallVideoAutoencoder, pixels: torch.Tensor, temporal_weight: float = 0.0) -> torch.Tensor:
     """The reconstruction loss with the encoder frozen (no latent penalty: the latents are fixed)."""
     with torch.no_grad():
         z = model.encode_raw(pixels)
-    loss = F.mse_loss(model.decode_raw(z), pixels)
-    return loss + 0.25 * F.mse_loss(model.decoder(z[:, :, 1], first=True), pixels[:, :, GROUP])
+    return _decoding_loss(model, z, pixels, temporal_weight)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1]."""
     mse = F.mse_loss(a.clamp(-1, 1), b).item()
     return 10 * np.log10(4.0 / max(mse, 1e-12))
+
+
+def flicker(recon: torch.Tensor, pixels: torch.Tensor) -> float:
+    """Mean absolute difference, on the 0-255 scale, between the reconstruction's consecutive-frame
+    changes and the clip's: 0 when every frame's error is the same as the one before it."""
+    change = frame_differences(recon.clamp(-1, 1)) - frame_differences(pixels)
+    return float(change.abs().mean()) * 127.5
 
 
 def held_out_scenes(clips: int, start: str = "by-motion") -> list[world.WorldParams]:
@@ -104,7 +129,8 @@ def evaluate(model: SmallVideoAutoencoder, clips: int = 16, size: int = world.SI
     rng = np.random.default_rng(0)
     pixels = clip_batch(rng, iter(held_out_scenes(clips, start)), clips, groups=8, size=size)
     z = model.encode_raw(pixels)
-    return {"psnr_db": psnr(model.decode_raw(z), pixels), "latent_std": float(z.std())}
+    recon = model.decode_raw(z)
+    return {"psnr_db": psnr(recon, pixels), "flicker": flicker(recon, pixels), "latent_std": float(z.std())}
 
 
 class VAETask:
@@ -121,6 +147,12 @@ class VAETask:
             # a second stage: start from exported weights (the config comes with them)
             self.model = SmallVideoAutoencoder.from_pretrained(args["init"]).train()
             self.cfg = self.model.config
+        if int(args.get("decoder_context", 0)):
+            if not args.get("init"):
+                raise ValueError("decoder_context widens a trained decoder: give init too")
+            self.model = self.model.with_decoder_context()
+            self.cfg = self.model.config
+        self.temporal_weight = float(args.get("temporal_weight", 0.0))
         self.train_only = args.get("train_only")
         if self.train_only not in (None, "decoder"):
             raise ValueError(f"train_only must be 'decoder' or absent, got {self.train_only!r}")
@@ -128,6 +160,7 @@ class VAETask:
             # The latent space is the encoder's: freezing it lets the transformer train on these
             # latents while the decoder keeps improving.
             self.model.encoder.requires_grad_(False)
+        self.keeps_latents = self.train_only == "decoder" and bool(args.get("init"))
 
     def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         rng = np.random.default_rng(seed)
@@ -137,19 +170,21 @@ class VAETask:
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         if self.train_only == "decoder":
-            return decoder_loss(model, batch)
-        return reconstruction_loss(model, batch)
+            return decoder_loss(model, batch, self.temporal_weight)
+        return reconstruction_loss(model, batch, self.temporal_weight)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         # measured at the task's render size (the world's own for every shipped config)
         stats = evaluate(model, size=self.size, start=self.world_start)
-        # The scale is measured on raw latents, so a decoder-only stage keeps the same factor.
-        scale = 1.0 / stats["latent_std"]
+        # A decoder-only stage keeps the factor its init was exported with, bit for bit: the latents
+        # a transformer was trained on are the same.
+        scale = self.cfg.scaling_factor if self.keeps_latents else 1.0 / stats["latent_std"]
         preview = tuple(tuple(row) for row in fit_preview_map(model, scale, size=self.size, start=self.world_start).tolist())
         final = SmallVideoAutoencoder(SmallVAEConfig(**{**self.cfg.__dict__, "scaling_factor": scale, "preview_map": preview}))
         final.load_state_dict(model.state_dict())
         final.save_pretrained(directory)
-        (directory / "metrics.json").write_text(f'{{"psnr_db": {stats["psnr_db"]:.2f}, "latent_std": {stats["latent_std"]:.4f}}}\n')
+        (directory / "metrics.json").write_text(
+            f'{{"psnr_db": {stats["psnr_db"]:.2f}, "flicker": {stats["flicker"]:.3f}, "latent_std": {stats["latent_std"]:.4f}}}\n')
 
 
 register("vae")(VAETask)
