@@ -361,7 +361,7 @@ class FramePackPipeline:
             backwards=backwards,
             assembler=Assembler(backwards, overlap),
             layout=assembly_layout([frame_count(len(decode_span(plan))) for plan in plans], backwards, overlap),
-            decoder=SpanDecoder(self.c.vae.decode, reuse=_decodes_latents_alone(self.c.vae)),
+            decoder=_span_decoder(self.c.vae),
             cache=cache,
             mag_ratios=magcache_ratios(self.c.source.extra, settings.model) if cache.method == "magcache" else None,
             overrides=overrides_for(settings.keyframes, plans),
@@ -620,15 +620,19 @@ def _settle(writes: Future | None) -> None:
         log.warning("writing the last finished section failed as well: %s", error)
 
 
+def _span_decoder(vae) -> SpanDecoder:
+    reuse = _decodes_latents_alone(vae)
+    return SpanDecoder(vae.decode, reuse=reuse, context=reuse and bool(vae.config.decoder_context))
+
+
 def _decodes_latents_alone(vae) -> bool:
     """Whether each latent decodes to the same frames whatever its neighbours in the span (then
-    :class:`SpanDecoder` reuses them): the demo model's small VAE, on the CPU, where that is
-    tested bit for bit, unless its decoder reads the previous latent too. Not on CUDA, where cuDNN
-    may pick another kernel for another batch size."""
+    :class:`SpanDecoder` reuses them, minding a decoder that reads the previous latent too): the demo
+    model's small VAE, on the CPU, where that is tested bit for bit. Not on CUDA, where cuDNN may
+    pick another kernel for another batch size."""
     from .small_vae import SmallVideoAutoencoder
 
-    return (isinstance(vae, SmallVideoAutoencoder) and not vae.config.decoder_context
-            and next(vae.parameters()).device.type == "cpu")
+    return isinstance(vae, SmallVideoAutoencoder) and next(vae.parameters()).device.type == "cpu"
 
 
 def _check_finite(values: torch.Tensor | np.ndarray, plan: SectionPlan, what: str) -> None:

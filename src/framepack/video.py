@@ -98,16 +98,19 @@ class SpanDecoder:
     """Decodes a section's span of latent positions to (T, H, W, 3) float frames, as :func:`to_frames`
     of one ``decode`` of the whole span would, but decoding each latent once where it can.
 
-    With ``reuse`` (a VAE whose latents decode independently, like the demo model's small VAE: the
+    With ``reuse`` (a VAE whose latents decode on their own, like the demo model's small VAE: the
     first latent of a span makes one frame by its own head, every other latent its own four frames
     whatever its neighbours) the frames of a latent decoded for the previous section are kept and the
     span's first latent is decoded with only the latents not seen yet: 10 latents a section instead
-    of 18 at window 9. Without it (the causal HunyuanVideo VAE, whose frames depend on the latents
-    before them) every span is decoded whole.
+    of 18 at window 9. With ``context`` too (a decoder that also reads the latent before the one it
+    decodes), that holds only while the latents not seen yet follow the span's first one directly,
+    as in inverted mode; otherwise the span is decoded whole. Without ``reuse`` (the causal
+    HunyuanVideo VAE, whose frames depend on every latent before them) every span is decoded whole.
     """
 
     decode: Callable[[torch.Tensor], torch.Tensor]  # (1, C, T, h, w) latents -> (1, 3, frames, H, W) in [-1, 1]
     reuse: bool
+    context: bool = False  # each latent's frames depend on the latent before it
     kept: dict[int, np.ndarray] = field(default_factory=dict)  # position -> its frames, decoded not first in a span
 
     def __call__(self, span: Sequence[int], gather: Callable[[Sequence[int]], torch.Tensor]) -> np.ndarray:
@@ -115,7 +118,9 @@ class SpanDecoder:
         missing = [pos for pos in rest if pos not in self.kept]
         # a batch of one latent takes another convolution path than a batch of several (it differs in
         # the last bits on CPU), so such a span is decoded whole, as it always was
-        if not self.reuse or len(missing) < 2:
+        # with context, each decoded latent must sit right after its predecessor in the span
+        predecessors_kept = not self.context or [head, *missing] == list(span[: len(missing) + 1])
+        if not self.reuse or len(missing) < 2 or not predecessors_kept:
             self.kept = {}
             return to_frames(self.decode(gather(span)))
         frames = to_frames(self.decode(gather([head, *missing])))

@@ -56,7 +56,7 @@ def clip_batch(rng: np.random.Generator, params_stream: Iterator, batch: int, gr
     return video.permute(0, 4, 1, 2, 3).contiguous()
 
 
-def frame_differences(video: torch.Tensor) -> torch.Tensor:
+def temporal_changes(video: torch.Tensor) -> torch.Tensor:
     """(B, 3, T, H, W) -> (B, 3, T - 1, H, W): each frame minus the one before it."""
     return video[:, :, 1:] - video[:, :, :-1]
 
@@ -66,7 +66,7 @@ def _decoding_loss(model: SmallVideoAutoencoder, z: torch.Tensor, pixels: torch.
     recon = model.decode_raw(z)
     loss = F.mse_loss(recon, pixels)
     if temporal_weight:
-        loss = loss + temporal_weight * F.mse_loss(frame_differences(recon), frame_differences(pixels))
+        loss = loss + temporal_weight * F.mse_loss(temporal_changes(recon), temporal_changes(pixels))
     # a span that starts mid-video: the first head must give the last frame of the group
     mid = model.decoder(z[:, :, 1], first=True)
     return loss + 0.25 * F.mse_loss(mid, pixels[:, :, GROUP])
@@ -93,7 +93,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def flicker(recon: torch.Tensor, pixels: torch.Tensor) -> float:
     """Mean absolute difference, on the 0-255 scale, between the reconstruction's consecutive-frame
     changes and the clip's: 0 when every frame's error is the same as the one before it."""
-    change = frame_differences(recon.clamp(-1, 1)) - frame_differences(pixels)
+    change = temporal_changes(recon.clamp(-1, 1)) - temporal_changes(pixels)
     return float(change.abs().mean()) * 127.5
 
 
