@@ -116,7 +116,7 @@ def test_vae_task_world_start():
         trainer.TASKS["vae"]({**TINY, "world_start": "centred"})
 
 
-GEN2 = ("gen2_vae", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
+GEN2 = ("gen2_vae", "gen2_vae_smooth", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
 # runs that start from the chain's shipped result: the student (tests/test_distill.py) and fine-tunes
 GEN2_AFTER = ("gen2_student", "gen2_finetune_rotate")
 REPO = Path(__file__).resolve().parents[1]
@@ -168,6 +168,14 @@ def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
                   for run in ("gen2-framepack", "gen2-framepack-long"))
     assert base == long and base.num_attention_heads == 6  # the larger transformer, carried into the curriculum
     assert json.loads((tmp_path / "runs" / "gen2-vae" / "final" / "metrics.json").read_text())["psnr_db"] > 0
+    # the smoothing stage: the VAE's decoder reads the previous latent, over the same latents
+    from framepack.small_vae import SmallVideoAutoencoder
+
+    vae, smooth = (SmallVideoAutoencoder.from_pretrained(tmp_path / "runs" / run / "final")
+                   for run in ("gen2-vae", "gen2-vae-smooth"))
+    assert smooth.config.decoder_context == 1
+    assert smooth.config.scaling_factor == vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(vae.encoder.parameters(), smooth.encoder.parameters(), strict=True))
 
     # model selection: the stage's export packaged into a model directory, measured on the validation split
     from framepack.train import package
@@ -176,7 +184,8 @@ def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
     model = runs / "gen2-model"
     assert package.main(["--out", str(model), "--transformer", str(runs / "gen2-framepack-long"),
                          "--transformer-runs", str(runs / "gen2-framepack"), str(runs / "gen2-framepack-long"),
-                         "--vae", str(runs / "gen2-vae"), "--vae-runs", str(runs / "gen2-vae"),
+                         "--vae", str(runs / "gen2-vae-smooth"), "--vae-runs", str(runs / "gen2-vae"),
+                         str(runs / "gen2-vae-smooth"),
                          "--text", str(REPO / "src/framepack/assets/tiny/text"), "--cfg", "3"]) == 0
     framepack = str(Path(sys.executable).with_name("framepack"))
     out = subprocess.run([framepack, "eval", "--model", str(model), "--split", "validation", "--start-frames", "1",
