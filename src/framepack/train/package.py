@@ -291,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformer", default="runs/gen2-framepack-long", help="the transformer run to ship")
     parser.add_argument("--transformer-runs", nargs="*", default=["runs/gen2-framepack", "runs/gen2-framepack-long"],
                         help="transformer stages, for the card")
-    parser.add_argument("--vae", default="runs/gen2-vae", help="the VAE run to ship (its final/ is used)")
-    parser.add_argument("--vae-runs", nargs="*", default=["runs/gen2-vae"], help="VAE stages, for the card")
+    parser.add_argument("--vae", default="runs/gen2-vae-smooth", help="the VAE run to ship (its final/ is used)")
+    parser.add_argument("--vae-runs", nargs="*", default=["runs/gen2-vae", "runs/gen2-vae-smooth"],
+                        help="VAE stages, for the card")
     parser.add_argument("--text", default="src/framepack/assets/tiny/text")
     parser.add_argument("--cfg", type=float, help="the model's default real-CFG scale (default: none, i.e. off)")
     parser.add_argument("--half", action="store_true", help="store the transformer's weights in fp16 (loaded at fp32)")
