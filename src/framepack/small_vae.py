@@ -16,6 +16,7 @@ encoder, and so the latent space, is the same either way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,10 +135,12 @@ class SmallVideoAutoencoder(nn.Module):
         first = self.decoder(z[:, :, 0], first=True)[:, :, None]
         if n == 1:
             return first
+
         def flat(latents: torch.Tensor) -> torch.Tensor:  # (B, C, n - 1, h, w) -> (B * (n - 1), C, h, w)
             return latents.permute(0, 2, 1, 3, 4).reshape(b * (n - 1), c, h, w)
 
-        rest = self.decoder(flat(z[:, :, 1:]), first=False, previous=flat(z[:, :, :-1]))  # (B*(n-1), 3*4, H, W)
+        previous = flat(z[:, :, :-1]) if self.config.decoder_context else None
+        rest = self.decoder(flat(z[:, :, 1:]), first=False, previous=previous)  # (B*(n-1), 3*4, H, W)
         H, W = rest.shape[-2:]
         rest = rest.reshape(b, n - 1, 3, GROUP, H, W).permute(0, 2, 1, 3, 4, 5).reshape(b, 3, (n - 1) * GROUP, H, W)
         return torch.cat([first, rest], dim=2)
@@ -147,7 +150,7 @@ class SmallVideoAutoencoder(nn.Module):
         same frames until it is trained: the new input channels start at zero."""
         if self.config.decoder_context:
             return self
-        wider = SmallVideoAutoencoder(SmallVAEConfig(**{**self.config.__dict__, "decoder_context": 1}))
+        wider = SmallVideoAutoencoder(dataclasses.replace(self.config, decoder_context=1))
         state = self.state_dict()
         first = "decoder.trunk.0.weight"
         state[first] = torch.cat([state[first], torch.zeros_like(state[first])], dim=1)
