@@ -27,13 +27,9 @@ import torch
 
 from framepack.small_vae import GROUP, SmallVideoAutoencoder
 from framepack.train import world
-from framepack.train.vae_task import clip_batch, flicker, psnr
+from framepack.train.vae_task import clip_batch, flicker, psnr, temporal_changes
 from framepack.video import to_pixels
 
-FIXED = {  # benchmarks/extend_seam.py's rendered originals
-    "circle": world.WorldParams("circle", "red", "plain", "blue", "right", speed=10.0, x=0.3, y=0.5),
-    "pan": world.WorldParams("square", "yellow", "stripes", "purple", "pan left", speed=12.0),
-}
 GROUPS = 8  # 33 frames a clip
 DEMO_LATENTS = 37  # 145 frames
 
@@ -41,7 +37,7 @@ DEMO_LATENTS = 37  # 145 frames
 def step_profile(video: torch.Tensor) -> tuple[float, float]:
     """(B, 3, 1 + 4n, H, W) in [-1, 1] -> mean |consecutive difference| (0-255) across group
     boundaries and inside groups."""
-    changes = (video[:, :, 1:] - video[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4)) * 127.5  # (T - 1,)
+    changes = temporal_changes(video).abs().mean(dim=(0, 1, 3, 4)) * 127.5  # (T - 1,)
     boundary = torch.arange(changes.numel()) % GROUP == 0  # frame 4k -> 4k + 1
     return float(changes[boundary].mean()), float(changes[~boundary].mean())
 
@@ -83,7 +79,9 @@ def main() -> None:
     scenes = world.scenes(args.split, args.clips, "independent")
     rng = np.random.default_rng(0)
     clips = {f"{args.split} ({args.clips} clips)": clip_batch(rng, iter(scenes), args.clips, GROUPS, world.SIZE)}
-    for name, params in FIXED.items():
+    from extend_seam import RENDERED  # beside this script: its rendered originals, a circle and a pan
+
+    for name, params in zip(("circle", "pan"), RENDERED, strict=True):
         clips[name] = to_pixels(world.render(params, 1 + GROUP * GROUPS))
     lines = ["| clips | VAE | PSNR (dB) | flicker | change across a group boundary | change inside a group |",
              "|---|---|---:|---:|---:|---:|"]

@@ -119,8 +119,8 @@ class SpanDecoder:
         # a batch of one latent takes another convolution path than a batch of several (it differs in
         # the last bits on CPU), so such a span is decoded whole, as it always was
         # with context, each decoded latent must sit right after its predecessor in the span
-        predecessors_kept = not self.context or [head, *missing] == list(span[: len(missing) + 1])
-        if not self.reuse or len(missing) < 2 or not predecessors_kept:
+        contexts_hold = not self.context or [head, *missing] == list(span[: len(missing) + 1])
+        if not self.reuse or len(missing) < 2 or not contexts_hold:
             self.kept = {}
             return to_frames(self.decode(gather(span)))
         frames = to_frames(self.decode(gather([head, *missing])))
