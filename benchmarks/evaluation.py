@@ -2,9 +2,11 @@
 
 The model's numbers come from the JSON of `framepack eval --json FILE` (it takes minutes to hours);
 the controls are measured here, on the same split, start frames, scenes and lengths, in seconds:
-the world's own clips (full marks), a caption-blind generator (the world's clip of a motion the
-start frame alone decides), a frozen video (the start frame repeated) and random noise. Also the
-caption-blind rules of issue 18 on both worlds' held-out start frames.
+the world's own clips (full marks); the world's clips of the caption alone, at the speed and
+heading it does not give (a model that follows the caption perfectly and guesses those: the
+ceiling); a caption-blind generator (the world's clip of a motion the start frame alone decides);
+a frozen video (the start frame repeated) and random noise. Also the caption-blind rules of
+issue 18 on both worlds' held-out start frames.
 
     python benchmarks/evaluation.py --model-json runs/eval-yardstick-tiny.json --doc docs/evaluation.md
 """
@@ -62,6 +64,7 @@ def controls(config: YardstickConfig) -> dict[str, YardstickResult]:
         config.split, config.long_videos, config.start)
     generators = {
         "world's own clips": yardstick.world_generator(scenes),
+        "caption alone (ceiling)": yardstick.caption_generator(scenes),
         "caption-blind": yardstick.blind_generator(scenes),
         "frozen video": yardstick.frozen_generator(),
         "random video": yardstick.noise_generator(),

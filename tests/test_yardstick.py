@@ -3,6 +3,7 @@ negative controls (caption-blind, frozen, random videos; no model) score at chan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -90,6 +91,22 @@ def test_a_frozen_video_scores_at_chance_and_loses_the_shape_in_place(truth):
     assert yardstick.persistence(world.render(shrinking, 901, size=SIZE), shrinking) == 1.0
 
 
+def test_the_caption_alone_follows_every_caption_but_guesses_the_speed(scenes, truth):
+    """The ceiling control knows the start frame and the caption, not the speed or the heading: full
+    caption control and shapes, and in place it falls behind the world's own clips exactly where
+    the true speed is not the one it guesses."""
+    summary = measure(CONFIG, yardstick.caption_generator(scenes, SIZE)).summary()
+    assert summary["caption_control"]["accuracy"] == 1.0
+    assert summary["persistence@20s"]["mean"] == 1.0
+    assert summary["iou@5s"]["mean"] < truth.summary()["iou@5s"]["mean"] - 0.05
+    guess = yardstick.caption_generator([world.with_motion(scenes[0], m) for m in ("right", "stay")], SIZE)
+    for speed, in_place in ((world.SPEED_RANGE[0], False), (sum(world.SPEED_RANGE) / 2, True)):
+        p = dataclasses.replace(world.with_motion(scenes[0], "right"), speed=speed)
+        frames = guess(world.render(p, 1)[0], world.caption(p), 5.0, 0)
+        iou, centred_iou = yardstick.shape_fidelity(frames, p)
+        assert centred_iou > 0.95 and (iou > 0.95) == in_place, (speed, iou, centred_iou)
+
+
 def test_a_random_video_scores_nothing():
     result = measure(CONFIG, noise, noise)
     summary = result.summary()
@@ -164,10 +181,12 @@ def test_the_docs_table_script_writes_the_model_beside_the_controls(tmp_path):
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
     row = next(line for line in text.splitlines() if line.startswith("| caption control ("))
-    model, truth, blind, frozen_cell, random_cell = (cell.strip() for cell in row.split("|")[2:7])
+    model, truth, ceiling, blind, frozen_cell, random_cell = (cell.strip() for cell in row.split("|")[2:8])
     assert model.startswith("100.0%") and truth.startswith("100.0%") and random_cell.startswith("0.0%")
+    assert ceiling.startswith("100.0%")
     assert not blind.startswith("100.0%") and not frozen_cell.startswith("100.0%")
-    assert "| model tiny | world's own clips | caption-blind | frozen video | random video |" in text
+    assert ("| model tiny | world's own clips | caption alone (ceiling) | caption-blind | frozen video | random video |"
+            in text)
     assert "new world (independent starts)" in text
 
 
