@@ -738,13 +738,14 @@ SKIPPED_SHOWN = 20  # skipped files named in the summary; the dataset's report.j
 
 
 def _dataset_prepare(args: argparse.Namespace) -> int:
+    from .planning import FPS
     from .train.dataset import MANIFEST, REPORT, prepare
 
     device, dtype = _device_and_dtype(args)
     out = Path(args.out)
     try:
         report = prepare(Path(args.dir), out, args.model, resolution=args.resolution, max_frames=args.max_frames,
-                         device=device, dtype=dtype)
+                         fps=FPS if args.fps is None else args.fps, device=device, dtype=dtype)
     except KeyboardInterrupt:
         started = (out / MANIFEST).is_file()
         _say(f"interrupted; finished shards are kept in {out}: run the same command again to continue" if started
@@ -1045,7 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="encode a folder of captioned videos and images once: VAE latents and text/image "
         "embeddings in sharded safetensors (resumable)",
         description="Every video (.mp4 .webm .mov) and image (.png .jpg .jpeg .webp) under DIR with a caption (a "
-        "same-name .txt, or a metadata.jsonl / metadata.csv at DIR's root) is cut to the resolution bucket "
+        "same-name .txt, or a metadata.jsonl / metadata.csv at DIR's root) is resampled to 30 fps (--fps) by "
+        "presentation time, cut to the resolution bucket "
         "generation would use and to 1+4n frames, and encoded by the model's own encoders. Files without a caption "
         "or unreadable are skipped and listed in OUT/report.json. Run the same command again to continue an "
         "interrupted run. See docs/training-your-videos.md.")
@@ -1057,7 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--resolution", type=_positive, help="resolution bucket (default: the model's own, 640 for the "
                     "13B models)")
     dp.add_argument("--max-frames", dest="max_frames", type=_positive, help="use at most this many frames of each "
-                    "video (default: as many as its length allows)")
+                    "video, counted after resampling to --fps (default: as many as its length allows)")
+    dp.add_argument("--fps", type=_number, help="resample every video to this many frames per second, by "
+                    "presentation time (default 30: FramePack's models are trained at 30 fps)")
     dp.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     dp.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="encoders' dtype (default auto: bf16 on CUDA, else fp32)")

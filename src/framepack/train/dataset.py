@@ -1,15 +1,16 @@
 """A user's folder of videos and images, encoded once for training (``framepack dataset prepare``).
 
-Every clip is cut to a resolution bucket of generation (:func:`framepack.images.nearest_bucket`,
-resized and centre-cropped as the start image is) and to a length of ``1 + 4n`` frames (the causal
-VAE groups four frames per latent after the first), then encoded by the model's own components as
+Every video is resampled to the model's frame rate by presentation time (:func:`resample`), and every
+clip is cut to a resolution bucket of generation (:func:`framepack.images.nearest_bucket`, resized and
+centre-cropped as the start image is) and to a length of ``1 + 4n`` frames (the causal VAE groups
+four frames per latent after the first), then encoded by the model's own components as
 the pipeline encodes its inputs: VAE latents (scaled), the caption's text embedding, and the first
 frame's image embedding where the model has an image encoder.
 
 The result is a folder::
 
-    manifest.json            model, resolution, max_frames, format version, complete (true at the end)
-    index.jsonl              one line per sample: shard, key, caption, source, bucket
+    manifest.json            model, resolution, max_frames, fps, format version, complete (true at the end)
+    index.jsonl              one line per sample: shard, key, caption, source, bucket (source_fps: a video's)
     shard-00000.safetensors  per-sample tensors "{key}.latents", ".text", ".mask", ".pooled" (".image")
     report.json              samples per bucket, and every file skipped with the reason
 
@@ -23,9 +24,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,10 +38,11 @@ import torch
 from .. import components
 from ..components import Encoders, TextEmbedding
 from ..jobs import atomic_write
-from ..planning import TEMPORAL_RATIO
+from ..planning import FPS, TEMPORAL_RATIO
 from ..video import to_pixels
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = "framepack-dataset"
 VERSION = 1
@@ -51,6 +57,9 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # of similar lengths share a bucket; each step is at most 1.5x the one before, so less than a third
 # of a clip is ever dropped
 LENGTH_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# containers store timestamps in ticks of a time base, WebM and Matroska in whole milliseconds: a
+# 30 fps frame due at 2/30 s = 66.67 ms is stamped 67 ms, and must still count as showing at 2/30 s
+TIMESTAMP_ROUNDING = Fraction(1, 1000)  # seconds
 
 
 # ---- reading a prepared dataset -------------------------------------------------------------------------
@@ -236,17 +245,42 @@ def bucket_key(height: int, width: int, latent_frames: int) -> str:
     return f"{height}x{width}x{latent_frames}"
 
 
-def read_clip(file: MediaFile, resolution: int, max_frames: int | None) -> np.ndarray:
-    """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames, each resized and centre-cropped to
-    the bucket nearest the clip's aspect (as generation prepares its start image). ValueError with a
-    one-line reason for an unreadable file."""
+def resample(timed: Iterable[tuple[Fraction, T]], fps: float) -> Iterator[T]:
+    """Frames at ``fps`` by presentation time, from (seconds, frame) pairs in display order: output
+    frame k is the frame showing at k / fps, the last one stamped at or before it (times counted from
+    the first frame's; nothing blended), for every k / fps up to the last frame's time. A stamp up to
+    :data:`TIMESTAMP_ROUNDING` late (at most a quarter of an output frame) counts as on time, so a
+    video already at ``fps`` comes out frame for frame. Exact arithmetic: no frame is lost to a float
+    landing just past an output time.
+    """
+    period = 1 / Fraction(fps)
+    slack = min(TIMESTAMP_ROUNDING, period / 4)
+    k = 0  # the next output frame
+    shown: T | None = None  # the frame showing at the latest time seen
+    start = last = Fraction(0)
+    for time, frame in timed:
+        if shown is None:
+            start = time
+        while shown is not None and k * period + slack < time - start:  # `shown` lasts until `time`
+            yield shown
+            k += 1
+        shown, last = frame, time
+    while shown is not None and k * period <= last - start + slack:
+        yield shown
+        k += 1
+
+
+def read_clip(file: MediaFile, resolution: int, max_frames: int | None, fps: float = FPS) -> np.ndarray:
+    """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames at ``fps`` (:func:`resample`), each
+    resized and centre-cropped to the bucket nearest the clip's aspect (as generation prepares its start
+    image). ValueError with a one-line reason for an unreadable file."""
     from ..images import load_image, nearest_bucket, prepare_image, resize_and_crop
 
     if not file.video:
         return prepare_image(load_image(file.path), resolution)[None]
     longest = 1 + TEMPORAL_RATIO * LENGTH_STEPS[-1]  # no clip keeps more: decode no more
     frames = []
-    for frame in _decoded(file.path, longest if max_frames is None else min(max_frames, longest)):
+    for frame in _decoded(file.path, fps, longest if max_frames is None else min(max_frames, longest)):
         if not frames:  # the whole clip goes to its first frame's bucket
             size = nearest_bucket(*frame.shape[:2], resolution)
         frames.append(resize_and_crop(frame, *size))
@@ -255,20 +289,39 @@ def read_clip(file: MediaFile, resolution: int, max_frames: int | None) -> np.nd
     return np.stack(frames[: clip_length(len(frames), max_frames)])
 
 
-def _decoded(path: Path, limit: int | None) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 frames of the file's first video stream, at most ``limit``."""
+def _decoded(path: Path, fps: float, limit: int | None) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 frames of the file's first video stream resampled to ``fps`` (:func:`resample`,
+    by PyAV's frame timestamps, so a variable frame rate is followed too), at most ``limit``."""
     import av
+
+    def timed(frames: Iterator[av.VideoFrame]) -> Iterator[tuple[Fraction, av.VideoFrame]]:
+        for frame in frames:
+            if frame.pts is None or frame.time_base is None:
+                raise ValueError(f"a video frame without a timestamp: cannot resample it to {fps:g} fps")
+            yield frame.pts * frame.time_base, frame  # frame.time, exactly
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError("no video stream in it")
-            for i, frame in enumerate(container.decode(video=0)):
-                if limit is not None and i >= limit:
-                    return
-                yield frame.to_ndarray(format="rgb24")
+            previous, pixels = None, None
+            for frame in islice(resample(timed(container.decode(video=0)), fps), limit):
+                if frame is not previous:  # a frame repeated (a lower source rate) is converted once
+                    previous, pixels = frame, frame.to_ndarray(format="rgb24")
+                yield pixels
     except av.FFmpegError as exc:
         raise ValueError(f"not a readable video ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def source_fps(path: Path) -> float | None:
+    """The video's average frame rate as its container states it (None if it states none), rounded
+    to 1/1000; read from the header, nothing decoded."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+    return None if rate is None else round(float(rate), 3)
 
 
 # ---- encoding -------------------------------------------------------------------------------------------------
@@ -366,7 +419,8 @@ def model_name(model: str) -> str:
 
 
 def _encode_files(files: list[MediaFile], encoders: Encoders, writer: _ShardWriter, resolution: int,
-                  max_frames: int | None, progress: bool, on_sample: Callable[[str], None]) -> list[Skipped]:
+                  max_frames: int | None, fps: float, progress: bool,
+                  on_sample: Callable[[str], None]) -> list[Skipped]:
     """Read, encode and hand to ``writer`` each file in turn (a progress bar over files); returns
     the files that could not be read."""
     from tqdm import tqdm
@@ -375,7 +429,7 @@ def _encode_files(files: list[MediaFile], encoders: Encoders, writer: _ShardWrit
     texts: dict[str, TextEmbedding] = {}  # captions repeat: each is encoded once
     for file in tqdm(files, desc="preparing", unit="file", disable=None if progress else True):
         try:
-            frames = read_clip(file, resolution, max_frames)
+            frames = read_clip(file, resolution, max_frames, fps)
         except (ValueError, OSError) as exc:
             skipped.append(Skipped(file.source, str(exc).replace(str(file.path), file.source)))
             continue
@@ -384,7 +438,10 @@ def _encode_files(files: list[MediaFile], encoders: Encoders, writer: _ShardWrit
         with torch.inference_mode():
             tensors = encode_sample(encoders, frames, texts[file.caption])
         bucket = bucket_key(frames.shape[1], frames.shape[2], tensors["latents"].shape[1])
-        writer.add(tensors, {"caption": file.caption, "source": file.source, "bucket": bucket})
+        entry = {"caption": file.caption, "source": file.source, "bucket": bucket}
+        if file.video:  # the rate it was resampled from
+            entry["source_fps"] = source_fps(file.path)
+        writer.add(tensors, entry)
         on_sample(file.source)
     return skipped
 
@@ -405,13 +462,15 @@ def check_out(out: Path, settings: dict) -> None:
 
 
 def prepare(source: Path, out: Path, model: str, *, resolution: int | None = None, max_frames: int | None = None,
-            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-            shard_bytes: int = SHARD_BYTES, on_sample: Callable[[str], None] = lambda source: None) -> PrepareReport:
+            fps: float = FPS, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            progress: bool = True, shard_bytes: int = SHARD_BYTES,
+            on_sample: Callable[[str], None] = lambda source: None) -> PrepareReport:
     """Encode every captioned video and image under ``source`` into a prepared dataset at ``out``.
 
-    Everything is checked before anything is written or loaded (ValueError, one line). Rerunning
-    with the same arguments continues an interrupted run. ``on_sample`` is called with each file's
-    relative path once its sample is encoded.
+    Videos are resampled to ``fps`` frames per second (:func:`resample`; FramePack's models are trained
+    at 30), and ``max_frames`` counts frames at that rate. Everything is checked before anything is
+    written or loaded (ValueError, one line). Rerunning with the same arguments continues an
+    interrupted run. ``on_sample`` is called with each file's relative path once its sample is encoded.
     """
     from ..components import resolve_model
     from ..images import buckets as resolution_buckets
@@ -421,6 +480,8 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
         raise ValueError(f"{source} is not a directory" if source.exists() else f"{source} does not exist")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number of frames per second, got {fps:g}")
     resolution = resolve_model(model).resolution(resolution)  # an unknown model: one line, here
     resolution_buckets(resolution)  # a resolution too small for any bucket: one line, here
     files, skipped = find_media(source)
@@ -428,7 +489,7 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
         raise ValueError(f"no usable files in {source}: no video ({', '.join(VIDEO_SUFFIXES)}) or image "
                          f"({', '.join(IMAGE_SUFFIXES)}) with a caption (a same-name .txt or a metadata.jsonl/csv)")
     settings = {"model": model_name(model), "resolution": resolution, "max_frames": max_frames,
-                "source": str(source.resolve())}
+                "fps": int(fps) if float(fps).is_integer() else float(fps), "source": str(source.resolve())}
     check_out(out, settings)
 
     entries = _finished_entries(out) if out.is_dir() else []
@@ -440,7 +501,7 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
     _write_json(out / MANIFEST, {"format": FORMAT, "version": VERSION, **settings, "complete": False})
     (out / REPORT).unlink(missing_ok=True)  # a report describes a finished preparation only
     writer = _ShardWriter(out, list(entries), shard_bytes)
-    unreadable = [] if encoders is None else _encode_files(todo, encoders, writer, resolution, max_frames,
+    unreadable = [] if encoders is None else _encode_files(todo, encoders, writer, resolution, max_frames, fps,
                                                            progress, on_sample)
     writer.flush()
     if not writer.entries:  # nothing to keep: leave no folder that looks like a dataset
