@@ -7,6 +7,12 @@ one, so a run can stop at any moment and continue in a later session; optionally
 moving average of the weights (``ema``), checkpointed with the rest and exported instead of the
 last step's weights.
 
+A checkpoint holds what training changes and nothing else: the trainable weights (``requires_grad``),
+their average, the optimiser, scheduler and RNG states. A model trained whole is saved whole, as
+accelerate saves it; a model with frozen parameters (a LoRA's base, a stage that trains one part)
+has only its trainable parameters written to ``model.safetensors``, and a resumed run builds the
+frozen ones as the task always does (from its config) and loads the checkpoint's over them.
+
 Config (JSON)::
 
     {"task": "vae", "output_dir": "runs/demo-vae", "steps": 3000, "batch_size": 8, "lr": 3e-4,
@@ -236,6 +242,8 @@ def train(config: TrainConfig, max_steps_this_run: int | None = None) -> Path:
     # would step it once per process (it assumes each process adds a batch)
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
                               step_scheduler_with_optimizer=False, cpu=_launched_without_accelerator())
+    accelerator.register_save_state_pre_hook(_keep_trainable)
+    accelerator.register_load_state_pre_hook(_load_trainable)
     _check_parallelism(accelerator, config)
     micro = micro_batch_size(config.batch_size, accelerator.num_processes, config.gradient_accumulation)
     out = Path(config.output_dir)
@@ -381,6 +389,79 @@ def _validate(accelerator, task: Task, model: nn.Module, average: WeightAverage 
             task.validate(evaluated, step, directory)
         model.train()
     accelerator.wait_for_everyone()
+
+
+# ---- what a checkpoint holds of the model ---------------------------------------------------------------
+
+
+def _partly_frozen(model: nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _keep_trainable(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """accelerate's save-state pre-hook: a model with frozen parameters has its trainable ones alone
+    written (for a LoRA on the 13B transformer, its adapter instead of the whole base again at every
+    checkpoint); a model trained whole is written whole, buffers included, as accelerate writes it."""
+    if len(weights) != len(models):  # FSDP and DeepSpeed write their own (sharded) files: left as they are
+        return
+    for i, model in enumerate(models):
+        if _partly_frozen(model):
+            weights[i] = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(models: list[nn.Module], input_dir: str) -> None:
+    """accelerate's load-state pre-hook, the counterpart of :func:`_keep_trainable`. A checkpoint
+    holding the whole model (a model trained whole, or a partly frozen one checkpointed before
+    checkpoints held the trainable weights alone) is left to accelerate, which loads it whole as it
+    always did. One holding a partly frozen model's trainable weights has them read over the frozen
+    ones the task built, and the model is taken off accelerate's list (which would ask for every
+    weight). Weights that do not fit are one line. The trainer prepares one model: ``model.safetensors``."""
+    from safetensors import safe_open
+
+    file = Path(input_dir) / "model.safetensors"
+    for model in list(models):
+        frozen = _partly_frozen(model)
+        if not file.is_file():
+            if frozen:
+                raise ValueError(f"checkpoint {file.parent} has no {file.name} to resume from")
+            continue  # accelerate names the file it looked for
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            saved, state = set(f.keys()), set(model.state_dict())
+            if saved == state:  # the whole model: accelerate loads it, as it always has
+                if frozen:
+                    log.info("%s holds the whole model (written before checkpoints held the trainable weights "
+                             "alone): loaded whole", file)
+            elif not frozen:
+                unknown = sorted(saved - state)
+                if unknown:  # (a checkpoint short of weights: accelerate names the missing ones)
+                    raise _misfit(file, f"it holds {len(unknown)} weights this model does not have, e.g. {unknown[0]!r}")
+            else:
+                _read_trainable(model, f, file)
+                models.remove(model)
+
+
+def _read_trainable(model: nn.Module, f: Any, file: Path) -> None:
+    """Copy the tensors of ``f`` (``file`` open with safetensors) into the trainable parameters of
+    ``model``; one line if they are not exactly those parameters, by name and shape."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = set(f.keys())
+    missing, unknown = sorted(set(trainable) - saved), sorted(saved - set(trainable))
+    if missing:
+        raise _misfit(file, f"{len(missing)} of this model's trainable weights are missing, e.g. {missing[0]!r}")
+    if unknown:
+        raise _misfit(file, f"it holds {len(unknown)} weights this model does not train, e.g. {unknown[0]!r}")
+    for name, parameter in trainable.items():
+        shape = tuple(f.get_slice(name).get_shape())
+        if shape != tuple(parameter.shape):
+            raise _misfit(file, f"{name!r} has shape {shape}, this model's {tuple(parameter.shape)}")
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(f.get_tensor(name))
+
+
+def _misfit(file: Path, problem: str) -> ValueError:
+    return ValueError(f"{file} does not fit the model being trained ({problem}): resume with the task and "
+                      "task_args the checkpoint was written with, or train in another output_dir")
 
 
 class _WallClock:
