@@ -17,8 +17,8 @@ import pytest
 
 from framepack.images import resize_and_crop
 from framepack.train import dataset
-from framepack.train.dataset import INDEX, MANIFEST, MediaFile, PreparedDataset, prepare, read_clip, resample
-from framepack.video import read_frames, write_segment
+from framepack.train.dataset import INDEX, MANIFEST, MediaFile, PreparedDataset, prepare, read_clip
+from framepack.video import read_frames, resample, write_segment
 
 RESOLUTION = 64
 LEVEL = 8  # colour steps between frame numbers: wide enough to survive H.264's rounding at crf 0

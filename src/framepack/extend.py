@@ -28,6 +28,10 @@ packing, the resume logic and the assembly of the mp4 all work unchanged.
 - The start image: ``--image`` if given; otherwise a frame of the video: the first frame of the
   part used as context in forward mode (it is that part's first latent, which the F1 layout
   anchors on), the video's first frame in inverted mode (the new frames then lead into it).
+- The video is read at the models' 30 fps by presentation time (:func:`framepack.video.resample`:
+  frame k is the one showing at k / 30 s), so a 60 fps or 24 fps video keeps its speed; a 30 fps
+  video is read frame for frame. Counting (:func:`count_frames`, from the packets' timestamps) and
+  decoding follow the same rule, so the plan and the frames agree.
 - The video is copied into the job directory (``inputs/extend.*``) with its sha256 in the
   settings, so a resume uses the same frames and a changed copy is refused.
 """
@@ -37,13 +41,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from .planning import TEMPORAL_RATIO, SectionPlan, decode_span
+from .planning import FPS, TEMPORAL_RATIO, SectionPlan, decode_span
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +67,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def count_frames(path: str | Path) -> int:
-    """Frames of the video's first video stream, counted from its packets (nothing decoded).
+    """Frames of the video's first video stream at :data:`~framepack.planning.FPS`, as
+    :func:`read_video` gives them, counted from its packets' timestamps in display order (nothing
+    decoded).
 
-    One-line ValueError for a missing, unreadable, frameless or stream-less file.
+    One-line ValueError for a missing, unreadable, frameless or stream-less file, or a packet
+    without a timestamp.
     """
     import av
+
+    from .video import resample, timestamp
 
     path = Path(path)
     if not path.is_file():
@@ -74,46 +85,57 @@ def count_frames(path: str | Path) -> int:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path} holds no video stream")
-            frames = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+            packets = (packet for packet in container.demux(container.streams.video[0]) if packet.size)
+            try:
+                times = [timestamp(packet, FPS) for packet in packets]
+            except ValueError as exc:  # a packet without a timestamp
+                raise ValueError(f"cannot read the video to extend {path} ({_first_line(exc)})") from None
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read the video to extend {path} ({_first_line(exc)})") from None
-    if frames == 0:
+    if not times:
         raise ValueError(f"{path} holds no frames")
-    return frames
+    # packets come in decoding order; the frames they make are shown in timestamp order
+    return sum(1 for _ in resample(((time, time) for time in sorted(times)), FPS))
+
+
+def _frames(path: str | Path) -> Iterator[np.ndarray]:
+    """The video's frames at :data:`~framepack.planning.FPS` (:func:`framepack.video.resampled_frames`),
+    (H, W, 3) uint8; one-line ValueError for what cannot be read."""
+    import av
+
+    from .video import resampled_frames
+
+    try:
+        yield from resampled_frames(path, FPS)
+    except (av.FFmpegError, OSError, ValueError) as exc:  # ValueError: a frame without a timestamp
+        raise ValueError(f"cannot read the video to extend {path} ({_first_line(exc)})") from None
 
 
 def read_video(path: str | Path, height: int, width: int) -> np.ndarray:
-    """Every frame, resized and centre-cropped to (height, width) as a start image is: (T, H, W, 3)
-    uint8. Frames are resized one at a time, so a large video never sits in memory at its own size."""
-    import av
-
+    """Every frame at :data:`~framepack.planning.FPS` (:func:`_frames`), resized and centre-cropped to
+    (height, width) as a start image is: (T, H, W, 3) uint8. Frames are resized one at a time, so a
+    large video never sits in memory at its own size."""
     from .images import resize_and_crop
 
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                frames.append(resize_and_crop(frame.to_ndarray(format="rgb24"), height, width))
-    except (av.FFmpegError, OSError) as exc:
-        raise ValueError(f"cannot read the video to extend {path} ({_first_line(exc)})") from None
+    frames: list[np.ndarray] = []
+    previous = None
+    for pixels in _frames(path):
+        if pixels is not previous:  # a frame shown again (a lower source rate) is resized once
+            previous, resized = pixels, resize_and_crop(pixels, height, width)
+        frames.append(resized)
     if not frames:
         raise ValueError(f"{path} holds no frames")
     return np.stack(frames)
 
 
 def start_frame(path: str | Path, layout: SourceLayout) -> np.ndarray:
-    """The frame :meth:`SourceLayout.start_frame` names, at the video's own size: (H, W, 3) uint8."""
-    import av
-
-    wanted = layout.start_frame()
-    try:
-        with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(video=0)):
-                if index == wanted:
-                    return frame.to_ndarray(format="rgb24")
-    except (av.FFmpegError, OSError) as exc:
-        raise ValueError(f"cannot read the video to extend {path} ({_first_line(exc)})") from None
-    raise ValueError(f"{path} decodes to fewer frames than its packets count: re-encode it")
+    """The frame :meth:`SourceLayout.start_frame` names (an index into :func:`read_video`'s frames),
+    at the video's own size: (H, W, 3) uint8."""
+    with closing(_frames(path)) as frames:
+        frame = next(islice(frames, layout.start_frame(), None), None)
+    if frame is None:
+        raise ValueError(f"{path} decodes to fewer frames than its packets count: re-encode it")
+    return frame
 
 
 def _first_line(exc: BaseException) -> str:
@@ -207,8 +229,8 @@ def seed_job(job, plans: list[SectionPlan], layout: SourceLayout, frames: np.nda
     from .video import Assembler, to_pixels, to_uint8, write_segment
 
     if len(frames) != layout.frames:
-        raise ValueError(f"{job.settings.extend} decodes to {len(frames)} frames, but its packets count "
-                         f"{layout.frames}: re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+        raise ValueError(f"{job.settings.extend} decodes to {len(frames)} frames at {FPS} fps, but its packets "
+                         f"count {layout.frames}: re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
     used = frames[layout.first_used : layout.first_used + layout.used]
     latents = encode(to_pixels(used))  # (1, C, 1 + S * window, h, w)
     offset = position_offset(plans, layout.sections)

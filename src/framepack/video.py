@@ -6,17 +6,22 @@ later section can change is encoded once into an H.264 segment on disk. The fram
 will still touch (the *pending* edge: the head in inverted mode, the tail in forward mode) stay in
 memory and in the job directory. Provisional and final videos are made by remuxing the segments
 (packet copy, no re-encoding), so each frame is encoded exactly once and memory stays flat.
+
+Videos read as input (``--extend``, ``dataset prepare``) are resampled to a frame rate by
+presentation time (:func:`resample`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import islice
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,10 +29,17 @@ import torch
 from .jobs import atomic_write
 from .planning import TEMPORAL_RATIO
 
+if TYPE_CHECKING:
+    import av
+
 FPS = 30
 DEFAULT_CRF = 16
 METADATA_KEY = "comment"  # mp4 udta tag that carries the generation settings (JSON)
 IMAGE_FIELDS = ("image", "end_image")  # settings that name an input file
+# containers store timestamps in ticks of a time base, WebM and Matroska in whole milliseconds: a
+# 30 fps frame due at 2/30 s = 66.67 ms is stamped 67 ms, and must still count as showing at 2/30 s
+TIMESTAMP_ROUNDING = Fraction(1, 1000)  # seconds
+T = TypeVar("T")
 
 
 def overlap_frames(window: int) -> int:
@@ -303,6 +315,63 @@ def read_frames(path: str | Path) -> np.ndarray:
 
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+# ---- reading a video at a frame rate ------------------------------------------------------------------
+
+
+def resample(timed: Iterable[tuple[Fraction, T]], fps: float) -> Iterator[T]:
+    """Frames at ``fps`` by presentation time, from (seconds, frame) pairs in display order: output
+    frame k is the frame showing at k / fps, the last one stamped at or before it (times counted from
+    the first frame's; nothing blended), for every k / fps up to the last frame's time. A stamp up to
+    :data:`TIMESTAMP_ROUNDING` late (at most a quarter of an output frame) counts as on time, so a
+    video already at ``fps`` comes out frame for frame. Exact arithmetic: no frame is lost to a float
+    landing just past an output time.
+    """
+    period = 1 / Fraction(fps)
+    slack = min(TIMESTAMP_ROUNDING, period / 4)
+    k = 0  # the next output frame
+    shown: T | None = None  # the frame showing at the latest time seen
+    start = last = Fraction(0)
+    for time, frame in timed:
+        if shown is None:
+            start = time
+        while shown is not None and k * period + slack < time - start:  # `shown` lasts until `time`
+            yield shown
+            k += 1
+        shown, last = frame, time
+    while shown is not None and k * period <= last - start + slack:
+        yield shown
+        k += 1
+
+
+def timestamp(item: av.Packet | av.VideoFrame, fps: float) -> Fraction:
+    """Seconds at which a PyAV packet or frame is shown, exactly (``item.time``, as a fraction);
+    ValueError if it carries no timestamp: nothing to resample to ``fps`` by."""
+    import av
+
+    if item.pts is None or item.time_base is None:
+        kind = "packet" if isinstance(item, av.Packet) else "frame"
+        raise ValueError(f"a video {kind} without a timestamp: cannot resample it to {fps:g} fps")
+    return item.pts * item.time_base
+
+
+def resampled_frames(path: str | Path, fps: float, limit: int | None = None) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 frames of the file's first video stream resampled to ``fps`` (:func:`resample`,
+    by PyAV's frame timestamps, so a variable frame rate is followed too), at most ``limit``. A frame
+    shown more than once (a lower source rate) is the same array each time. PyAV's errors pass
+    through; ValueError for a file without a video stream or a frame without a timestamp."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream in it")
+        timed = ((timestamp(frame, fps), frame) for frame in container.decode(video=0))
+        previous, pixels = None, None
+        for frame in islice(resample(timed, fps), limit):
+            if frame is not previous:  # a frame repeated is converted once
+                previous, pixels = frame, frame.to_ndarray(format="rgb24")
+            yield pixels
 
 
 # ---- previews -------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """A user's folder of videos and images, encoded once for training (``framepack dataset prepare``).
 
-Every video is resampled to the model's frame rate by presentation time (:func:`resample`), and every
-clip is cut to a resolution bucket of generation (:func:`framepack.images.nearest_bucket`, resized and
-centre-cropped as the start image is) and to a length of ``1 + 4n`` frames (the causal VAE groups
-four frames per latent after the first), then encoded by the model's own components as
-the pipeline encodes its inputs: VAE latents (scaled), the caption's text embedding, and the first
+Every video is resampled to the model's frame rate by presentation time
+(:func:`framepack.video.resample`), and every clip is cut to a resolution bucket of generation
+(:func:`framepack.images.nearest_bucket`, resized and centre-cropped as the start image is) and to a
+length of ``1 + 4n`` frames (the causal VAE groups four frames per latent after the first), then
+encoded by the model's own components as the pipeline encodes its inputs: VAE latents (scaled), the caption's text embedding, and the first
 frame's image embedding where the model has an image encoder.
 
 The result is a folder::
@@ -25,12 +25,9 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
-from itertools import islice
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,10 +36,9 @@ from .. import components
 from ..components import Encoders, TextEmbedding
 from ..jobs import atomic_write
 from ..planning import FPS, TEMPORAL_RATIO
-from ..video import to_pixels
+from ..video import resampled_frames, to_pixels
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 FORMAT = "framepack-dataset"
 VERSION = 1
@@ -57,9 +53,6 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # of similar lengths share a bucket; each step is at most 1.5x the one before, so less than a third
 # of a clip is ever dropped
 LENGTH_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# containers store timestamps in ticks of a time base, WebM and Matroska in whole milliseconds: a
-# 30 fps frame due at 2/30 s = 66.67 ms is stamped 67 ms, and must still count as showing at 2/30 s
-TIMESTAMP_ROUNDING = Fraction(1, 1000)  # seconds
 
 
 # ---- reading a prepared dataset -------------------------------------------------------------------------
@@ -245,33 +238,8 @@ def bucket_key(height: int, width: int, latent_frames: int) -> str:
     return f"{height}x{width}x{latent_frames}"
 
 
-def resample(timed: Iterable[tuple[Fraction, T]], fps: float) -> Iterator[T]:
-    """Frames at ``fps`` by presentation time, from (seconds, frame) pairs in display order: output
-    frame k is the frame showing at k / fps, the last one stamped at or before it (times counted from
-    the first frame's; nothing blended), for every k / fps up to the last frame's time. A stamp up to
-    :data:`TIMESTAMP_ROUNDING` late (at most a quarter of an output frame) counts as on time, so a
-    video already at ``fps`` comes out frame for frame. Exact arithmetic: no frame is lost to a float
-    landing just past an output time.
-    """
-    period = 1 / Fraction(fps)
-    slack = min(TIMESTAMP_ROUNDING, period / 4)
-    k = 0  # the next output frame
-    shown: T | None = None  # the frame showing at the latest time seen
-    start = last = Fraction(0)
-    for time, frame in timed:
-        if shown is None:
-            start = time
-        while shown is not None and k * period + slack < time - start:  # `shown` lasts until `time`
-            yield shown
-            k += 1
-        shown, last = frame, time
-    while shown is not None and k * period <= last - start + slack:
-        yield shown
-        k += 1
-
-
 def read_clip(file: MediaFile, resolution: int, max_frames: int | None, fps: float = FPS) -> np.ndarray:
-    """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames at ``fps`` (:func:`resample`), each
+    """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames at ``fps`` (:func:`~framepack.video.resample`), each
     resized and centre-cropped to the bucket nearest the clip's aspect (as generation prepares its start
     image). ValueError with a one-line reason for an unreadable file."""
     from ..images import load_image, nearest_bucket, prepare_image, resize_and_crop
@@ -290,25 +258,12 @@ def read_clip(file: MediaFile, resolution: int, max_frames: int | None, fps: flo
 
 
 def _decoded(path: Path, fps: float, limit: int | None) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 frames of the file's first video stream resampled to ``fps`` (:func:`resample`,
-    by PyAV's frame timestamps, so a variable frame rate is followed too), at most ``limit``."""
+    """(H, W, 3) uint8 frames of the file's first video stream resampled to ``fps``, at most ``limit``
+    (:func:`~framepack.video.resampled_frames`); an unreadable file is a ValueError."""
     import av
 
-    def timed(frames: Iterator[av.VideoFrame]) -> Iterator[tuple[Fraction, av.VideoFrame]]:
-        for frame in frames:
-            if frame.pts is None or frame.time_base is None:
-                raise ValueError(f"a video frame without a timestamp: cannot resample it to {fps:g} fps")
-            yield frame.pts * frame.time_base, frame  # frame.time, exactly
-
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream in it")
-            previous, pixels = None, None
-            for frame in islice(resample(timed(container.decode(video=0)), fps), limit):
-                if frame is not previous:  # a frame repeated (a lower source rate) is converted once
-                    previous, pixels = frame, frame.to_ndarray(format="rgb24")
-                yield pixels
+        yield from resampled_frames(path, fps, limit)
     except av.FFmpegError as exc:
         raise ValueError(f"not a readable video ({exc.strerror or exc.__class__.__name__})") from None
 
@@ -467,7 +422,7 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
             on_sample: Callable[[str], None] = lambda source: None) -> PrepareReport:
     """Encode every captioned video and image under ``source`` into a prepared dataset at ``out``.
 
-    Videos are resampled to ``fps`` frames per second (:func:`resample`; FramePack's models are trained
+    Videos are resampled to ``fps`` frames per second (:func:`~framepack.video.resample`; FramePack's models are trained
     at 30), and ``max_frames`` counts frames at that rate. Everything is checked before anything is
     written or loaded (ValueError, one line). Rerunning with the same arguments continues an
     interrupted run. ``on_sample`` is called with each file's relative path once its sample is encoded.
