@@ -399,7 +399,7 @@ def world_generator(scenes: Iterable[world.WorldParams], size: int = world.SIZE)
 def caption_generator(scenes: Iterable[world.WorldParams], size: int = world.SIZE) -> Generator:
     """A ceiling: the world's own clip of the captioned motion at what the caption does not say (the
     middle of the speed range, a bounce at 45 degrees), so it knows exactly what a model is given,
-    the start frame and the caption. Its in-place IoU is the most a model can expect when it guesses
+    the start frame and the caption. Its in-place IoU is about the most a model can expect when it guesses
     speed and heading; the world's own clips (which know them) score 1."""
     return world_generator([world.with_motion(p, "stay") for p in scenes], size)
 
