@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,9 +61,13 @@ def main() -> None:
     task_args = dict(config["task_args"])
     own = Path(task_args.get("pairs_dir", "runs/distill-pairs"))
     trained = -(-int(task_args.get("pairs", 256)) // int(task_args.get("pair_batch", 8)))
+    made = sorted(own.glob("chunk-*.safetensors"))
+    if len(made) < trained:  # it would make the training pairs here: hours, and not the ones trained on
+        raise SystemExit(f"{own} holds {len(made)} of the {trained} chunks of pairs {args.config} trains on: "
+                         "run it first, or run this from the folder its relative paths are for")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="distill-heldout-") as scratch:
-        for chunk in own.glob("chunk-*.safetensors"):  # the config's pairs, read where they are
+        for chunk in made:  # the config's pairs, read where they are
             (Path(scratch) / chunk.name).symlink_to(chunk.resolve())
         task = DistillTask({**task_args, "pairs": (trained + args.chunks) * task_args.get("pair_batch", 8),
                             "pairs_dir": scratch})
@@ -76,23 +79,25 @@ def main() -> None:
         seen, unseen = spread(trained, args.chunks), list(range(trained, trained + args.chunks))
         rows = {name: (errors(task, model, seen), errors(task, model, unseen))
                 for name, model in (("student", student), ("teacher", task.teacher))}
-    pairs = args.chunks * task.pair_batch
-    lines = [f"`{args.config}`, student `{args.student}`: {pairs} of its {trained * task.pair_batch} training pairs "
-             f"against {pairs} held-out pairs (the next chunks of the same stream), "
-             f"{(time.perf_counter() - began) / 60:.1f} min",
-             "", "| sigma | student, trained pairs | student, held-out | ratio | teacher, trained pairs | teacher, held-out |",
+    header = (f"`{args.config}`, student `{args.student}`: {args.chunks * task.pair_batch} of its "
+              f"{trained * task.pair_batch} training pairs against as many held-out pairs (the next chunks of "
+              f"the same stream), {(time.perf_counter() - began) / 60:.1f} min")
+    print(header + "\n\n" + table(rows))
+
+
+def table(rows: dict[str, tuple[dict[float, float], dict[float, float]]]) -> str:
+    """One line per sigma, and their mean: the student's errors on trained and held-out pairs, their
+    ratio, and the teacher's."""
+    (student_seen, student_unseen), (teacher_seen, teacher_unseen) = rows["student"], rows["teacher"]
+    lines = ["| sigma | student, trained pairs | student, held-out | ratio | teacher, trained pairs | teacher, held-out |",
              "|---|---|---|---|---|---|"]
-    student_seen, student_unseen = rows["student"]
-    teacher_seen, teacher_unseen = rows["teacher"]
-    for s in sorted(student_seen):
-        lines.append(f"| {s:.3f} | {student_seen[s]:.4f} | {student_unseen[s]:.4f} | "
-                     f"{student_unseen[s] / student_seen[s]:.2f} | {teacher_seen[s]:.4f} | {teacher_unseen[s]:.4f} |")
-    mean = {k: float(np.mean(list(v.values()))) for k, v in
-            (("ss", student_seen), ("su", student_unseen), ("ts", teacher_seen), ("tu", teacher_unseen))}
-    lines.append(f"| mean | {mean['ss']:.4f} | {mean['su']:.4f} | {mean['su'] / mean['ss']:.2f} | "
-                 f"{mean['ts']:.4f} | {mean['tu']:.4f} |")
-    print("\n".join(lines))
-    sys.stdout.flush()
+    columns = (student_seen, student_unseen, teacher_seen, teacher_unseen)
+    for label, values in [*((f"{s:.3f}", [c[s] for c in columns]) for s in sorted(student_seen)),
+                          ("mean", [float(np.mean(list(c.values()))) for c in columns])]:
+        trained, held_out, teacher_trained, teacher_held_out = values
+        lines.append(f"| {label} | {trained:.4f} | {held_out:.4f} | {held_out / trained:.2f} | {teacher_trained:.4f} | "
+                     f"{teacher_held_out:.4f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
