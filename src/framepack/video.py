@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 from .jobs import atomic_write
-from .planning import TEMPORAL_RATIO
+from .planning import FPS, TEMPORAL_RATIO
 
 if TYPE_CHECKING:
     import av
 
-FPS = 30
 DEFAULT_CRF = 16
 METADATA_KEY = "comment"  # mp4 udta tag that carries the generation settings (JSON)
 IMAGE_FIELDS = ("image", "end_image")  # settings that name an input file

@@ -4,8 +4,9 @@ Every video is resampled to the model's frame rate by presentation time
 (:func:`framepack.video.resample`), and every clip is cut to a resolution bucket of generation
 (:func:`framepack.images.nearest_bucket`, resized and centre-cropped as the start image is) and to a
 length of ``1 + 4n`` frames (the causal VAE groups four frames per latent after the first), then
-encoded by the model's own components as the pipeline encodes its inputs: VAE latents (scaled), the caption's text embedding, and the first
-frame's image embedding where the model has an image encoder.
+encoded by the model's own components as the pipeline encodes its inputs: VAE latents (scaled), the
+caption's text embedding, and the first frame's image embedding where the model has an image
+encoder.
 
 The result is a folder::
 
@@ -239,9 +240,10 @@ def bucket_key(height: int, width: int, latent_frames: int) -> str:
 
 
 def read_clip(file: MediaFile, resolution: int, max_frames: int | None, fps: float = FPS) -> np.ndarray:
-    """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames at ``fps`` (:func:`~framepack.video.resample`), each
-    resized and centre-cropped to the bucket nearest the clip's aspect (as generation prepares its start
-    image). ValueError with a one-line reason for an unreadable file."""
+    """(T, H, W, 3) uint8: the clip's first ``clip_length`` frames at ``fps``
+    (:func:`~framepack.video.resample`), each resized and centre-cropped to the bucket nearest the
+    clip's aspect (as generation prepares its start image). ValueError with a one-line reason for an
+    unreadable file."""
     from ..images import load_image, nearest_bucket, prepare_image, resize_and_crop
 
     if not file.video:
@@ -422,10 +424,11 @@ def prepare(source: Path, out: Path, model: str, *, resolution: int | None = Non
             on_sample: Callable[[str], None] = lambda source: None) -> PrepareReport:
     """Encode every captioned video and image under ``source`` into a prepared dataset at ``out``.
 
-    Videos are resampled to ``fps`` frames per second (:func:`~framepack.video.resample`; FramePack's models are trained
-    at 30), and ``max_frames`` counts frames at that rate. Everything is checked before anything is
-    written or loaded (ValueError, one line). Rerunning with the same arguments continues an
-    interrupted run. ``on_sample`` is called with each file's relative path once its sample is encoded.
+    Videos are resampled to ``fps`` frames per second (:func:`~framepack.video.resample`; FramePack's
+    models are trained at 30), and ``max_frames`` counts frames at that rate. Everything is checked
+    before anything is written or loaded (ValueError, one line). Rerunning with the same arguments
+    continues an interrupted run. ``on_sample`` is called with each file's relative path once its
+    sample is encoded.
     """
     from ..components import resolve_model
     from ..images import buckets as resolution_buckets
