@@ -422,6 +422,9 @@ def test_a_keyframe_job_from_the_web_app_is_the_clis_job(site, tmp_path):
     from gradio_client import Client, handle_file
     from test_generate import FRAMEPACK
 
+    import torch
+    from safetensors.torch import load_file
+
     from framepack.video import read_frames
 
     server = site["server"]
@@ -443,7 +446,17 @@ def test_a_keyframe_job_from_the_web_app_is_the_clis_job(site, tmp_path):
                              str(site["start"]), "--keyframe", f"1.2:{key}", "--out", str(out), "--device", "cpu"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert np.array_equal(read_frames(web), read_frames(out))
+    # The same job, to float32 rounding: in one full test run of many, the server's latents differed
+    # from the CLI's by a few ulps (7e-7 where they reach 4.5; not reproduced in one process, with
+    # other thread counts, beside busy threads or after the module's earlier jobs), and so a few
+    # pixels of one frame by 2 levels. A setting that differs is far outside this: another seed moves
+    # the latents by up to 6.6 and 96% of the pixels; colour matching off changes 99% of the pixels.
+    web_job, cli_job = server.outputs / "jobs" / web.stem.rsplit("-seed", 1)[0], out.with_suffix(".job")
+    for section in sorted((cli_job / "sections").glob("*.safetensors")):
+        mine, theirs = load_file(section)["latents"], load_file(web_job / "sections" / section.name)["latents"]
+        assert torch.allclose(mine, theirs, rtol=0, atol=1e-5), (section.name, (mine - theirs).abs().max())
+    frames = read_frames(web).astype(np.int16) - read_frames(out).astype(np.int16)
+    assert np.abs(frames).max() <= 2 and np.count_nonzero(frames) < 1e-3 * frames.size
 
     # History's "Use these settings" puts the job's keyframe (a served copy of its own) and colour box back
     from test_ui_lora import page_call
