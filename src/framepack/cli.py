@@ -866,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "each section's context length and time. Measured over several runs on 2 CPU cores: "
                                "2.6-3.0 s of generation, 3.9-4.5 s for the whole command, warm. --model tiny runs its "
                                f"teacher ({teacher.get('steps', 25)} steps at its default cfg {demo_cfg:g}, with its "
-                               "step cache): 6.0-6.8 s of generation.")
+                               "step cache): 5.8-6.8 s of generation.")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
     demo.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's, 4 for "
                       "tiny-fast, 25 for tiny)")
@@ -974,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="caption (default): every start frame with every caption, shape IoU, persistence vs the true "
                          "area, drift, on start frames independent of the motion; direction (the default when "
                          "--prompts, --seconds or --long-seconds is given): the first yardstick, on the first world "
-                         "(the shipped model's published table)")
+                         "(the first-generation model's published table)")
     ev.add_argument("--split", choices=["validation", "test", "held-out"],
                     help="caption: validation (default; for choosing models and settings) or test (reported once per "
                          "shipped model); direction: held-out (default) or validation")

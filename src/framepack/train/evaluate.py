@@ -11,7 +11,7 @@ counts and 95% intervals. :func:`measure` runs it on any generator, so the tests
 world's own clips and on negative controls without a model.
 
 The first yardstick (:class:`EvalConfig` / :func:`run_eval`, ``--yardstick direction``), kept
-because the shipped model's published numbers came from it; on the first world, whose start frame
+because the first-generation model's published numbers came from it; on the first world, whose start frame
 gives the direction away (a caption-blind rule scores 80% on it). Three measurements:
 
 * **motion direction**: for held-out scenes with a single direction (moves left/right/up/down,
