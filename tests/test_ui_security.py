@@ -451,7 +451,7 @@ def test_a_keyframe_job_from_the_web_app_is_the_clis_job(site, tmp_path):
     # other thread counts, beside busy threads or after the module's earlier jobs), and so a few
     # pixels of one frame by 2 levels. A setting that differs is far outside this: another seed moves
     # the latents by up to 6.6 and 96% of the pixels; colour matching off changes 99% of the pixels.
-    web_job, cli_job = server.outputs / "jobs" / web.stem.rsplit("-seed", 1)[0], out.with_suffix(".job")
+    web_job, cli_job = Path(server.jobs()[job["job"]]["job_dir"]), out.with_suffix(".job")  # as each recorded it
     for section in sorted((cli_job / "sections").glob("*.safetensors")):
         mine, theirs = load_file(section)["latents"], load_file(web_job / "sections" / section.name)["latents"]
         assert torch.allclose(mine, theirs, rtol=0, atol=1e-5), (section.name, (mine - theirs).abs().max())
