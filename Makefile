@@ -57,8 +57,8 @@ demo-model: $(VENV)/.installed-train
 	$(VENV)/bin/framepack calibrate-cache --model tiny
 	$(PY) benchmarks/caching.py --write-default
 	# the few-step student that `framepack demo` runs (tiny-fast), held to its teacher on the test split
-	$(VENV)/bin/framepack train configs/gen2_student.json
-	$(PY) -m framepack.train.distill_task configs/gen2_student.json --package src/framepack/assets/tiny-fast \
+	$(VENV)/bin/framepack train configs/gen2_student3.json
+	$(PY) -m framepack.train.distill_task configs/gen2_student3.json --package src/framepack/assets/tiny-fast \
 	  --half --share-encoders src/framepack/assets/tiny --card configs/gen2_student_card.md
 	$(VENV)/bin/framepack eval --model tiny-fast --split test --json runs/gen2-student-eval-test.json
 	$(PY) benchmarks/student.py --teacher runs/gen2-eval-test.json --student runs/gen2-student-eval-test.json \

@@ -222,7 +222,7 @@ def test_distill_refuses_mixed_pairs_and_teacher_fields(tmp_path, teacher):
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
-@pytest.mark.parametrize("name", ["demo_student", "gen2_student", "gen2_student3"])
+@pytest.mark.parametrize("name", ["demo_student", "gen2_student", "gen2_student3", "gen2_student4"])
 def test_student_configs_load_and_build(tmp_path, teacher, name):
     """configs/NAME.json loads as `framepack train` loads it, and its task builds (teacher swapped
     for the tiny one, 32 px): the options are ones the task accepts, pairs are kept per config."""
