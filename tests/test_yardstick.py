@@ -221,3 +221,23 @@ def test_the_student_script_holds_the_student_to_its_teachers_bounds(tmp_path):
     trials = len(json.loads((tmp_path / "truth.json").read_text())["captions"])
     assert f"the student misses {trials - right} that the teacher shows and shows 0" in worse.stdout
     assert other.returncode != 0 and "not made on the same trials" in other.stderr
+
+
+def test_the_text_to_video_scripts_controls_bound_its_window():
+    """benchmarks/text_to_video.py reads the motion from 1.2 s on: on that window the world's own
+    clips show every caption (11 motions, pans included), the caption-blind control only its own
+    motion's captions, and the frozen grey frame draws nothing; the table counts them so."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "text_to_video.py"
+    spec = importlib.util.spec_from_file_location("text_to_video", path)
+    t2v = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t2v)
+    scenes = yardstick.one_per_motion_first(world.scenes("validation", 400), len(world.MOTIONS))
+    assert sorted(p.motion for p in scenes) == sorted(world.MOTIONS)
+    ceiling, blind, frozen_grey = t2v.controls(scenes).values()
+    assert ceiling == [p.motion for p in scenes]
+    assert [got == p.motion for got, p in zip(blind, scenes)] == [p.motion == t2v.BLIND_MOTION for p in scenes]
+    assert frozen_grey == [yardstick.LOST] * len(scenes)
+    table = t2v.table(t2v.controls(scenes), scenes)
+    assert "| 11/11 | 11/11 = 100% |" in table and "| 11/11 | 1/11 = 9% |" in table and "| 0/11 | 0/11 = 0% |" in table
