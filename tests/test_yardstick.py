@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from framepack.train import world, yardstick
@@ -223,16 +224,22 @@ def test_the_student_script_holds_the_student_to_its_teachers_bounds(tmp_path):
     assert other.returncode != 0 and "not made on the same trials" in other.stderr
 
 
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_text_to_video_scripts_controls_bound_its_window():
     """benchmarks/text_to_video.py reads the motion from 1.2 s on: on that window the world's own
     clips show every caption (11 motions, pans included), the caption-blind control only its own
     motion's captions, and the frozen grey frame draws nothing; the table counts them so."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "text_to_video.py"
-    spec = importlib.util.spec_from_file_location("text_to_video", path)
-    t2v = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t2v)
+    t2v = _benchmark("text_to_video")
     scenes = yardstick.one_per_motion_first(world.scenes("validation", 400), len(world.MOTIONS))
     assert sorted(p.motion for p in scenes) == sorted(world.MOTIONS)
     ceiling, blind, frozen_grey = t2v.controls(scenes).values()
@@ -241,3 +248,21 @@ def test_the_text_to_video_scripts_controls_bound_its_window():
     assert frozen_grey == [yardstick.LOST] * len(scenes)
     table = t2v.table(t2v.controls(scenes), scenes)
     assert "| 11/11 | 11/11 = 100% |" in table and "| 11/11 | 1/11 = 9% |" in table and "| 0/11 | 0/11 = 0% |" in table
+
+
+def test_the_jump_measurement_sees_a_catch_up_and_not_the_truth():
+    """benchmarks/demo_jumps.py: the world's clip of a moving scene has no jump; the same clip held
+    for 30 frames and then caught up has exactly one, at the catch-up; a lost object is counted."""
+    jumps = _benchmark("demo_jumps")
+    scene = world.WorldParams("triangle", "orange", "stripes", "red", "right", speed=10.0, x=0.3, y=0.52)
+    clip = world.render(scene, 145)
+    truth = float(np.nanmax(jumps.steps(clip, scene)))
+    assert 0 < truth < 2
+    paused = clip.copy()
+    paused[60:90] = clip[60]
+    steps = jumps.steps(paused, scene)
+    assert np.flatnonzero(steps > jumps.JUMP * truth).tolist() == [89]
+    assert jumps.row("x", clip, truth, scene).endswith("| 0 | 0 |")
+    gone = clip.copy()
+    gone[100:] = clip[100:, :1, :1]  # the background's corner colour everywhere: no object
+    assert jumps.row("x", gone, truth, scene).endswith(f"| {145 - 100} |")
