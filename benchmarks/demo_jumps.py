@@ -62,8 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "tiny-fast"], help="model names or directories")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the demo's seed and 1-6")
+    parser.add_argument("--mode", help="sampling mode (default: the model's own, as the demo)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--doc", type=Path, help="write the table between this doc's bench:demo-jumps markers")
+    parser.add_argument("--doc", type=Path, help="write the table between this doc's bench:NAME markers")
+    parser.add_argument("--name", default="demo-jumps", help="the markers' NAME (default demo-jumps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or [demo_settings().seed, *range(1, 7)]
@@ -74,6 +76,7 @@ def main() -> None:
             pipeline = FramePackPipeline.from_model(model)
             for seed in seeds:
                 settings = demo_settings(model=model, seed=seed, cache="model")  # exactly `framepack demo --seed`
+                settings = settings.replace(mode=args.mode) if args.mode else settings
                 job = JobDir.create(Path(scratch) / f"{len(videos)}.job", settings, Path(scratch) / f"{len(videos)}.mp4")
                 videos.append((f"`{model}`, seed {seed}", read_frames(pipeline.run(job))))
                 print(videos[-1][0], file=sys.stderr, flush=True)
@@ -81,7 +84,8 @@ def main() -> None:
     truth = float(np.nanmax(steps(clip, scene)))
     paused = clip.copy()
     paused[PAUSE[0]:PAUSE[1]] = clip[PAUSE[0]]
-    lines = [(f"`framepack demo`'s scene and prompt ({len(clip)} frames at 128 px), seeds {', '.join(map(str, seeds))}; "
+    mode = f", mode {args.mode}" if args.mode else ""
+    lines = [(f"`framepack demo`'s scene and prompt ({len(clip)} frames at 128 px{mode}), seeds {', '.join(map(str, seeds))}; "
               f"the centroid of the object tracked in the scene's colour. The true largest step is {truth:.1f} px "
               f"a frame; a jump is a step over {JUMP:g} times that ({JUMP * truth:.1f} px)."),
              "", "| video | largest step (px) | at | jumps | frames without the object |", "|---|---|---|---|---|",
@@ -90,7 +94,7 @@ def main() -> None:
              row(f"control: the world's clip paused at frames {PAUSE[0]}-{PAUSE[1] - 1}, then caught up", paused, truth,
                  scene)]
     lines += [row(label, frames, truth, scene) for label, frames in videos]
-    publish("\n".join(lines), args.doc, "demo-jumps", "python benchmarks/demo_jumps.py " + " ".join(sys.argv[1:]))
+    publish("\n".join(lines), args.doc, args.name, "python benchmarks/demo_jumps.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -53,14 +53,16 @@ def _how(config: dict) -> str:
     return f"`{config['model']}` at {config['steps']} steps, cfg {config['cfg']}"
 
 
-def comparison(teacher: YardstickResult, student: YardstickResult) -> str:
-    """One row per measurement: teacher, student, difference, the bound and whether it holds."""
+def comparison(teacher: YardstickResult, student: YardstickResult, labels: tuple[str, str] = ("teacher", "student")) -> str:
+    """One row per measurement: teacher, student, difference, the bound and whether it holds. ``labels``
+    name the two runs in the table (two settings of one model, say: the bounds are still the issue's)."""
+    a_name, b_name = labels
     _same_trials(teacher, student)
     t, s = teacher.summary(), student.summary()
     tc, sc = t["caption_control"], s["caption_control"]
-    lines = [f"{teacher.config['split']} split: teacher {_how(teacher.config)}; student {_how(student.config)}; "
+    lines = [f"{teacher.config['split']} split: {a_name} {_how(teacher.config)}; {b_name} {_how(student.config)}; "
              "the same start frames, scenes and seeds.", "",
-             "| measurement | teacher | student | student - teacher | bound | within |", "|---|---|---|---|---|---|"]
+             f"| measurement | {a_name} | {b_name} | {b_name} - {a_name} | bound | within |", "|---|---|---|---|---|---|"]
     if tc["trials"]:
         diff = 100 * (sc["accuracy"] - tc["accuracy"])
         lines.append(f"| caption control ({tc['trials']} trials, chance {100 * tc['chance']:.1f}%) | "
@@ -82,8 +84,8 @@ def comparison(teacher: YardstickResult, student: YardstickResult) -> str:
         assert all((x.start, x.caption) == (y.start, y.caption) for x, y in pairs)
         lost = sum(x.right and not y.right for x, y in pairs)
         gained = sum(y.right and not x.right for x, y in pairs)
-        lines += ["", f"Paired over the {len(pairs)} caption trials: the student misses {lost} that the teacher "
-                  f"shows and shows {gained} that the teacher misses."]
+        lines += ["", f"Paired over the {len(pairs)} caption trials: the {b_name} misses {lost} that the {a_name} "
+                  f"shows and shows {gained} that the {a_name} misses."]
     return "\n".join(lines)
 
 
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--doc", nargs="+", default=[], help="write the tables between these Markdown files' "
                         "bench:NAME markers (the docs and the student's model card)")
     parser.add_argument("--name", default="student", help="the markers' NAME (default student)")
+    parser.add_argument("--labels", nargs=2, default=["teacher", "student"], metavar=("A", "B"),
+                        help="the two runs' names in the table (default: teacher student)")
     args = parser.parse_args()
     if bool(args.teacher) != bool(args.student) or not (args.teacher or args.time):
         parser.error("give --teacher and --student, or --time N, or both")
@@ -143,11 +147,12 @@ def main() -> None:
 
     parts = []
     if args.teacher:
-        parts.append(comparison(_load(args.teacher), _load(args.student)))
+        parts.append(comparison(_load(args.teacher), _load(args.student), tuple(args.labels)))
     if args.time:
         parts.append(timing(args.time))
     command = "python benchmarks/student.py" + (f" --teacher {' '.join(args.teacher)} --student {' '.join(args.student)}"
                                                 if args.teacher else "") + (f" --time {args.time}" if args.time else "")
+    command += (f" --labels {' '.join(args.labels)}" if args.labels != ["teacher", "student"] else "")
     command += (f" --name {args.name}" if args.name != "student" else "") + (f" --doc {' '.join(args.doc)}" if args.doc else "")
     report = "\n\n".join(parts)
     print(report)
