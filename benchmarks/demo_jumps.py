@@ -18,7 +18,6 @@ frame 60, then the true frame 90: one jump of 30 frames' motion), which the meas
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from demo_strip import demo_scene
 from doctable import publish
 
-from framepack.components import asset
 from framepack.demo import demo_settings
 from framepack.jobs import JobDir
 from framepack.pipeline import FramePackPipeline
@@ -69,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or [demo_settings().seed, *range(1, 7)]
-    scene = world.WorldParams(**json.loads(asset("demo", "scene.json").read_text()))
+    scene = demo_scene()
     videos: list[tuple[str, np.ndarray]] = []
     with tempfile.TemporaryDirectory(prefix="framepack-demo-jumps-") as scratch:
         for model in args.models:

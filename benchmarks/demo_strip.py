@@ -30,6 +30,11 @@ from framepack.train import world, yardstick
 from framepack.video import FPS, read_frames
 
 
+def demo_scene() -> world.WorldParams:
+    """The world scene whose render is the bundled start image (``assets/demo/scene.json``)."""
+    return world.WorldParams(**json.loads(asset("demo", "scene.json").read_text()))
+
+
 def strip_indices(frames: int, every: float) -> list[int]:
     """Frame indices every ``every`` seconds, with the last frame always included."""
     step = max(1, round(every * FPS))
@@ -62,7 +67,7 @@ def main() -> None:
     indices = strip_indices(len(frames), args.every)
     Path(args.strip).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate([frames[i] for i in indices], axis=1)).save(args.strip)
-    scene = world.WorldParams(**json.loads(asset("demo", "scene.json").read_text()))
+    scene = demo_scene()
     rows = shape_rows(frames, indices, scene)
     lines = [(f"`framepack demo` ({settings.prompt!r}, seed {settings.seed}, model {settings.model}, its default "
               f"cfg, cache {settings.cache}): {len(frames)} frames; the strip `{args.strip}` shows the frames at "

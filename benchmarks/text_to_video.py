@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from doctable import publish
 
 from framepack.jobs import JobDir
-from framepack.pipeline import FramePackPipeline
+from framepack.pipeline import FramePackPipeline, blank_start_frame
 from framepack.settings import GenerationSettings
 from framepack.train import world, yardstick
 from framepack.video import read_frames
@@ -48,16 +48,15 @@ def judge(frames: np.ndarray, p: world.WorldParams) -> str:
 
 def generate(pipeline: FramePackPipeline, name: str, folder: Path, p: world.WorldParams, seed: int,
              image: Path | None) -> np.ndarray:
-    source = pipeline.c.source
     settings = GenerationSettings(image=str(image) if image else None, prompt=world.caption(p), model=name,
-                                  seconds=SECONDS, steps=source.steps(None), cfg=source.cfg(None), seed=seed, crf=10)
+                                  seconds=SECONDS, steps=pipeline.c.source.steps(None), seed=seed, crf=10)
     job = JobDir.create(folder / "job", settings, folder / "video.mp4")
     return read_frames(pipeline.run(job))
 
 
 def controls(scenes: list[world.WorldParams]) -> dict[str, list[str]]:
     count = yardstick.frame_count(SECONDS)
-    grey = np.full((count, world.SIZE, world.SIZE, 3), 128, np.uint8)
+    grey = np.repeat(blank_start_frame(world.SIZE)[None], count, axis=0)  # text-to-video's first frame
     return {
         "the world's own clip (ceiling)": [judge(world.render(p, count), p) for p in scenes],
         f"caption-blind (the world's clip, always '{BLIND_MOTION}')":
@@ -71,14 +70,15 @@ def measure(models: list[str], scenes: list[world.WorldParams]) -> dict[str, lis
     rows = controls(scenes)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        starts = [folder / f"start-{i}.png" for i in range(len(scenes))]
+        for start, p in zip(starts, scenes, strict=True):
+            Image.fromarray(world.render(p, 1)[0]).save(start)
         for name in models:
             pipeline = FramePackPipeline.from_model(name)
             source = pipeline.c.source
             label = f"`{name}` ({source.steps(None)} steps, cfg {source.cfg(None):g})"
             text, image = [], []
-            for i, p in enumerate(scenes):
-                start = folder / f"start-{i}.png"
-                Image.fromarray(world.render(p, 1)[0]).save(start)
+            for i, (p, start) in enumerate(zip(scenes, starts, strict=True)):
                 text.append(judge(generate(pipeline, name, folder / f"{name}-t2v-{i}", p, i, None), p))
                 image.append(judge(generate(pipeline, name, folder / f"{name}-i2v-{i}", p, i, start), p))
                 print(f"{name} {i + 1}/{len(scenes)} '{world.caption(p)}': text {text[-1]}, image {image[-1]}",

@@ -254,7 +254,8 @@ def test_the_jump_measurement_sees_a_catch_up_and_not_the_truth():
     """benchmarks/demo_jumps.py: the world's clip of a moving scene has no jump; the same clip held
     for 30 frames and then caught up has exactly one, at the catch-up; a lost object is counted."""
     jumps = _benchmark("demo_jumps")
-    scene = world.WorldParams("triangle", "orange", "stripes", "red", "right", speed=10.0, x=0.3, y=0.52)
+    scene = jumps.demo_scene()  # the demo's: a triangle moving right
+    assert scene.motion == "right"
     clip = world.render(scene, 145)
     truth = float(np.nanmax(jumps.steps(clip, scene)))
     assert 0 < truth < 2
