@@ -416,6 +416,19 @@ class ModelSource:
         """The sigma shift: the request, else the one the model was trained with (None: from tokens)."""
         return requested if requested is not None else self.extra.get("shift")
 
+    def sampling_mode(self, requested: Mode | None, seconds: float, plain: bool) -> Mode:
+        """The section order of a job: the request, else the model's own, except that a manifest's
+        ``forward_up_to`` (seconds) makes an inverted model sample plain clips that short forward,
+        where that was measured to hold better (docs/demo-model.md, "A default that depends on the
+        length"). Not plain: an end image or keyframes (inverted only) and an extended video (whose
+        direction is the mode's) keep the model's own."""
+        if requested is not None:
+            return requested
+        limit = self.extra.get("forward_up_to")
+        if self.mode == "inverted" and plain and limit is not None and seconds <= float(limit):
+            return "forward"
+        return self.mode
+
 
 HUNYUAN = "hunyuanvideo-community/HunyuanVideo"
 REDUX = "lllyasviel/flux_redux_bfl"
@@ -462,6 +475,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
             return str((base / value).resolve()) if (base / value).exists() else str(value)
 
         known = {"transformer", "hunyuan", "redux", "vae", "mode", "crop_start", "text_embeddings"}
+        limit = data.get("forward_up_to")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+            raise ValueError(f"{manifest}: forward_up_to must be a number of seconds > 0, got {limit!r}")
         return ModelSource(
             transformer=local("transformer"), hunyuan=local("hunyuan"), redux=local("redux"),
             mode=data.get("mode", "inverted"), crop_start=data.get("crop_start"), vae=local("vae"),

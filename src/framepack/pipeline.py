@@ -24,7 +24,7 @@ import torch
 
 from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
 from .color_match import match_colors
-from .components import Components, TextEmbedding, load_components, resolve_model, stack_embeddings
+from .components import Components, ModelSource, TextEmbedding, load_components, resolve_model, stack_embeddings
 from .images import load_image, nearest_bucket, prepare_image, resize_and_crop
 from .extend import prepare_source, source_layout, start_frame, with_source
 from .jobs import JobDir
@@ -37,6 +37,7 @@ from .planning import (
     END,
     START,
     KeyframeSource,
+    Mode,
     SectionPlan,
     decode_span,
     frame_count,
@@ -288,10 +289,10 @@ class FramePackPipeline:
 
     def source_layout(self, settings: GenerationSettings):
         """Where the frames of the video a job extends sit (framepack.extend); None for other jobs."""
-        return job_source_layout(settings, self.c.source.mode, self.c.transformer.config.schedule)
+        return job_source_layout(settings, job_mode(settings, self.c.source), self.c.transformer.config.schedule)
 
     def plans(self, settings: GenerationSettings) -> list[SectionPlan]:
-        return plan_job(settings, self.c.source.mode, self.c.transformer.config.schedule)
+        return plan_job(settings, job_mode(settings, self.c.source), self.c.transformer.config.schedule)
 
     def run(self, job: JobDir, on_event: Callable[[Event], None] = lambda e: None,
             should_stop: Callable[[], bool] = lambda: False) -> Path:
@@ -590,19 +591,25 @@ class FramePackPipeline:
         return meta
 
 
-def job_source_layout(settings: GenerationSettings, model_mode: str, schedule: ContextSchedule):
+def job_mode(settings: GenerationSettings, source: ModelSource) -> Mode:
+    """The section order a job samples in: the request, else the model's default for a job like it.
+    Derived, not stored: a resumed job plans the same sections as long as its model is the same."""
+    plain = settings.end_image is None and not settings.keyframes and settings.extend is None
+    return source.sampling_mode(settings.mode, settings.seconds, plain)
+
+
+def job_source_layout(settings: GenerationSettings, mode: Mode, schedule: ContextSchedule):
     """Where the frames of the video a job extends sit (framepack.extend); None for other jobs."""
     if settings.extend is None:
         return None
-    return source_layout(settings.extend, settings.window, settings.mode or model_mode, schedule.frames)
+    return source_layout(settings.extend, settings.window, mode, schedule.frames)
 
 
-def plan_job(settings: GenerationSettings, model_mode: str, schedule: ContextSchedule) -> list[SectionPlan]:
-    """The sections of a job, in generation order, for a model of this mode and context schedule
-    (no weights needed: framepack.redo plans a job's branch from its settings alone)."""
-    mode = settings.mode or model_mode
+def plan_job(settings: GenerationSettings, mode: Mode, schedule: ContextSchedule) -> list[SectionPlan]:
+    """The sections of a job, in generation order, in this mode (:func:`job_mode`) for a model of
+    this context schedule (no weights needed: framepack.redo plans a job's branch from its settings alone)."""
     count = section_count(settings.seconds, settings.window)
-    layout = job_source_layout(settings, model_mode, schedule)
+    layout = job_source_layout(settings, mode, schedule)
     count += layout.sections if layout is not None else 0  # an extended video's frames: finished sections
     plans = plan_sections(count, mode, schedule, settings.window, end_image=settings.end_image is not None)
     return with_keyframes(plans, overrides_for(settings.keyframes, plans))  # refused outside inverted mode

@@ -109,13 +109,14 @@ def model_plans(settings: GenerationSettings) -> tuple[list[SectionPlan], int]:
     from .components import resolve_model
     from .config import resolve_config
     from .packing import RELEASED_SCHEDULE
-    from .pipeline import job_source_layout, plan_job
+    from .pipeline import job_mode, job_source_layout, plan_job
 
     source = resolve_model(settings.model)
     local = Path(source.transformer)
     schedule = resolve_config(local).schedule if (local / "config.json").is_file() else RELEASED_SCHEDULE
-    layout = job_source_layout(settings, source.mode, schedule)
-    return plan_job(settings, source.mode, schedule), 0 if layout is None else layout.sections
+    mode = job_mode(settings, source)
+    layout = job_source_layout(settings, mode, schedule)
+    return plan_job(settings, mode, schedule), 0 if layout is None else layout.sections
 
 
 # ---- the branch on disk ----------------------------------------------------------------------------------

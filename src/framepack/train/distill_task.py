@@ -315,12 +315,13 @@ register("distill")(DistillTask)
 
 
 def package_student(run: Path, out: Path, half: bool = False, share: Path | None = None,
-                    card: Path | None = None) -> Path:
+                    card: Path | None = None, forward_up_to: float | None = None) -> Path:
     """The model directory ``out`` of a finished distill run: the student's transformer with its
     teacher's VAE, text encoders and defaults (resolution, shift, mode), cfg 1 and the student's
     steps, no step cache. ``half`` stores the weights in fp16; ``share`` points the manifest at that
     model's encoders instead of copying them (they must be identical: the teacher's, shipped
-    beside it); ``card`` is a markdown file written as its MODEL_CARD.md."""
+    beside it); ``card`` is a markdown file written as its MODEL_CARD.md; ``forward_up_to`` (seconds)
+    makes plain clips up to that length sample forward by default (ModelSource.sampling_mode)."""
     final = Path(run) / "final"
     if not (final / "distill.json").exists():
         raise ValueError(f"{run} has no finished student ({final / 'distill.json'} is missing): train it to the end first")
@@ -333,6 +334,8 @@ def package_student(run: Path, out: Path, half: bool = False, share: Path | None
     package.update_manifest(out, {"steps": int(distill["steps"]), "cache": "none", "distilled_from": {
         "teacher": str(config["task_args"]["teacher"]), "teacher_steps": distill["teacher_steps"],
         "teacher_cfg": distill["teacher_cfg"], "trained_steps": distill["trained_steps"], "training_steps": config["steps"]}})
+    if forward_up_to is not None:
+        package.update_manifest(out, {"forward_up_to": forward_up_to})
     if share is not None:
         package.share_encoders(out, Path(share))
     if card is not None:
@@ -351,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share-encoders", metavar="MODEL_DIR", help="with --package: use that model directory's VAE "
                         "and text encoders (identical to the teacher's) instead of copies, by relative paths")
     parser.add_argument("--card", metavar="FILE", help="with --package: a markdown file to write as its MODEL_CARD.md")
+    parser.add_argument("--forward-up-to", type=float, metavar="SECONDS", help="with --package: sample clips up to "
+                        "this long forward by default, longer ones inverted (chosen on validation: docs/demo-model.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run)
         if args.package:
             print(package_student(run, Path(args.package), half=args.half, share=args.share_encoders,
-                                  card=Path(args.card) if args.card else None))
+                                  card=Path(args.card) if args.card else None, forward_up_to=args.forward_up_to))
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 0
