@@ -929,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--shift", type=_number, help="sigma shift; default: the model's own (3 for tiny), else from the token count (7 at 640)")
     samp.add_argument("--mode", choices=["inverted", "forward", "vanilla"],
                       help="section order: inverted anti-drifting (I2V models), forward (F1) or vanilla; "
-                      "default: the model's own")
+                      "default: the model's own (tiny-fast: forward up to 10 s, inverted beyond)")
     samp.add_argument("--cache", type=_cache_option, metavar="METHOD[:T]",
                       help="step cache: none (default), model (the model's own choice), teacache[:T] (T default "
                            "0.15), magcache[:T] (needs calibrate-cache), fbcache[:T], taylorseer[:N]; see docs/caching.md")
