@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from framepack.video import Assembler, concat_segments, read_frames, read_metadata, to_uint8, write_segment
+from framepack.video import Assembler, concat_segments, decode_batch, read_frames, read_metadata, to_uint8, write_segment
 
 
 def reference_append(history: np.ndarray | None, current: np.ndarray, overlap: int, backwards: bool) -> np.ndarray:
@@ -86,3 +86,13 @@ def test_concat_refuses_a_missing_or_unreadable_segment(tmp_path):
     with pytest.raises(ValueError, match=r"video segment .*broken\.mp4 is unreadable"):
         concat_segments([good, broken], out)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_decode_batch_gives_each_new_latent_the_one_before_it_where_the_decoder_reads_it():
+    forward = list(range(9, 27))  # the window before (decoded last section) and 9 new latents
+    inverted = list(range(9, 27))  # 9 new latents and the window after them (decoded)
+    new_forward, new_inverted = set(range(18, 27)), set(range(9, 18))
+    assert decode_batch(forward, new_forward, context=False) == [9, *range(18, 27)]
+    assert decode_batch(forward, new_forward, context=True) == [9, 17, *range(18, 27)]  # 17: context only
+    assert decode_batch(inverted, new_inverted, context=True) == list(range(9, 18))  # the head is the context
+    assert decode_batch([0, *inverted], new_inverted, context=True) == [0, *range(9, 18)]

@@ -114,8 +114,9 @@ class SpanDecoder:
     whatever its neighbours) the frames of a latent decoded for the previous section are kept and the
     span's first latent is decoded with only the latents not seen yet: 10 latents a section instead
     of 18 at window 9. With ``context`` too (a decoder that also reads the latent before the one it
-    decodes), that holds only while the latents not seen yet follow the span's first one directly,
-    as in inverted mode; otherwise the span is decoded whole. Without ``reuse`` (the causal
+    decodes), each latent not seen yet is decoded right after the one before it in the span: in
+    inverted mode that is the span's first latent, in forward mode a kept one, decoded again only as
+    context (its frames are the kept ones): 11 latents a section. Without ``reuse`` (the causal
     HunyuanVideo VAE, whose frames depend on every latent before them) every span is decoded whole.
     """
 
@@ -127,18 +128,30 @@ class SpanDecoder:
     def __call__(self, span: Sequence[int], gather: Callable[[Sequence[int]], torch.Tensor]) -> np.ndarray:
         head, rest = span[0], list(span[1:])
         missing = [pos for pos in rest if pos not in self.kept]
-        # a batch of one latent takes another convolution path than a batch of several (it differs in
-        # the last bits on CPU), so such a span is decoded whole, as it always was
-        # with context, each decoded latent must sit right after its predecessor in the span
-        contexts_hold = not self.context or [head, *missing] == list(span[: len(missing) + 1])
-        if not self.reuse or len(missing) < 2 or not contexts_hold:
+        batch = decode_batch(span, set(missing), self.context)
+        # a batch of one latent after the head takes another convolution path than a batch of several
+        # (it differs in the last bits on CPU), so such a span is decoded whole, as it always was
+        if not self.reuse or len(batch) < 3:
             self.kept = {}
             return to_frames(self.decode(gather(span)))
-        frames = to_frames(self.decode(gather([head, *missing])))
-        made = dict(zip(missing, np.split(frames[1:], len(missing))))
+        frames = to_frames(self.decode(gather(batch)))
+        made = {pos: group for pos, group in zip(batch[1:], np.split(frames[1:], len(batch) - 1)) if pos in missing}
         # the next section's span shares latents only with this one
         self.kept = {pos: self.kept[pos] if pos in self.kept else made[pos] for pos in rest}
         return np.concatenate([frames[:1], *(self.kept[pos] for pos in rest)])
+
+
+def decode_batch(span: Sequence[int], missing: set[int], context: bool) -> list[int]:
+    """The latents to decode for a span whose ``missing`` ones are not decoded yet: the span's first
+    (its one frame), then each missing latent in order, with context preceded by the latent before
+    it in the span unless that one is decoded just before it anyway."""
+    batch = [span[0]]
+    for before, pos in zip(span, span[1:]):
+        if pos in missing:
+            if context and batch[-1] != before:
+                batch.append(before)
+            batch.append(pos)
+    return batch
 
 
 def assembly_layout(clip_frames: list[int], backwards: bool, overlap: int) -> list[tuple[int, int]]:
