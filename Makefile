@@ -33,9 +33,12 @@ $(CHROMIUM):
 
 # Names that do not exist and syntax errors fail before the (long) tests: ruff's pyflakes rules F82x,
 # F63x and F7xx (the whole style set is not enforced).
+# The suite runs on every core (pytest-xdist, one torch thread per worker: tests/conftest.py), each test
+# file on one worker (its module-scoped models and servers are made once); PYTEST_XDIST= runs it serially.
+PYTEST_XDIST ?= -n auto --dist loadfile
 test: $(VENV)/.installed-dev $(CHROMIUM)
 	$(VENV)/bin/ruff check --quiet --select F82,F63,F7 src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_XDIST)
 
 # Retake the README's screenshots of the web app: the browser tests' generation, with the demo model.
 screenshots: $(VENV)/.installed-dev $(CHROMIUM)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import _LineFit
+from ui_slow_server import free_port
 
 from framepack import trainer
 
@@ -28,12 +28,6 @@ BIN = Path(sys.executable).parent
 ACCELERATE = REPO / "configs" / "accelerate"
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # the exported transformer (averaged: ema > 0)
 TOLERANCE = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_config(root: Path, name: str, task_args: dict, **changes) -> Path:
@@ -50,7 +44,7 @@ def _train(config: Path, processes: int, *options: str) -> subprocess.CompletedP
     command = [str(BIN / "framepack"), "train", str(config), *options]
     if processes > 1:
         command = [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
-                   "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+                   "--num_processes", str(processes), "--main_process_port", str(free_port()),
                    "-m", "framepack", *command[1:]]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=run_env, cwd=REPO, check=False)

@@ -41,9 +41,18 @@ def hold_back(delay_s: float) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now. The server binds it a moment later, from another process: under pytest-xdist
+    worker i of n takes only ports with (port // 2) % n == i (Linux hands out odd ports to bind(0)), so
+    that two workers never pick the same one (and a test never talks to the other worker's server)."""
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if (port // 2) % count == index:
+            return port
+    raise RuntimeError(f"no free port for xdist worker {index} of {count}")
 
 
 class Server:
