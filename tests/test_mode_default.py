@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +89,14 @@ def test_a_bad_forward_up_to_is_named(tmp_path, value):
                                                      "forward_up_to": value}))
     with pytest.raises(ValueError, match="forward_up_to must be a number of seconds > 0"):
         resolve_model(str(root))
+
+
+def test_the_cli_says_which_mode_a_video_is_sampled_in(model_dir, tmp_path):
+    image = write_image(tmp_path / "start.png")
+    args = [str(Path(sys.executable).with_name("framepack")), "generate", "--model", str(model_dir), "--image",
+            str(image), "--prompt", "a red circle", "--seconds", "1.2", "--steps", "1", "--resolution", "64"]
+    short = subprocess.run([*args, "--out", str(tmp_path / "a.mp4")], capture_output=True, text=True)
+    assert short.returncode == 0, short.stderr
+    assert f"whole sections), forward mode (the model's default up to {LIMIT:g} s)\n" in short.stderr
+    asked = subprocess.run([*args, "--mode", "forward", "--out", str(tmp_path / "b.mp4")], capture_output=True, text=True)
+    assert "whole sections), forward mode\n" in asked.stderr  # asked for: no reason to give

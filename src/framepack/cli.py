@@ -208,14 +208,20 @@ def _check_job_dir(job_dir: Path, overwrite: bool) -> bool:
 
 
 def _announce_length(settings) -> None:
-    """The length the video really has (sections come in whole windows: 5 s makes 4.83 s)."""
+    """The length the video really has (sections come in whole windows: 5 s makes 4.83 s) and the
+    mode it is sampled in (a model's default may depend on the length)."""
+    from .components import resolve_model
+    from .pipeline import job_mode
     from .planning import FPS, frame_count, latent_count, real_seconds, section_count
 
     sections = section_count(settings.seconds, settings.window)
     real = real_seconds(settings.seconds, settings.window)
     note = "" if abs(real - settings.seconds) < 0.005 else f"; {settings.seconds:g} s asked, rounded to whole sections"
+    source = resolve_model(settings.model)
+    mode = job_mode(settings, source)
+    why = f" (the model's default up to {source.extra['forward_up_to']:g} s)" if mode != (settings.mode or source.mode) else ""
     _say(f"video of {real:.2f} s ({frame_count(latent_count(sections, settings.window))} frames at {FPS} fps, "
-         f"{sections} section{'s' if sections > 1 else ''}{note})")
+         f"{sections} section{'s' if sections > 1 else ''}{note}), {mode} mode{why}")
 
 
 def _warn_about_settings(settings) -> None:
