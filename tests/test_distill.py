@@ -164,8 +164,10 @@ def test_distill_runs_stops_resumes_and_exports(tmp_path, teacher):
     # as the package ships it: fp16 weights, the teacher's encoders shared by relative paths, its card
     card = tmp_path / "card.md"
     card.write_text("# the student\n")
-    shipped = distill_task.package_student(out, teacher.parent / "student-shared", half=True, share=teacher, card=card)
+    shipped = distill_task.package_student(out, teacher.parent / "student-shared", half=True, share=teacher, card=card,
+                                           forward_up_to=10)
     manifest = json.loads((shipped / "framepack.json").read_text())
+    assert "forward_up_to" not in json.loads((tmp_path / "student" / "framepack.json").read_text())
     assert manifest["steps"] == 2 and manifest["cache"] == "none" and manifest["distilled_from"]["teacher_cfg"] == TEACHER_CFG
     assert manifest["vae"] == "../teacher/vae" and manifest["hunyuan"] == "../teacher/text"
     assert not (shipped / "vae").exists() and not (shipped / "text").exists()
@@ -173,6 +175,7 @@ def test_distill_runs_stops_resumes_and_exports(tmp_path, teacher):
     assert (source.vae, source.hunyuan, source.text_embeddings) == (
         teacher_source.vae, teacher_source.hunyuan, teacher_source.text_embeddings)
     assert source.steps(None) == 2 and source.steps(7) == 7 and teacher_source.steps(None) == 25
+    assert source.forward_up_to == 10 and source.sampling_mode(None, 5, plain=True) == "forward"
     assert (shipped / "MODEL_CARD.md").read_text() == "# the student\n"
     from safetensors import safe_open
 

@@ -207,19 +207,17 @@ def _check_job_dir(job_dir: Path, overwrite: bool) -> bool:
     return progress is not None
 
 
-def _announce_length(settings) -> None:
+def _announce_length(settings, source) -> None:
     """The length the video really has (sections come in whole windows: 5 s makes 4.83 s) and the
-    mode it is sampled in (a model's default may depend on the length)."""
-    from .components import resolve_model
+    mode the loaded model (``source``) samples it in (its default may depend on the length)."""
     from .pipeline import job_mode
     from .planning import FPS, frame_count, latent_count, real_seconds, section_count
 
     sections = section_count(settings.seconds, settings.window)
     real = real_seconds(settings.seconds, settings.window)
     note = "" if abs(real - settings.seconds) < 0.005 else f"; {settings.seconds:g} s asked, rounded to whole sections"
-    source = resolve_model(settings.model)
     mode = job_mode(settings, source)
-    why = f" (the model's default up to {source.extra['forward_up_to']:g} s)" if mode != (settings.mode or source.mode) else ""
+    why = f" (the model's default up to {source.forward_up_to:g} s)" if settings.mode is None and mode != source.mode else ""
     _say(f"video of {real:.2f} s ({frame_count(latent_count(sections, settings.window))} frames at {FPS} fps, "
          f"{sections} section{'s' if sections > 1 else ''}{note}), {mode} mode{why}")
 
@@ -272,7 +270,7 @@ def _demo(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite)
     replace_job = _check_job_dir(job_dir, args.overwrite)
     pipeline = _open_pipeline(settings.model, args)
-    _announce_length(settings)
+    _announce_length(settings, pipeline.c.source)
     plans = pipeline.plans(settings)
     job = _new_job(settings, out, job_dir, replace_job)
     with _job_kept(job.root):
@@ -446,7 +444,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipeline.use_loras(settings.loras)
         if len(jobs) > 1:
             _say(f"job {number}/{len(jobs)}: seed {settings.seed}, prompt {settings.prompt!r}")
-        _announce_length(settings)  # after loading: a model that fails to load is the only line then
+        _announce_length(settings, pipeline.c.source)  # after loading: a model that fails to load is the only line then
         _warn_about_plans(settings, pipeline.plans(settings))
         job = _new_job(settings, out, job_dir, replace_job)
         with _job_kept(job.root), _placed(pipeline, plans[0], job.root.parent):

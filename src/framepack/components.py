@@ -424,10 +424,16 @@ class ModelSource:
         direction is the mode's) keep the model's own."""
         if requested is not None:
             return requested
-        limit = self.extra.get("forward_up_to")
-        if self.mode == "inverted" and plain and limit is not None and seconds <= float(limit):
+        limit = self.forward_up_to
+        if self.mode == "inverted" and plain and limit is not None and seconds <= limit:
             return "forward"
         return self.mode
+
+    @property
+    def forward_up_to(self) -> float | None:
+        """The manifest's ``forward_up_to`` (seconds; checked by :func:`resolve_model`), None without one."""
+        limit = self.extra.get("forward_up_to")
+        return None if limit is None else float(limit)
 
 
 HUNYUAN = "hunyuanvideo-community/HunyuanVideo"

@@ -127,8 +127,8 @@ class SpanDecoder:
 
     def __call__(self, span: Sequence[int], gather: Callable[[Sequence[int]], torch.Tensor]) -> np.ndarray:
         head, rest = span[0], list(span[1:])
-        missing = [pos for pos in rest if pos not in self.kept]
-        batch = decode_batch(span, set(missing), self.context)
+        missing = {pos for pos in rest if pos not in self.kept}
+        batch = decode_batch(span, missing, self.context)
         # a batch of one latent after the head takes another convolution path than a batch of several
         # (it differs in the last bits on CPU), so such a span is decoded whole, as it always was
         if not self.reuse or len(batch) < 3:

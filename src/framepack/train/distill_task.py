@@ -333,9 +333,8 @@ def package_student(run: Path, out: Path, half: bool = False, share: Path | None
     distill = json.loads((final / "distill.json").read_text())
     package.update_manifest(out, {"steps": int(distill["steps"]), "cache": "none", "distilled_from": {
         "teacher": str(config["task_args"]["teacher"]), "teacher_steps": distill["teacher_steps"],
-        "teacher_cfg": distill["teacher_cfg"], "trained_steps": distill["trained_steps"], "training_steps": config["steps"]}})
-    if forward_up_to is not None:
-        package.update_manifest(out, {"forward_up_to": forward_up_to})
+        "teacher_cfg": distill["teacher_cfg"], "trained_steps": distill["trained_steps"], "training_steps": config["steps"]},
+        **({"forward_up_to": forward_up_to} if forward_up_to is not None else {})})
     if share is not None:
         package.share_encoders(out, Path(share))
     if card is not None:
