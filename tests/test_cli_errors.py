@@ -338,7 +338,7 @@ def test_a_run_says_its_length_and_warns_and_out_needs_overwrite(image, tmp_path
     assert first.returncode == 0, first.stderr
     err = first.stderr
     assert f"video of {real_seconds(seconds):.2f} s ({frame_count(latent_count(section_count(seconds)))} frames at {FPS} fps" in err
-    assert "whole sections), inverted mode\n" in err  # tiny's own mode at every length
+    assert "whole sections), forward mode (the model's default up to 5 s)\n" in err  # tiny: forward up to 5 s
     assert read_frames(out).shape[0] == frame_count(latent_count(section_count(seconds)))
     assert "warning: cfg 0" in err and "the prompt has no effect" in err
     assert "warning: prompt segment [30s-40s: a segment after the end] is used by no section" in err

@@ -329,12 +329,11 @@ def package_student(run: Path, out: Path, half: bool = False, share: Path | None
     source = resolve_model(str(config["task_args"]["teacher"]))
     out = package.assemble(Path(out), final, Path(source.vae), Path(source.hunyuan),
                            resolution=int(source.extra.get("resolution", 128)), shift=float(source.shift(None) or 3.0),
-                           mode=source.mode, cfg=1.0, half=half)
+                           mode=source.mode, cfg=1.0, half=half, forward_up_to=forward_up_to)
     distill = json.loads((final / "distill.json").read_text())
     package.update_manifest(out, {"steps": int(distill["steps"]), "cache": "none", "distilled_from": {
         "teacher": str(config["task_args"]["teacher"]), "teacher_steps": distill["teacher_steps"],
-        "teacher_cfg": distill["teacher_cfg"], "trained_steps": distill["trained_steps"], "training_steps": config["steps"]},
-        **({"forward_up_to": forward_up_to} if forward_up_to is not None else {})})
+        "teacher_cfg": distill["teacher_cfg"], "trained_steps": distill["trained_steps"], "training_steps": config["steps"]}})
     if share is not None:
         package.share_encoders(out, Path(share))
     if card is not None:

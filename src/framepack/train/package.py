@@ -48,9 +48,12 @@ def store_half(folder: Path) -> None:
 
 
 def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: int = 128, shift: float = 3.0,
-             mode: str = "inverted", cfg: float | None = None, half: bool = False) -> Path:
+             mode: str = "inverted", cfg: float | None = None, half: bool = False,
+             forward_up_to: float | None = None) -> Path:
     """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory);
-    ``half`` stores the transformer's weights in fp16 (:func:`store_half`)."""
+    ``half`` stores the transformer's weights in fp16 (:func:`store_half`); ``forward_up_to``
+    (seconds) makes plain clips up to that length sample forward by default
+    (:meth:`ModelSource.sampling_mode`)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _copy_tree(transformer, tmp / "transformer")
@@ -65,6 +68,8 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
                 "modes": ["inverted", "forward", "vanilla"], "resolution": resolution, "shift": shift}
     if cfg is not None:  # the real-CFG scale generation uses unless told otherwise
         manifest["cfg"] = cfg
+    if forward_up_to is not None:
+        manifest["forward_up_to"] = forward_up_to
     manifest["world"] = world_description()  # what framepack.world_check warns against
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     add_text_embeddings(tmp)
@@ -297,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default="src/framepack/assets/tiny/text")
     parser.add_argument("--cfg", type=float, help="the model's default real-CFG scale (default: none, i.e. off)")
     parser.add_argument("--half", action="store_true", help="store the transformer's weights in fp16 (loaded at fp32)")
+    parser.add_argument("--forward-up-to", type=float, metavar="SECONDS",
+                        help="sample plain clips up to this length forward by default, longer ones inverted")
     parser.add_argument("--story", default="configs/gen2_card.md",
                         help="a markdown file on how the stages were chained, for the card ('' for none)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = Path(args.notes).read_text() if args.notes else card_notes(card)  # read before the card is replaced
     out = Path(args.out) if args.card_only else assemble(
         Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text), cfg=args.cfg,
-        half=args.half)
+        half=args.half, forward_up_to=args.forward_up_to)
     table = Path(args.eval_table).read_text() if args.eval_table else None
     story = Path(args.story).read_text() if args.story else ""
     (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes, story))
