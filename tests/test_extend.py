@@ -41,8 +41,8 @@ def generate(out: Path, *options: str) -> Path:
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory) -> Path:
-    """A 2-section video of the demo model (inverted, its own mode)."""
-    return generate(tmp_path_factory.mktemp("source") / "ours.mp4", "--seconds", "2.4", "--steps", "8")
+    """A 2-section video of the demo model, inverted."""
+    return generate(tmp_path_factory.mktemp("source") / "ours.mp4", "--seconds", "2.4", "--steps", "8", "--mode", "inverted")
 
 
 def test_a_span_decodes_to_the_frames_its_latents_stand_for():

@@ -83,7 +83,8 @@ def _sections(job: Path) -> list:
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> Path:
     """A finished 3-section job of the demo model (inverted: made from the end)."""
-    return generate(tmp_path_factory.mktemp("original") / "v.mp4", "--seconds", "3.6", "--steps", "2").with_name("v.job")
+    return generate(tmp_path_factory.mktemp("original") / "v.mp4", "--seconds", "3.6", "--steps", "2",
+                    "--mode", "inverted").with_name("v.job")
 
 
 def test_a_redo_with_the_same_seed_and_prompt_is_bit_identical_and_the_original_untouched(original, tmp_path):

@@ -365,6 +365,20 @@ def test_model_card_notes_survive_a_repackaging_without_notes(tmp_path):
     assert card_notes(card) == notes  # stable: packaging again and again keeps them as they are
 
 
+def test_model_card_says_the_default_mode_by_length(tmp_path):
+    from framepack.train.package import model_card
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "config.json").write_text("{}")
+    for manifest, says in [({"mode": "inverted"}, "its default is inverted."),
+                           ({"mode": "inverted", "forward_up_to": 5.0},
+                            "its default is inverted, and forward for a plain clip of up to 5 s."),
+                           ({"mode": "forward", "forward_up_to": 5.0}, "its default is forward.")]:
+        (model / "framepack.json").write_text(json.dumps(manifest))
+        assert says in " ".join(model_card(model, [], None).split())
+
+
 def test_store_half_keeps_every_weight_at_fp16_precision_and_the_metadata(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
