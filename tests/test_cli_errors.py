@@ -392,3 +392,19 @@ def test_help_states_the_demo_models_own_defaults():
     from framepack.demo import demo_settings
 
     assert build_parser().parse_args(["demo"]).seed == DEFAULT_SEED == demo_settings().seed
+
+
+def test_an_interruption_inside_a_loader_stays_an_interruption():
+    """A signal's exception that breaks a library's cleanup (torch: 'pop from empty mode stack') is
+    reported as the interruption, not as a component that cannot load."""
+    from framepack.components import loading
+
+    class Stop(BaseException):
+        pass
+
+    with pytest.raises(Stop):
+        with loading("transformer", "somewhere"):
+            try:
+                raise Stop()
+            finally:
+                raise RuntimeError("trying to pop from empty mode stack")

@@ -114,6 +114,13 @@ def loading(component: str, where: str | Path, library: str | None = None) -> It
     except ComponentError:
         raise
     except Exception as exc:  # noqa: BLE001  (any failure of a third-party loader, see above)
+        # a signal's exception can break a library's cleanup on its way out (torch's mode stack):
+        # the failure is then the interruption, not the component
+        cause = exc.__context__
+        while cause is not None:
+            if not isinstance(cause, Exception):
+                raise cause from None
+            cause = cause.__context__
         log.debug("loading the %s from %s failed", component, where, exc_info=True)
         problem = one_line(exc).replace(f"{where}/", "")  # paths inside it, relative to the one we name
         raise ComponentError(f"cannot load the {component} from {where}: {problem}") from None
