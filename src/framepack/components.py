@@ -432,15 +432,17 @@ class ModelSource:
         if requested is not None:
             return requested
         limit = self.forward_up_to
-        if self.mode == "inverted" and plain and limit is not None and seconds <= limit:
+        if plain and limit is not None and seconds <= limit:
             return "forward"
         return self.mode
 
     @property
     def forward_up_to(self) -> float | None:
-        """The manifest's ``forward_up_to`` (seconds; checked by :func:`resolve_model`), None without one."""
+        """The length (seconds) up to which plain clips sample forward by default: the manifest's
+        ``forward_up_to`` (checked by :func:`resolve_model`) on an inverted model; None otherwise
+        (without one, or for a model that is not inverted, whose order never changes by length)."""
         limit = self.extra.get("forward_up_to")
-        return None if limit is None else float(limit)
+        return None if limit is None or self.mode != "inverted" else float(limit)
 
 
 HUNYUAN = "hunyuanvideo-community/HunyuanVideo"

@@ -240,7 +240,7 @@ def stage_rows(runs: list[Path], previous: dict[str, str]) -> list[str]:
 
 
 def _default_mode(source) -> str:
-    if source.forward_up_to is None or source.mode != "inverted":  # only an inverted model changes by length
+    if source.forward_up_to is None:
         return source.mode
     return f"{source.mode}, and forward for a plain clip of up to {source.forward_up_to:g} s"
 
