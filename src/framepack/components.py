@@ -214,6 +214,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def native_bf16_or_fp32(device: torch.device) -> torch.dtype:
+    """bf16 where ``device`` multiplies it natively (a CPU with AMX or AVX512-BF16, a CUDA GPU that
+    supports it), else fp32: elsewhere bf16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return torch.bfloat16 if caps.get("amx_bf16") or caps.get("avx512_bf16") else torch.float32
+    return torch.float32
+
+
 @dataclass
 class TextEmbedding:
     """One prompt, encoded. states: (1, L, text_dim); mask: (1, L) bool; pooled: (1, pooled_dim)."""
@@ -628,5 +639,6 @@ def load_vae(directory: Path, dtype: torch.dtype, device: str | torch.device, ti
 
         with loading("VAE", directory):
             check_weights(directory)
-            return SmallVideoAutoencoder.from_pretrained(directory).to(device=device)  # small: always fp32
+            vae = SmallVideoAutoencoder.from_pretrained(directory)  # small: fp32 weights whatever --dtype
+        return vae.for_inference(device, decode_dtype=native_bf16_or_fp32(torch.device(device)))
     return HunyuanVAE.from_pretrained(directory, dtype, device, tiling=tiling)

@@ -114,6 +114,16 @@ class SmallVideoAutoencoder(nn.Module):
         self.config = cfg or SmallVAEConfig()
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
+        self.decode_dtype = torch.float32  # what decode() computes in: see for_inference
+
+    def for_inference(self, device: str | torch.device, decode_dtype: torch.dtype = torch.float32) -> "SmallVideoAutoencoder":
+        """This autoencoder on ``device``, set up to generate: channels-last weights, which oneDNN
+        convolves faster on a CPU (the same frames to ~1e-6), and :meth:`decode` computing in
+        ``decode_dtype`` under autocast. bf16 decodes ~6x faster on a CPU that multiplies bf16 natively,
+        and its frames stay within one level of 255 of fp32's (the last step rounds to whole levels)."""
+        self.to(device=device, memory_format=torch.channels_last)
+        self.decode_dtype = decode_dtype
+        return self
 
     # ---- raw (unscaled) maps, used in training -------------------------------------------------
 
@@ -179,7 +189,9 @@ class SmallVideoAutoencoder(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(self._device, torch.float32) / self.config.scaling_factor
-        return self.decode_raw(z).clamp(-1, 1).cpu()
+        with torch.autocast(self._device.type, dtype=self.decode_dtype, enabled=self.decode_dtype != torch.float32):
+            frames = self.decode_raw(z)
+        return frames.float().clamp(-1, 1).cpu()
 
     # ---- files ----------------------------------------------------------------------------------------
 
