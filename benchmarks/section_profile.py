@@ -14,7 +14,12 @@ With ``--compile`` the same run is then repeated with the transformer's blocks c
 (``generate --compile``), alternating with uncompiled runs, and a second table compares the two:
 the first section (which compiles) and the median of the others.
 
-Run: ``python benchmarks/section_profile.py [--compile] [--repeats 2] [--update-doc docs/generation.md]``.
+With ``--decode-dtypes fp32 bf16`` the run is repeated with the demo VAE decoding in each dtype
+(``SmallVideoAutoencoder.decode_dtype``; ``framepack`` picks bf16 where the CPU multiplies it
+natively), alternating, and a table compares the decode's and the section's time.
+
+Run: ``python benchmarks/section_profile.py [--model tiny-fast] [--compile] [--decode-dtypes fp32 bf16]
+[--repeats 2] [--update-doc docs/generation.md [--name section_profile]]``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names for torch, resolved where torch is imported
 PARTS = ("transformer", "VAE decode", "preview", "writes and provisional video")
 BACKGROUND = PARTS[-1]
 VIDEO_THREAD = "framepack-video"  # the pipeline's background thread (its thread_name_prefix)
@@ -72,7 +78,7 @@ def instrument(pipeline, timers: Timers) -> None:
     pipeline._write_section = timers.wrap(BACKGROUND, pipeline._write_section, background=True)
 
 
-def profile(args: argparse.Namespace, compiled: bool = False) -> tuple[list[float], Timers]:
+def profile(args: argparse.Namespace, compiled: bool = False, decode_dtype: str | None = None) -> tuple[list[float], Timers]:
     import torch
 
     from framepack.demo import demo_settings
@@ -82,8 +88,10 @@ def profile(args: argparse.Namespace, compiled: bool = False) -> tuple[list[floa
 
     torch.set_num_threads(args.threads)
     tune_allocator()  # as the CLI does
-    settings = demo_settings(seconds=args.seconds, steps=args.steps)
+    settings = demo_settings(seconds=args.seconds, steps=args.steps, model=args.model)
     pipeline = FramePackPipeline.from_model(settings.model)
+    if decode_dtype is not None:
+        pipeline.c.vae.decode_dtype = getattr(torch, DTYPES[decode_dtype])
     if compiled:
         from framepack.runtime.compile import compile_blocks
 
@@ -141,26 +149,55 @@ def versus_compiled(args: argparse.Namespace) -> tuple[str, str]:
     return report(walls, timers, 0 if args.all else 1), "\n".join(lines)
 
 
+def versus_decode_dtypes(args: argparse.Namespace) -> str:
+    """The VAE's decode and the sections' wall time per decode dtype, from alternating runs in this process."""
+    runs: dict[str, list[tuple[list[float], Timers]]] = {d: [] for d in args.decode_dtypes}
+    for _ in range(args.repeats):
+        for dtype in args.decode_dtypes:
+            runs[dtype].append(profile(args, decode_dtype=dtype))
+    first = 0 if args.all else 1
+    lines = [f"{args.repeats} alternating runs of each; sections {first + 1} on", "",
+             "| VAE decode in | VAE decode per section (s), median | section wall time (s), median |", "|---|---:|---:|"]
+    medians = {}
+    for dtype, results in runs.items():
+        decode = [timers.seconds[(s, "VAE decode")] for walls, timers in results for s in range(first, len(walls))]
+        walls = [w for ws, _ in results for w in ws[first:]]
+        medians[dtype] = statistics.median(walls)
+        lines.append(f"| {dtype} | {statistics.median(decode):.3f} | {medians[dtype]:.3f} |")
+    base, *others = args.decode_dtypes
+    lines += [""] + [f"section wall time, {d} / {base}: **{medians[d] / medians[base]:.2f}**" for d in others]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny (default) or tiny-fast, the few-step student")
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--all", action="store_true", help="include the first section")
     p.add_argument("--compile", action="store_true", help="also compare with compiled blocks")
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each, with --compile")
+    p.add_argument("--decode-dtypes", nargs="+", choices=sorted(DTYPES), default=[],
+                   help="also compare the demo VAE decoding in these dtypes (the first is the baseline)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each, with --compile or --decode-dtypes")
     p.add_argument("--update-doc", type=Path, default=None)
+    p.add_argument("--name", default="section_profile", help="the doc's bench:NAME markers")
     args = p.parse_args(argv)
     walls, timers = profile(args)
-    text = [f"### A demo section ({args.seconds:g} s video, {args.steps} steps, {args.threads} threads)", "",
+    from framepack.components import resolve_model
+
+    steps = resolve_model(args.model).steps(args.steps)
+    text = [f"### A demo section ({args.model}, {args.seconds:g} s video, {steps} steps, {args.threads} threads)", "",
             report(walls, timers, 0 if args.all else 1)]
     if args.compile:
         compiled_profile, versus = versus_compiled(args)
         text += ["", "### The same with --compile", "", compiled_profile, "", versus]
+    if args.decode_dtypes:
+        text += ["", "### The VAE's decode dtype", "", versus_decode_dtypes(args)]
     from doctable import publish
 
     command = "python benchmarks/section_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    publish("\n".join(text), args.update_doc, "section_profile", command.strip())
+    publish("\n".join(text), args.update_doc, args.name, command.strip())
     return 0
 
 
