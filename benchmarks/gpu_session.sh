@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
 
 echo "== the CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_checkpoints.py -k cuda 2>&1 | tee "$out/pytest-cuda.txt" | tail -5
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_checkpoints.py tests/test_speed.py -k cuda 2>&1 | tee "$out/pytest-cuda.txt" | tail -5
 
 echo "== ours (eager, then compiled) vs diffusers, one forward at the 13B's width (2 dual + 4 single blocks), 640 bucket"
 timeout 240 python3 benchmarks/transformer_forward.py --device cuda --dtypes bf16 --warmup 2 --repeats 7 --compile \
