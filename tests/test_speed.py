@@ -119,7 +119,7 @@ def test_the_demo_vae_decodes_in_bf16_within_one_level_of_fp32(device):
 @pytest.mark.parametrize(("capabilities", "expected"), [
     ({"amx_bf16": True, "avx512_bf16": True}, torch.bfloat16), ({"avx512_bf16": True}, torch.bfloat16),
     ({"amx_bf16": False, "avx512_bf16": False, "avx2": True}, torch.float32), ({}, torch.float32)])
-def test_the_demo_vae_decodes_in_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, capabilities, expected):
+def test_the_demo_vae_decodes_in_bf16_only_where_the_cpu_has_it(monkeypatch, capabilities, expected):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     vae = load_vae(asset("tiny", "vae"), torch.float32, "cpu", tiling=False)
     assert vae.decode_dtype == expected
