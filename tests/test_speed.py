@@ -101,7 +101,7 @@ def test_a_decoder_that_reads_the_previous_latent_reuses_frames_only_where_their
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_session.sh runs it where there is)"))])
 def test_the_demo_vae_decodes_in_bf16_within_one_level_of_fp32(device):
-    """Where the hardware multiplies bf16 natively the demo VAE decodes in it (~6x faster on a CPU):
+    """Where the hardware multiplies bf16 natively the demo VAE decodes in it (4-7x faster on a CPU):
     its frames, rounded to the video's 8 bits, are those of fp32 to within one level, on a clip of
     its world."""
     exact = SmallVideoAutoencoder.from_pretrained(asset("tiny", "vae"))

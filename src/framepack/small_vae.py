@@ -119,7 +119,7 @@ class SmallVideoAutoencoder(nn.Module):
     def for_inference(self, device: str | torch.device, decode_dtype: torch.dtype = torch.float32) -> "SmallVideoAutoencoder":
         """This autoencoder on ``device``, set up to generate: channels-last weights, which oneDNN
         convolves faster on a CPU (the same frames to ~1e-6), and :meth:`decode` computing in
-        ``decode_dtype`` under autocast. bf16 decodes ~6x faster on a CPU that multiplies bf16 natively,
+        ``decode_dtype`` under autocast. bf16 decodes 4-7x faster on a CPU that multiplies bf16 natively,
         and its frames stay within one level of 255 of fp32's (the last step rounds to whole levels)."""
         self.to(device=device, memory_format=torch.channels_last)
         self.decode_dtype = decode_dtype
