@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framepack.components import resolve_model
+from framepack.components import native_bf16_or_fp32, resolve_model
 from framepack.demo import asset
 from framepack.train import world
 from framepack.train.evaluate import persistence
@@ -78,6 +78,9 @@ def test_demo_command_makes_a_video_of_the_prompt(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model tiny-fast on cpu" in result.stderr  # the student, by default
+    # the line names the VAE's own decode precision where it is not the weights' (bf16 on this CPU or not)
+    decoded_in = native_bf16_or_fp32(torch.device("cpu"))
+    assert ("(float32; VAE decodes in bfloat16)" if decoded_in == torch.bfloat16 else "(float32)") in result.stderr
     assert "context stays at 736 tokens in every section" in result.stdout
     frames = read_frames(out)
     assert frames.shape == (37, 128, 128, 3)
