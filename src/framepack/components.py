@@ -640,5 +640,5 @@ def load_vae(directory: Path, dtype: torch.dtype, device: str | torch.device, ti
         with loading("VAE", directory):
             check_weights(directory)
             vae = SmallVideoAutoencoder.from_pretrained(directory)  # small: fp32 weights whatever --dtype
-        return vae.for_inference(device, decode_dtype=native_bf16_or_fp32(torch.device(device)))
+            return vae.for_inference(device, decode_dtype=native_bf16_or_fp32(torch.device(device)))
     return HunyuanVAE.from_pretrained(directory, dtype, device, tiling=tiling)
