@@ -187,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     from framepack.components import resolve_model
 
     steps = resolve_model(args.model).steps(args.steps)
-    text = [f"### A demo section ({args.model}, {args.seconds:g} s video, {steps} steps, {args.threads} threads)", "",
+    # headings one level below the doc's section that holds the table (docs/generation.md: "### Where a
+    # section's time goes"), so a doc's outline stays whole
+    text = [f"#### A demo section ({args.model}, {args.seconds:g} s video, {steps} steps, {args.threads} threads)", "",
             report(walls, timers, 0 if args.all else 1)]
     if args.compile:
         compiled_profile, versus = versus_compiled(args)
-        text += ["", "### The same with --compile", "", compiled_profile, "", versus]
+        text += ["", "#### The same with --compile", "", compiled_profile, "", versus]
     if args.decode_dtypes:
-        text += ["", "### The VAE's decode dtype", "", versus_decode_dtypes(args)]
+        text += ["", "#### The VAE's decode dtype", "", versus_decode_dtypes(args)]
     from doctable import publish
 
     command = "python benchmarks/section_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
