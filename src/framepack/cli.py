@@ -865,14 +865,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="make a video with the embedded demo model from the bundled start image "
-                                            "and prompt (3.0-3.4 s for the whole command on 2 CPU cores)",
+                                            "and prompt (3.0-5.3 s for the whole command on 2 CPU cores)",
                                description="Make a 5 s video (4.83 s: 145 frames at 30 fps) from the bundled start image "
                                "and prompt with the embedded demo model's few-step student (tiny-fast: "
                                f"{student.get('steps', 4)} steps at cfg {student.get('cfg', 1.0):g}, CFG folded in); print "
                                "each section's context length and time. Measured over several runs on 2 CPU cores: "
-                               "1.6-1.9 s of generation, 3.0-3.4 s for the whole command, warm. --model tiny runs its "
+                               "1.6-2.7 s of generation, 3.0-5.3 s for the whole command, warm. --model tiny runs its "
                                f"teacher ({teacher.get('steps', 25)} steps at its default cfg {demo_cfg:g}, with its "
-                               "step cache): 4.2-5.0 s of generation.")
+                               "step cache): 4.2-7.0 s of generation.")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
     demo.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's, 4 for "
                       "tiny-fast, 25 for tiny)")
