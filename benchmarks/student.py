@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def main() -> None:
         parts.append(timing(args.time))
     command = "python benchmarks/student.py" + (f" --teacher {' '.join(args.teacher)} --student {' '.join(args.student)}"
                                                 if args.teacher else "") + (f" --time {args.time}" if args.time else "")
-    command += (f" --labels {' '.join(args.labels)}" if args.labels != ["teacher", "student"] else "")
+    command += (f" --labels {shlex.join(args.labels)}" if args.labels != ["teacher", "student"] else "")  # quoted: a label may have spaces
     command += (f" --name {args.name}" if args.name != "student" else "") + (f" --doc {' '.join(args.doc)}" if args.doc else "")
     report = "\n\n".join(parts)
     print(report)
