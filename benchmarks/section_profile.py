@@ -34,7 +34,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # names for torch, resolved where torch is imported
 PARTS = ("transformer", "VAE decode", "preview", "writes and provisional video")
 BACKGROUND = PARTS[-1]
 VIDEO_THREAD = "framepack-video"  # the pipeline's background thread (its thread_name_prefix)
@@ -81,6 +80,7 @@ def instrument(pipeline, timers: Timers) -> None:
 def profile(args: argparse.Namespace, compiled: bool = False, decode_dtype: str | None = None) -> tuple[list[float], Timers]:
     import torch
 
+    from framepack.components import resolve_dtype
     from framepack.demo import demo_settings
     from framepack.jobs import JobDir
     from framepack.memory import tune_allocator
@@ -91,7 +91,7 @@ def profile(args: argparse.Namespace, compiled: bool = False, decode_dtype: str 
     settings = demo_settings(seconds=args.seconds, steps=args.steps, model=args.model)
     pipeline = FramePackPipeline.from_model(settings.model)
     if decode_dtype is not None:
-        pipeline.c.vae.decode_dtype = getattr(torch, DTYPES[decode_dtype])
+        pipeline.c.vae.decode_dtype = resolve_dtype(decode_dtype, torch.device("cpu"))
     if compiled:
         from framepack.runtime.compile import compile_blocks
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--all", action="store_true", help="include the first section")
     p.add_argument("--compile", action="store_true", help="also compare with compiled blocks")
-    p.add_argument("--decode-dtypes", nargs="+", choices=sorted(DTYPES), default=[],
+    p.add_argument("--decode-dtypes", nargs="+", choices=["bf16", "fp32"], default=[],
                    help="also compare the demo VAE decoding in these dtypes (the first is the baseline)")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each, with --compile or --decode-dtypes")
     p.add_argument("--update-doc", type=Path, default=None)

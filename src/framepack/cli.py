@@ -557,9 +557,10 @@ def _open_pipeline(model: str, args: argparse.Namespace, plan=None):
         bar.update(len(LOAD_STEPS) - bar.n)
     finally:
         bar.close()
+    precision = str(dtype).removeprefix("torch.")
     decode = getattr(components.vae, "decode_dtype", dtype)  # the demo VAE picks its own (components.load_vae)
-    precision = str(dtype).removeprefix("torch.") + ("" if decode == dtype else
-                                                     f"; VAE decodes in {str(decode).removeprefix('torch.')}")
+    if decode != dtype:
+        precision += f"; VAE decodes in {str(decode).removeprefix('torch.')}"
     _say(f"model {model} on {device} ({precision}), loaded in {time.perf_counter() - began:.1f} s")
     return FramePackPipeline(components, device)
 
