@@ -45,6 +45,12 @@ class TransformerConfig:
     history_kernels: tuple[Kernel, ...] = ((1, 2, 2), (2, 4, 4), (4, 8, 8))
     # The schedule the model was trained with; planners read it from here.
     context_schedule: str = str(RELEASED_SCHEDULE)
+    # The blank gap (in windows) between the start frame and an inverted section, as the model was
+    # trained to read it. None: the released models' layout (a true gap up to 4 sections; in longer
+    # videos 3 for the first section made, 2 for every middle one), under which every middle section
+    # of a long video sits at the same RoPE distance from the start and so shows the same moment of
+    # the motion. An int P: the true distance, capped at P (framepack.planning.inverted_paddings).
+    max_inverted_padding: int | None = None
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -78,6 +84,9 @@ class TransformerConfig:
                 f"rope_axes_dim {tuple(self.rope_axes_dim)} sums to {sum(self.rope_axes_dim)}, "
                 f"but attention_head_dim is {self.attention_head_dim}"
             )
+        cap = self.max_inverted_padding
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            yield f"max_inverted_padding must be null or an integer >= 0, got {cap!r}"
         if self.rope_theta <= 0:
             yield f"rope_theta must be > 0, got {self.rope_theta}"
         if self.has_image_proj and self.image_proj_dim < 1:

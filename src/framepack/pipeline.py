@@ -25,6 +25,7 @@ import torch
 from .cache import CacheSpec, magcache_ratios, resolve_cache, section_cache
 from .color_match import match_colors
 from .components import Components, ModelSource, TextEmbedding, load_components, resolve_model, stack_embeddings
+from .config import TransformerConfig
 from .images import load_image, nearest_bucket, prepare_image, resize_and_crop
 from .extend import prepare_source, source_layout, start_frame, with_source
 from .jobs import JobDir
@@ -292,7 +293,7 @@ class FramePackPipeline:
         return job_source_layout(settings, job_mode(settings, self.c.source), self.c.transformer.config.schedule)
 
     def plans(self, settings: GenerationSettings) -> list[SectionPlan]:
-        return plan_job(settings, job_mode(settings, self.c.source), self.c.transformer.config.schedule)
+        return plan_job(settings, job_mode(settings, self.c.source), self.c.transformer.config)
 
     def run(self, job: JobDir, on_event: Callable[[Event], None] = lambda e: None,
             should_stop: Callable[[], bool] = lambda: False) -> Path:
@@ -605,13 +606,16 @@ def job_source_layout(settings: GenerationSettings, mode: Mode, schedule: Contex
     return source_layout(settings.extend, settings.window, mode, schedule.frames)
 
 
-def plan_job(settings: GenerationSettings, mode: Mode, schedule: ContextSchedule) -> list[SectionPlan]:
+def plan_job(settings: GenerationSettings, mode: Mode, config: TransformerConfig) -> list[SectionPlan]:
     """The sections of a job, in generation order, in this mode (:func:`job_mode`) for a model of
-    this context schedule (no weights needed: framepack.redo plans a job's branch from its settings alone)."""
+    this config (its context schedule and inverted gaps; no weights needed: framepack.redo plans a
+    job's branch from its settings alone)."""
+    schedule = config.schedule
     count = section_count(settings.seconds, settings.window)
     layout = job_source_layout(settings, mode, schedule)
     count += layout.sections if layout is not None else 0  # an extended video's frames: finished sections
-    plans = plan_sections(count, mode, schedule, settings.window, end_image=settings.end_image is not None)
+    plans = plan_sections(count, mode, schedule, settings.window, end_image=settings.end_image is not None,
+                          max_padding=config.max_inverted_padding)
     return with_keyframes(plans, overrides_for(settings.keyframes, plans))  # refused outside inverted mode
 
 

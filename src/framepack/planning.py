@@ -116,12 +116,19 @@ def real_seconds(seconds: float, window: int = DEFAULT_WINDOW, fps: int = FPS) -
     return video_seconds(section_count(seconds, window, fps), window, fps)
 
 
-def inverted_paddings(sections: int) -> list[int]:
-    """Blank-gap sizes (in windows) per section, in generation order."""
+def inverted_paddings(sections: int, max_padding: int | None = None) -> list[int]:
+    """Blank-gap sizes (in windows) per section, in generation order.
+
+    ``max_padding`` None: the released models' layout. ``max_padding`` P: each section's true
+    distance from the start frame, capped at P, for a model trained that way
+    (:attr:`framepack.config.TransformerConfig.max_inverted_padding`)."""
+    distances = list(reversed(range(sections)))
+    if max_padding is not None:
+        return [min(d, max_padding) for d in distances]
     if sections > 4:
         # long videos: keep the gap small, so RoPE distances stay within what training saw
         return [MAX_INVERTED_PADDING] + [2] * (sections - 3) + [1, 0]
-    return list(reversed(range(sections)))
+    return distances
 
 
 def plan_sections(
@@ -130,29 +137,35 @@ def plan_sections(
     schedule: ContextSchedule = RELEASED_SCHEDULE,
     window: int = DEFAULT_WINDOW,
     end_image: bool = False,
+    max_padding: int | None = None,
 ) -> list[SectionPlan]:
-    """One plan per section, in generation order."""
+    """One plan per section, in generation order; ``max_padding`` sets inverted gaps
+    (:func:`inverted_paddings`)."""
     if sections < 1:
         raise ValueError(f"sections must be >= 1, got {sections}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if max_padding is not None and max_padding < 0:
+        raise ValueError(f"max_padding must be >= 0, got {max_padding}")
     if end_image and mode != "inverted":
         raise ValueError(f"an end image needs mode 'inverted' (sections made back to front), not {mode!r}")
-    make = {"inverted": _inverted, "forward": _forward, "vanilla": _vanilla}[mode]
-    return [make(step, sections, schedule, window, end_image) for step in range(sections)]
+    if mode == "inverted":
+        paddings = inverted_paddings(sections, max_padding)
+        return [_inverted(step, sections, schedule, window, end_image, paddings[step]) for step in range(sections)]
+    return [_causal(step, sections, schedule, window, anchor=mode == "forward", mode=mode) for step in range(sections)]
 
 
 def _existing(position: int, last: int) -> Source:
     return position if 0 <= position <= last else ZERO
 
 
-def _inverted(step: int, count: int, schedule: ContextSchedule, window: int, end_image: bool) -> SectionPlan:
+def _inverted(step: int, count: int, schedule: ContextSchedule, window: int, end_image: bool,
+              padding: int) -> SectionPlan:
     last = latent_count(count, window) - 1
     first_pos = 1 + window * (count - 1 - step)  # sections are made back to front
     positions = tuple(range(first_pos, first_pos + window))
-    padding = inverted_paddings(count)[step]
     start_window = 1 + padding * window  # index 0 is the start frame, then the blank gap
     window_indices = tuple(range(start_window, start_window + window))
     # history, nearest first: the video positions right after this window
@@ -187,14 +200,6 @@ def _causal(step: int, count: int, schedule: ContextSchedule, window: int, ancho
     start_window = offset + total
     window_indices = tuple(range(start_window, start_window + window))
     return SectionPlan(step, count, mode, positions, window_indices, tuple(levels))
-
-
-def _forward(step: int, count: int, schedule: ContextSchedule, window: int, end_image: bool) -> SectionPlan:
-    return _causal(step, count, schedule, window, anchor=True, mode="forward")
-
-
-def _vanilla(step: int, count: int, schedule: ContextSchedule, window: int, end_image: bool) -> SectionPlan:
-    return _causal(step, count, schedule, window, anchor=False, mode="vanilla")
 
 
 # ---- the prompt timeline ------------------------------------------------------------------------------

@@ -104,19 +104,18 @@ def check_request(settings: GenerationSettings, section: int, prompt: str | None
 def model_plans(settings: GenerationSettings) -> tuple[list[SectionPlan], int]:
     """The job's plans and how many of its first steps hold an extended video, from its settings
     and its model's configs alone (no weights: the web app branches a job before a worker loads
-    anything). The context schedule is the transformer's config.json where it is local, else the
-    released models' (framepack-i2v and -f1 use it)."""
+    anything). The transformer's config is its config.json where it is local, else the released
+    models' (framepack-i2v and -f1 use it)."""
     from .components import resolve_model
-    from .config import resolve_config
-    from .packing import RELEASED_SCHEDULE
+    from .config import TransformerConfig, resolve_config
     from .pipeline import job_mode, job_source_layout, plan_job
 
     source = resolve_model(settings.model)
     local = Path(source.transformer)
-    schedule = resolve_config(local).schedule if (local / "config.json").is_file() else RELEASED_SCHEDULE
+    config = resolve_config(local) if (local / "config.json").is_file() else TransformerConfig()
     mode = job_mode(settings, source)
-    layout = job_source_layout(settings, mode, schedule)
-    return plan_job(settings, mode, schedule), 0 if layout is None else layout.sections
+    layout = job_source_layout(settings, mode, config.schedule)
+    return plan_job(settings, mode, config), 0 if layout is None else layout.sections
 
 
 # ---- the branch on disk ----------------------------------------------------------------------------------

@@ -225,8 +225,11 @@ class FramePackTask:
             # fine-tuning (e.g. more steps on the shipped demo model): start from exported weights, in
             # fp32 whatever they were stored in (the demo model is stored fp16: AdamW on fp16 weights is NaN)
             self.model = FramePackTransformer.from_pretrained(args["init"], dtype=torch.float32)
-            if self.model.config != cfg:
+            if self.model.config.replace(max_inverted_padding=cfg.max_inverted_padding) != cfg:
                 raise ValueError(f"init weights {args['init']} do not match this task's transformer config")
+            # the inverted gaps are how the sections are laid out, not a weight: a fine-tune may teach
+            # the model another rule (the exported config.json then says which)
+            self.model.config = cfg
         self._captions: dict[str, TextEmbedding] = {}
 
     def _embed(self, caption: str) -> TextEmbedding:
@@ -351,7 +354,8 @@ class FramePackTask:
         rng = np.random.default_rng(seed)
         clips = self._clips(rng, seed)
         counts = range(1, self.sections + 1) if self.vary_sections else (self.sections,)
-        plans_for = {(n, m): plan_sections(n, m, self.model.config.schedule, self.window)
+        config = self.model.config
+        plans_for = {(n, m): plan_sections(n, m, config.schedule, self.window, max_padding=config.max_inverted_padding)
                      for m in set(self.modes) for n in counts}  # pure: planned once, not per sample
         while True:
             mode = self.modes[int(rng.integers(len(self.modes)))]

@@ -321,7 +321,7 @@ class UserTask:
         resume, so the resumed stream continues the uninterrupted one exactly)."""
         names, bucket_p = bucket_draws(self.buckets)
         plans: dict[tuple[int, str, int], list[SectionPlan]] = {}
-        schedule = self.model.config.schedule
+        schedule, max_padding = self.model.config.schedule, self.model.config.max_inverted_padding
         for j in itertools.count():
             rng = np.random.default_rng(seed + j)
             members = self.buckets[names[int(rng.choice(len(names), p=bucket_p))]]
@@ -335,7 +335,8 @@ class UserTask:
                     count = int(rng.integers(1, count + 1))
                 key = (count, mode, window)
                 if key not in plans:  # pure: planned once per (sections, layout, window)
-                    plans[key] = plan_sections(count, mode, schedule, window)  # type: ignore[arg-type]
+                    plans[key] = plan_sections(count, mode, schedule, window,  # type: ignore[arg-type]
+                                                max_padding=max_padding)
                 plan = plans[key][int(rng.integers(count))]
                 targets.append(latents[:, :, list(plan.positions)])
                 windows.append(torch.tensor(plan.window_indices))
