@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -352,19 +352,27 @@ def measure(config: YardstickConfig, generate: yardstick.Generator, vanilla: yar
     return result
 
 
+def pipeline_generator(pipeline, config: YardstickConfig, root: Path, mode: str | None = None,
+                       count: Iterator[int] | None = None) -> yardstick.Generator:
+    """A :data:`yardstick.Generator` that makes each video with ``pipeline`` (a FramePackPipeline)
+    at ``config``'s steps and cfg, in ``mode`` (None: the model's default for the video's length),
+    in its own job directory under ``root`` (numbered by ``count``)."""
+    config = _as_run(config, pipeline.c.source)  # the model's own steps and cfg where the config has none
+    count = itertools.count() if count is None else count
+
+    def generate(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
+        return _video(pipeline, config, first, caption, seconds, mode, seed, root / f"video-{next(count):04d}")
+    return generate
+
+
 def run_yardstick(config: YardstickConfig, pipeline, progress: Callable[[str], None] = lambda s: None) -> YardstickResult:
     """Generate every video with ``pipeline`` (a FramePackPipeline) and measure it."""
     config = _as_run(config, pipeline.c.source)
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(config.workdir) if config.workdir else Path(scratch)
         count = itertools.count()
-
-        def generator(mode: str | None) -> yardstick.Generator:
-            def generate(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
-                return _video(pipeline, config, first, caption, seconds, mode, seed, base / f"video-{next(count):04d}")
-            return generate
-
-        return measure(config, generator(None), generator("vanilla"), progress)
+        return measure(config, pipeline_generator(pipeline, config, base, None, count),
+                       pipeline_generator(pipeline, config, base, "vanilla", count), progress)
 
 
 def _interval(row: dict, digits: int = 3) -> str:
