@@ -10,7 +10,7 @@ from framepack.config import TransformerConfig
 from framepack.model import FramePackTransformer, HistoryInput
 
 # keys of our config that diffusers' HunyuanVideoFramepackTransformer3DModel does not take
-_OURS_ONLY = {"history_kernels", "context_schedule"}
+_OURS_ONLY = {"history_kernels", "context_schedule", "max_inverted_padding"}  # planning fields diffusers has no use for
 
 
 def diffusers_kwargs(cfg: TransformerConfig) -> dict:
