@@ -205,9 +205,9 @@ def test_the_student_script_holds_the_student_to_its_teachers_bounds(tmp_path):
     save(measure(YardstickConfig(start_frames=1, long_videos=0), frozen), tmp_path / "other.json")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "student.py"
 
-    def table(student: str) -> subprocess.CompletedProcess:
+    def table(student: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(script), "--teacher", str(tmp_path / "truth.json"), "--student",
-                               str(tmp_path / student)], capture_output=True, text=True, timeout=300, check=False)
+                               str(tmp_path / student), *extra], capture_output=True, text=True, timeout=300, check=False)
 
     same, worse, other = table("truth.json"), table("frozen.json"), table("other.json")
     assert same.returncode == 0 and worse.returncode == 0, same.stderr + worse.stderr
@@ -222,6 +222,8 @@ def test_the_student_script_holds_the_student_to_its_teachers_bounds(tmp_path):
     trials = len(json.loads((tmp_path / "truth.json").read_text())["captions"])
     assert f"the student misses {trials - right} that the teacher shows and shows 0" in worse.stdout
     assert other.returncode != 0 and "not made on the same trials" in other.stderr
+    loose = table("frozen.json", "--iou-margin", "1")  # a rule's own bound: the frozen video is within 1
+    assert within(loose.stdout, "shape IoU in place") == "yes" and "| >= -1 | yes |" in loose.stdout
 
 
 def _benchmark(name: str):
