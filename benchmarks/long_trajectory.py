@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framepack.components import load_components, resolve_model
 from framepack.pipeline import FramePackPipeline
 from framepack.train import world, yardstick
 from framepack.train.evaluate import YardstickConfig, pipeline_generator
@@ -51,7 +50,7 @@ def along(track: np.ndarray, motion: str) -> np.ndarray:
 
 def measure(model: str, scenes: list[world.WorldParams], seconds: float, seed: int, root: Path):
     """(tracked displacement, true displacement, in-place IoU), each (videos, frames)."""
-    pipeline = FramePackPipeline(load_components(resolve_model(model), dtype=torch.float32, device="cpu"), "cpu")
+    pipeline = FramePackPipeline.from_model(model)
     generate = pipeline_generator(pipeline, YardstickConfig(model=model), root / Path(model).name)
     tracked, true, ious = [], [], []
     for i, p in enumerate(scenes):
