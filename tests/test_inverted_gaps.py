@@ -137,3 +137,30 @@ def test_a_models_jobs_are_planned_with_its_rule(tmp_path):
     job = JobDir.create(tmp_path / "job", settings, tmp_path / "v.mp4")
     pipeline.run(job)
     assert np.asarray(read_frames(job.out)).shape[0] == 1 + 4 * 9 * 5
+
+
+def test_packaging_sets_the_cap_and_leaves_the_weights(tmp_path):
+    """``package.assemble(max_inverted_padding=...)`` (the flag of ``python -m framepack.train.package``
+    and ``distill_task --package``) writes the rule into the packaged transformer's config.json,
+    which the planner then reads; the weights are the run's, byte for byte; a bad cap is named."""
+    from framepack.redo import model_plans
+    from framepack.settings import GenerationSettings
+    from framepack.train import package
+    from test_distill import _tiny_teacher
+    from test_generate import write_image
+
+    teacher = _tiny_teacher(tmp_path)
+    weights = sorted((teacher / "transformer").glob("*.safetensors"))
+    capped = package.assemble(tmp_path / "capped", teacher / "transformer", teacher / "vae", teacher / "text",
+                              resolution=32, max_inverted_padding=3)
+    assert [p.read_bytes() for p in sorted((capped / "transformer").glob("*.safetensors"))] == \
+        [p.read_bytes() for p in weights]
+    settings = GenerationSettings(image=str(write_image(tmp_path / "start.png")), prompt="a red circle",
+                                  model=str(capped), seconds=8.4, steps=1, resolution=64, seed=3)
+    gaps = [p.padding for p in model_plans(settings)[0]]
+    assert len(gaps) == 7 and gaps == [3, 3, 3, 3, 2, 1, 0]  # released: [3, 2, 2, 2, 2, 1, 0]
+    assert [p.padding for p in model_plans(settings.replace(model=str(teacher)))[0]] == [3, 2, 2, 2, 2, 1, 0]
+    with pytest.raises(ValueError, match="max_inverted_padding"):
+        package.assemble(tmp_path / "bad", teacher / "transformer", teacher / "vae", teacher / "text",
+                         resolution=32, max_inverted_padding=-1)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.tmp").exists()

@@ -315,13 +315,15 @@ register("distill")(DistillTask)
 
 
 def package_student(run: Path, out: Path, half: bool = False, share: Path | None = None,
-                    card: Path | None = None, forward_up_to: float | None = None) -> Path:
+                    card: Path | None = None, forward_up_to: float | None = None,
+                    max_inverted_padding: int | None = None) -> Path:
     """The model directory ``out`` of a finished distill run: the student's transformer with its
     teacher's VAE, text encoders and defaults (resolution, shift, mode), cfg 1 and the student's
     steps, no step cache. ``half`` stores the weights in fp16; ``share`` points the manifest at that
     model's encoders instead of copying them (they must be identical: the teacher's, shipped
     beside it); ``card`` is a markdown file written as its MODEL_CARD.md; ``forward_up_to`` (seconds)
-    makes plain clips up to that length sample forward by default (ModelSource.sampling_mode)."""
+    makes plain clips up to that length sample forward by default (ModelSource.sampling_mode);
+    ``max_inverted_padding`` the gap rule of its inverted sections (:func:`package.assemble`)."""
     final = Path(run) / "final"
     if not (final / "distill.json").exists():
         raise ValueError(f"{run} has no finished student ({final / 'distill.json'} is missing): train it to the end first")
@@ -329,7 +331,8 @@ def package_student(run: Path, out: Path, half: bool = False, share: Path | None
     source = resolve_model(str(config["task_args"]["teacher"]))
     out = package.assemble(Path(out), final, Path(source.vae), Path(source.hunyuan),
                            resolution=int(source.extra.get("resolution", 128)), shift=float(source.shift(None) or 3.0),
-                           mode=source.mode, cfg=1.0, half=half, forward_up_to=forward_up_to)
+                           mode=source.mode, cfg=1.0, half=half, forward_up_to=forward_up_to,
+                           max_inverted_padding=max_inverted_padding)
     distill = json.loads((final / "distill.json").read_text())
     package.update_manifest(out, {"steps": int(distill["steps"]), "cache": "none", "distilled_from": {
         "teacher": str(config["task_args"]["teacher"]), "teacher_steps": distill["teacher_steps"],
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", metavar="FILE", help="with --package: a markdown file to write as its MODEL_CARD.md")
     parser.add_argument("--forward-up-to", type=float, metavar="SECONDS", help="with --package: sample clips up to "
                         "this long forward by default, longer ones inverted (chosen on validation: docs/demo-model.md)")
+    parser.add_argument("--max-inverted-padding", type=int, metavar="WINDOWS", help="with --package: inverted "
+                        "sections are told their true gap from the start, up to this many windows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -364,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         print(run)
         if args.package:
             print(package_student(run, Path(args.package), half=args.half, share=args.share_encoders,
-                                  card=Path(args.card) if args.card else None, forward_up_to=args.forward_up_to))
+                                  card=Path(args.card) if args.card else None, forward_up_to=args.forward_up_to,
+                                  max_inverted_padding=args.max_inverted_padding))
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 0

@@ -47,18 +47,32 @@ def store_half(folder: Path) -> None:
         save_file(half, path, metadata=metadata)
 
 
+def with_gap_cap(config: Path, cap: int) -> dict:
+    """A transformer's config.json with ``"max_inverted_padding": cap``, checked as the config class
+    checks it on load (so a bad value is refused before anything is written)."""
+    from ..config import TransformerConfig
+
+    data = {**json.loads(Path(config).read_text()), "max_inverted_padding": cap}
+    TransformerConfig.from_json_dict(data)
+    return data
+
+
 def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: int = 128, shift: float = 3.0,
              mode: str = "inverted", cfg: float | None = None, half: bool = False,
-             forward_up_to: float | None = None) -> Path:
+             forward_up_to: float | None = None, max_inverted_padding: int | None = None) -> Path:
     """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory);
     ``half`` stores the transformer's weights in fp16 (:func:`store_half`); ``forward_up_to``
     (seconds) makes plain clips up to that length sample forward by default
-    (:meth:`ModelSource.sampling_mode`)."""
+    (:meth:`ModelSource.sampling_mode`); ``max_inverted_padding`` sets the transformer config's gap
+    rule for inverted sections (:func:`framepack.planning.inverted_paddings`), the weights unchanged."""
+    capped = None if max_inverted_padding is None else with_gap_cap(transformer / "config.json", max_inverted_padding)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _copy_tree(transformer, tmp / "transformer")
     if half:
         store_half(tmp / "transformer")
+    if capped is not None:
+        (tmp / "transformer" / "config.json").write_text(json.dumps(capped, indent=2) + "\n")
     _copy_tree(vae, tmp / "vae")
     for part in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
         _copy_tree(text / part, tmp / "text" / part)
@@ -310,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half", action="store_true", help="store the transformer's weights in fp16 (loaded at fp32)")
     parser.add_argument("--forward-up-to", type=float, metavar="SECONDS",
                         help="sample plain clips up to this length forward by default, longer ones inverted")
+    parser.add_argument("--max-inverted-padding", type=int, metavar="WINDOWS",
+                        help="inverted sections are told their true gap from the start, up to this many windows "
+                             "(default: the released layout)")
     parser.add_argument("--story", default="configs/gen2_card.md",
                         help="a markdown file on how the stages were chained, for the card ('' for none)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
@@ -323,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = Path(args.notes).read_text() if args.notes else card_notes(card)  # read before the card is replaced
     out = Path(args.out) if args.card_only else assemble(
         Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text), cfg=args.cfg,
-        half=args.half, forward_up_to=args.forward_up_to)
+        half=args.half, forward_up_to=args.forward_up_to, max_inverted_padding=args.max_inverted_padding)
     table = Path(args.eval_table).read_text() if args.eval_table else None
     story = Path(args.story).read_text() if args.story else ""
     (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes, story))
