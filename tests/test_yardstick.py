@@ -117,6 +117,24 @@ def test_a_random_video_scores_nothing():
         assert summary[key]["mean"] < 0.05, (key, summary[key])
 
 
+def test_a_long_offset_measures_the_next_scenes_of_the_split():
+    """``--long-offset K`` (a fresh batch for a later choice) makes the long videos of the scenes after
+    the first K, in the same order: none of them one the unshifted run made."""
+    asked: list[str] = []
+
+    def recording(first: np.ndarray, caption: str, seconds: float, seed: int) -> np.ndarray:
+        asked.append(caption)
+        return frozen(first, caption, seconds, seed)
+
+    config = dataclasses.replace(CONFIG, start_frames=0, long_videos=3, long_offset=4, drift_seconds=0)
+    measure(config, recording)
+    expected = [world.caption(p) for p in yardstick.long_scenes(CONFIG.split, 7)[4:]]
+    lengths = len({*config.shape_seconds, *config.persistence_seconds})
+    assert asked == [c for c in expected for _ in range(lengths)]
+    first = {world.caption(p) for p in yardstick.long_scenes(CONFIG.split, 4)}
+    assert not first & set(asked)
+
+
 def test_intervals():
     # Wilson: for 0 of n the upper bound is z^2 / (n + z^2); it always holds the observed proportion
     assert yardstick.wilson(0, 10) == pytest.approx((0.0, 1.96**2 / (10 + 1.96**2)))
@@ -143,6 +161,7 @@ def _framepack(*args: str) -> subprocess.CompletedProcess:
     (["--shape-seconds", "5,x"], "--shape-seconds takes seconds"),
     (["--drift-seconds", "7"], "drift seconds 7 must be one of the long videos' lengths"),
     (["--start-frames", "0", "--long-videos", "0"], "nothing to measure"),
+    (["--long-offset", "-1"], "the long videos' offset must be >= 0"),
 ])
 def test_eval_refuses_bad_options_in_one_line(args, message, tmp_path):
     out = _framepack(*args, "--json", str(tmp_path / "eval.json"))

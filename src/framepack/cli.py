@@ -694,7 +694,7 @@ def _eval(args: argparse.Namespace) -> int:
     )
 
     options = {name: getattr(args, name) for name in (
-        "model", "split", "start", "start_frames", "caption_seconds", "long_videos", "shape_seconds",
+        "model", "split", "start", "start_frames", "caption_seconds", "long_videos", "long_offset", "shape_seconds",
         "persistence_seconds", "drift_seconds", "prompts", "seconds", "long_seconds", "steps", "cfg", "seed", "workdir")}
     config = config_from_options(args.yardstick, **options)
     direction = isinstance(config, EvalConfig)
@@ -990,6 +990,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--start-frames", type=int, help="caption: start frames, each with every caption (default 10)")
     ev.add_argument("--caption-seconds", type=_number, help="caption: length of each caption video (default 2)")
     ev.add_argument("--long-videos", type=int, help="scenes for the long videos (default 4; direction: 6)")
+    ev.add_argument("--long-offset", type=int, metavar="N",
+                    help="caption: skip the split's first N long-video scenes, for a fresh batch (default 0)")
     ev.add_argument("--shape-seconds", help="caption: lengths for shape IoU, comma-separated (default 5,30)")
     ev.add_argument("--persistence-seconds", help="caption: lengths for persistence (default 30,60)")
     ev.add_argument("--drift-seconds", type=_number,

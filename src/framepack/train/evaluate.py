@@ -264,6 +264,7 @@ class YardstickConfig:
     start_frames: int = 10  # caption control: start frames, each with every caption that applies
     caption_seconds: float = 2.0
     long_videos: int = 4  # scenes for shape fidelity, persistence and drift
+    long_offset: int = 0  # the long videos' scenes start at this index: a fresh batch of the split for a later choice
     shape_seconds: tuple[float, ...] = (5.0, 30.0)
     persistence_seconds: tuple[float, ...] = (30.0, 60.0)
     drift_seconds: float = 30.0  # the long videos of this length are also made with vanilla sampling; 0: not
@@ -279,6 +280,8 @@ class YardstickConfig:
             raise ValueError(f"start must be one of {world.STARTS}, got {self.start!r}")
         if self.start_frames < 0 or self.long_videos < 0 or (self.steps is not None and self.steps < 1):
             raise ValueError("start frames and long videos must be >= 0, steps >= 1")
+        if self.long_offset < 0:
+            raise ValueError(f"the long videos' offset must be >= 0, got {self.long_offset}")
         if self.start_frames == 0 and self.long_videos == 0:
             raise ValueError("nothing to measure: start frames and long videos are both 0")
         lengths = (self.caption_seconds, *self.shape_seconds, *self.persistence_seconds)
@@ -343,7 +346,8 @@ def measure(config: YardstickConfig, generate: yardstick.Generator, vanilla: yar
         trials = yardstick.caption_control(generate, starts, config.caption_seconds, config.seed, progress)
         result.captions = [asdict(t) for t in trials]
     if config.long_videos:
-        scenes = yardstick.long_scenes(config.split, config.long_videos, config.start)
+        scenes = yardstick.long_scenes(config.split, config.long_offset + config.long_videos, config.start)
+        scenes = scenes[config.long_offset:]
         seed = config.seed + 1000
         result.long = yardstick.long_videos(generate, scenes, config.shape_seconds, config.persistence_seconds,
                                             seed, _drifts, progress)
@@ -424,7 +428,8 @@ def format_yardstick(result: YardstickResult) -> str:
 
 YARDSTICKS = ("caption", "direction")
 _DIRECTION_ONLY = ("prompts", "seconds", "long_seconds")
-_CAPTION_ONLY = ("start", "start_frames", "caption_seconds", "shape_seconds", "persistence_seconds", "drift_seconds")
+_CAPTION_ONLY = ("start", "start_frames", "caption_seconds", "long_offset", "shape_seconds", "persistence_seconds",
+                 "drift_seconds")
 
 
 def _lengths(text: str, what: str) -> tuple[float, ...]:
