@@ -53,9 +53,9 @@ bench: $(VENV)/.installed-dev
 demo-model: $(VENV)/.installed-train
 	for stage in gen2_vae gen2_vae_smooth gen2_framepack gen2_framepack_long; do \
 	  $(VENV)/bin/framepack train configs/$$stage.json || exit 1; done
-	$(PY) -m framepack.train.package --out runs/gen2-model --cfg 3 --half --forward-up-to 5
+	$(PY) -m framepack.train.package --out runs/gen2-model --cfg 3 --half --forward-up-to 5 --max-inverted-padding 3
 	$(VENV)/bin/framepack eval --model runs/gen2-model --split test --json runs/gen2-eval-test.json > runs/gen2-eval-test.md
-	$(PY) -m framepack.train.package --cfg 3 --half --forward-up-to 5 --vae-runs runs/demo-vae runs/gen2-vae runs/gen2-vae-smooth \
+	$(PY) -m framepack.train.package --cfg 3 --half --forward-up-to 5 --max-inverted-padding 3 --vae-runs runs/demo-vae runs/gen2-vae runs/gen2-vae-smooth \
 	  --notes configs/gen2_card_notes.md --eval-table runs/gen2-eval-test.md
 	$(VENV)/bin/framepack calibrate-cache --model tiny
 	$(PY) benchmarks/caching.py --write-default

@@ -377,6 +377,9 @@ def test_model_card_says_the_default_mode_by_length(tmp_path):
                            ({"mode": "forward", "forward_up_to": 5.0}, "its default is forward.")]:
         (model / "framepack.json").write_text(json.dumps(manifest))
         assert says in " ".join(model_card(model, [], None).split())
+    (model / "transformer" / "config.json").write_text(json.dumps({"max_inverted_padding": 3}))
+    assert ("its default is forward. In inverted order each section is told its true distance from the start "
+            "frame, up to 3 windows") in " ".join(model_card(model, [], None).split())
 
 
 def test_store_half_keeps_every_weight_at_fp16_precision_and_the_metadata(tmp_path):

@@ -259,6 +259,14 @@ def _default_mode(source) -> str:
     return f"{source.mode}, and forward for a plain clip of up to {source.forward_up_to:g} s"
 
 
+def _gap_rule(transformer: dict) -> str:
+    cap = transformer.get("max_inverted_padding")
+    if cap is None:
+        return ""
+    return (f" In inverted order each section is told its true distance from the start frame, up to {cap} windows "
+            "(`max_inverted_padding`; the released layout tells every middle section of a long video 2).")
+
+
 def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str = "", story: str = "") -> str:
     """The MODEL_CARD.md text: components, training stages (``rows``: see :func:`stage_rows`; ``story``:
     prose on how they were chained), evaluation table and notes."""
@@ -287,7 +295,8 @@ def model_card(model: Path, rows: list[str], eval_table: str | None, notes: str 
         f"{_text_training(model / 'text')}, then frozen | {_size_mb(model / 'text'):.1f} MB |",
         "",
         "Sampling modes: trained on all three layouts the planner produces (inverted anti-drifting, forward",
-        f"as F1, vanilla); its default is {_default_mode(source)}. No image encoder, no distilled-guidance",
+        f"as F1, vanilla); its default is {_default_mode(source)}.{_gap_rule(transformer)} No image encoder, "
+        "no distilled-guidance",
         "embedder (the `--distilled-guidance` value is ignored). Training replaced 10% of the captions by the",
         "empty prompt, so real CFG (`--cfg`, negative prompt \"\") works. Defaults from its manifest: 128 px,",
         f"sigma shift 3 (the training shift), cfg {source.cfg(None):g}, 25 UniPC steps.",
