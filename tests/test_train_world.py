@@ -3,6 +3,7 @@ VAE tasks, training on the ``train`` split only, and a latent cache that knows i
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -208,4 +209,5 @@ def test_gen2_finetune_starts_from_the_shipped_teacher(tmp_path):
 
     shipped = FramePackTransformer.from_pretrained(REPO / "src/framepack/assets/tiny/transformer")
     tuned = FramePackTransformer.from_pretrained(Path(config.output_dir) / "final")
-    assert tuned.config == shipped.config
+    # the same architecture; the gap rule of long inverted videos is the config's (the shipped model's is its own)
+    assert dataclasses.replace(tuned.config, max_inverted_padding=shipped.config.max_inverted_padding) == shipped.config
