@@ -62,7 +62,7 @@ demo-model: $(VENV)/.installed-train
 	# the few-step student that `framepack demo` runs (tiny-fast), held to its teacher on the test split
 	$(VENV)/bin/framepack train configs/gen2_student3.json
 	$(PY) -m framepack.train.distill_task configs/gen2_student3.json --package src/framepack/assets/tiny-fast \
-	  --half --share-encoders src/framepack/assets/tiny --card configs/gen2_student_card.md --forward-up-to 10
+	  --half --share-encoders src/framepack/assets/tiny --card configs/gen2_student_card.md --forward-up-to 10 --max-inverted-padding none
 	$(VENV)/bin/framepack eval --model tiny-fast --split test --json runs/gen2-student-eval-test.json
 	$(PY) benchmarks/student.py --teacher runs/gen2-eval-test.json --student runs/gen2-student-eval-test.json \
 	  > runs/gen2-student-vs-teacher-test.md

@@ -160,6 +160,12 @@ def test_packaging_sets_the_cap_and_leaves_the_weights(tmp_path):
     gaps = [p.padding for p in model_plans(settings)[0]]
     assert len(gaps) == 7 and gaps == [3, 3, 3, 3, 2, 1, 0]  # released: [3, 2, 2, 2, 2, 1, 0]
     assert [p.padding for p in model_plans(settings.replace(model=str(teacher)))[0]] == [3, 2, 2, 2, 2, 1, 0]
+    # a student copies its teacher's config: "none" packages it with the released layout, the default keeps the rule
+    released = package.assemble(tmp_path / "released", capped / "transformer", teacher / "vae", teacher / "text",
+                                resolution=32, max_inverted_padding=package.gap_cap("none"))
+    kept = package.assemble(tmp_path / "kept", capped / "transformer", teacher / "vae", teacher / "text", resolution=32)
+    assert [p.padding for p in model_plans(settings.replace(model=str(released)))[0]] == [3, 2, 2, 2, 2, 1, 0]
+    assert [p.padding for p in model_plans(settings.replace(model=str(kept)))[0]] == gaps
     with pytest.raises(ValueError, match="max_inverted_padding"):
         package.assemble(tmp_path / "bad", teacher / "transformer", teacher / "vae", teacher / "text",
                          resolution=32, max_inverted_padding=-1)

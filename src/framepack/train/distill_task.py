@@ -316,14 +316,15 @@ register("distill")(DistillTask)
 
 def package_student(run: Path, out: Path, half: bool = False, share: Path | None = None,
                     card: Path | None = None, forward_up_to: float | None = None,
-                    max_inverted_padding: int | None = None) -> Path:
+                    max_inverted_padding: int | None | str = package.KEEP) -> Path:
     """The model directory ``out`` of a finished distill run: the student's transformer with its
     teacher's VAE, text encoders and defaults (resolution, shift, mode), cfg 1 and the student's
     steps, no step cache. ``half`` stores the weights in fp16; ``share`` points the manifest at that
     model's encoders instead of copying them (they must be identical: the teacher's, shipped
     beside it); ``card`` is a markdown file written as its MODEL_CARD.md; ``forward_up_to`` (seconds)
     makes plain clips up to that length sample forward by default (ModelSource.sampling_mode);
-    ``max_inverted_padding`` the gap rule of its inverted sections (:func:`package.assemble`)."""
+    ``max_inverted_padding`` the gap rule of its inverted sections (:func:`package.assemble`; by default
+    the teacher's, which the student's config copies)."""
     final = Path(run) / "final"
     if not (final / "distill.json").exists():
         raise ValueError(f"{run} has no finished student ({final / 'distill.json'} is missing): train it to the end first")
@@ -357,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", metavar="FILE", help="with --package: a markdown file to write as its MODEL_CARD.md")
     parser.add_argument("--forward-up-to", type=float, metavar="SECONDS", help="with --package: sample clips up to "
                         "this long forward by default, longer ones inverted (chosen on validation: docs/demo-model.md)")
-    parser.add_argument("--max-inverted-padding", type=int, metavar="WINDOWS", help="with --package: inverted "
-                        "sections are told their true gap from the start, up to this many windows")
+    parser.add_argument("--max-inverted-padding", type=package.gap_cap, default=package.KEEP, metavar="WINDOWS",
+                        help="with --package: inverted sections are told their true gap from the start, up to this "
+                             "many windows; 'none': the released layout (default: the teacher's rule)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -47,9 +47,22 @@ def store_half(folder: Path) -> None:
         save_file(half, path, metadata=metadata)
 
 
-def with_gap_cap(config: Path, cap: int) -> dict:
-    """A transformer's config.json with ``"max_inverted_padding": cap``, checked as the config class
-    checks it on load (so a bad value is refused before anything is written)."""
+KEEP = "keep"  # assemble's max_inverted_padding: the gap rule the transformer's config.json already says
+
+
+def gap_cap(text: str) -> int | None:
+    """``--max-inverted-padding``'s value: windows, or "none" for the released layout."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of windows or 'none', got {text!r}") from None
+
+
+def with_gap_cap(config: Path, cap: int | None) -> dict:
+    """A transformer's config.json with ``"max_inverted_padding": cap`` (None: the released layout),
+    checked as the config class checks it on load (so a bad value is refused before anything is written)."""
     from ..config import TransformerConfig
 
     data = {**json.loads(Path(config).read_text()), "max_inverted_padding": cap}
@@ -59,13 +72,14 @@ def with_gap_cap(config: Path, cap: int) -> dict:
 
 def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: int = 128, shift: float = 3.0,
              mode: str = "inverted", cfg: float | None = None, half: bool = False,
-             forward_up_to: float | None = None, max_inverted_padding: int | None = None) -> Path:
+             forward_up_to: float | None = None, max_inverted_padding: int | None | str = KEEP) -> Path:
     """Write the model directory ``out`` (replaced as a whole, via a sibling temporary directory);
     ``half`` stores the transformer's weights in fp16 (:func:`store_half`); ``forward_up_to``
     (seconds) makes plain clips up to that length sample forward by default
     (:meth:`ModelSource.sampling_mode`); ``max_inverted_padding`` sets the transformer config's gap
-    rule for inverted sections (:func:`framepack.planning.inverted_paddings`), the weights unchanged."""
-    capped = None if max_inverted_padding is None else with_gap_cap(transformer / "config.json", max_inverted_padding)
+    rule for inverted sections (:func:`framepack.planning.inverted_paddings`; None: the released layout;
+    :data:`KEEP`: as the run's config says), the weights unchanged."""
+    capped = None if max_inverted_padding == KEEP else with_gap_cap(transformer / "config.json", max_inverted_padding)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _copy_tree(transformer, tmp / "transformer")
@@ -333,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half", action="store_true", help="store the transformer's weights in fp16 (loaded at fp32)")
     parser.add_argument("--forward-up-to", type=float, metavar="SECONDS",
                         help="sample plain clips up to this length forward by default, longer ones inverted")
-    parser.add_argument("--max-inverted-padding", type=int, metavar="WINDOWS",
-                        help="inverted sections are told their true gap from the start, up to this many windows "
-                             "(default: the released layout)")
+    parser.add_argument("--max-inverted-padding", type=gap_cap, default=KEEP, metavar="WINDOWS",
+                        help="inverted sections are told their true gap from the start, up to this many windows; "
+                             "'none': the released layout (default: as the transformer run's config says)")
     parser.add_argument("--story", default="configs/gen2_card.md",
                         help="a markdown file on how the stages were chained, for the card ('' for none)")
     parser.add_argument("--eval-table", help="a file holding `framepack eval`'s table, for the card")
