@@ -50,8 +50,11 @@ def store_half(folder: Path) -> None:
 KEEP = "keep"  # assemble's max_inverted_padding: the gap rule the transformer's config.json already says
 
 
-def gap_cap(text: str) -> int | None:
-    """``--max-inverted-padding``'s value: windows, or "none" for the released layout."""
+def gap_cap(text: str) -> int | None | str:
+    """``--max-inverted-padding``'s value: windows, or "none" for the released layout (argparse also
+    passes its default, :data:`KEEP`, through here)."""
+    if text == KEEP:
+        return KEEP
     if text.strip().lower() == "none":
         return None
     try:
