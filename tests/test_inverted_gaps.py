@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from framepack.config import TransformerConfig
+from framepack.config import TransformerConfig, preset
 from framepack.planning import START, ZERO, inverted_paddings, plan_sections
 
 
@@ -50,6 +50,14 @@ def test_the_released_layout_stays_the_default():
 def test_causal_modes_have_no_gap_to_set():
     for mode in ("forward", "vanilla"):
         assert plan_sections(6, mode, max_padding=2) == plan_sections(6, mode)
+
+
+def test_the_gap_rule_is_not_part_of_the_architecture():
+    tiny = preset("tiny")
+    assert tiny.replace(max_inverted_padding=3).same_architecture(tiny)
+    assert tiny.same_architecture(tiny.replace(max_inverted_padding=9))
+    assert not tiny.same_architecture(tiny.replace(num_single_layers=2))
+    assert not tiny.replace(max_inverted_padding=3).same_architecture(tiny.replace(num_single_layers=2))
 
 
 def test_a_negative_cap_is_refused():

@@ -125,6 +125,11 @@ class TransformerConfig:
     def replace(self, **changes: Any) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
 
+    def same_architecture(self, other: "TransformerConfig") -> bool:
+        """Whether weights made for ``other`` fit this config: every field but the inverted gap rule,
+        which lays the sections out and is no weight (a fine-tune may teach another one)."""
+        return self.replace(max_inverted_padding=other.max_inverted_padding) == other
+
     # ---- config.json ----------------------------------------------------------------------
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -225,11 +225,9 @@ class FramePackTask:
             # fine-tuning (e.g. more steps on the shipped demo model): start from exported weights, in
             # fp32 whatever they were stored in (the demo model is stored fp16: AdamW on fp16 weights is NaN)
             self.model = FramePackTransformer.from_pretrained(args["init"], dtype=torch.float32)
-            if self.model.config.replace(max_inverted_padding=cfg.max_inverted_padding) != cfg:
+            if not self.model.config.same_architecture(cfg):
                 raise ValueError(f"init weights {args['init']} do not match this task's transformer config")
-            # the inverted gaps are how the sections are laid out, not a weight: a fine-tune may teach
-            # the model another rule (the exported config.json then says which)
-            self.model.config = cfg
+            self.model.config = cfg  # the task's gap rule: the exported config.json says which it taught
         self._captions: dict[str, TextEmbedding] = {}
 
     def _embed(self, caption: str) -> TextEmbedding:

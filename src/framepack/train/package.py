@@ -82,14 +82,14 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
     (:meth:`ModelSource.sampling_mode`); ``max_inverted_padding`` sets the transformer config's gap
     rule for inverted sections (:func:`framepack.planning.inverted_paddings`; None: the released layout;
     :data:`KEEP`: as the run's config says), the weights unchanged."""
-    capped = None if max_inverted_padding == KEEP else with_gap_cap(transformer / "config.json", max_inverted_padding)
+    gap_config = None if max_inverted_padding == KEEP else with_gap_cap(transformer / "config.json", max_inverted_padding)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _copy_tree(transformer, tmp / "transformer")
     if half:
         store_half(tmp / "transformer")
-    if capped is not None:
-        (tmp / "transformer" / "config.json").write_text(json.dumps(capped, indent=2) + "\n")
+    if gap_config is not None:
+        (tmp / "transformer" / "config.json").write_text(json.dumps(gap_config, indent=2) + "\n")
     _copy_tree(vae, tmp / "vae")
     for part in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
         _copy_tree(text / part, tmp / "text" / part)
