@@ -72,6 +72,10 @@ def test_independent_world_trains_on_its_train_split_only(tmp_path):
         assert caption in allowed
     with pytest.raises(ValueError, match="world_start"):
         trainer.TASKS["framepack"]({**args, "world_start": "centred"})
+    with pytest.raises(ValueError, match="mirror"):  # its bounces head one way: a mirror is not of that world
+        trainer.TASKS["framepack"]({**args, "world_start": "determined"})
+    determined = trainer.TASKS["framepack"]({**args, "world_start": "determined", "mirror": False, "clips": 40})
+    assert [p for p, _ in determined._cache_scenes()] == [p for p, _ in _replayed_cache_scenes(40, "determined")]
 
 
 def test_latent_cache_records_its_world(tmp_path):
@@ -118,7 +122,8 @@ def test_vae_task_world_start():
 
 GEN2 = ("gen2_vae", "gen2_vae_smooth", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
 # runs that start from the chain's shipped result: the student (tests/test_distill.py) and fine-tunes
-GEN2_AFTER = ("gen2_student", "gen2_student3", "gen2_student4", "gen2_finetune_rotate", "gen2_framepack_far")
+GEN2_AFTER = ("gen2_student", "gen2_student3", "gen2_student4", "gen2_finetune_rotate", "gen2_framepack_far",
+              "gen2_framepack_determined")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -197,12 +202,14 @@ def test_gen2_configs_start_checkpoint_resume_and_chain(tmp_path):
     assert trials == len(world.applicable_motions(world.scenes("validation", 1)[0]))
 
 
-def test_gen2_finetune_starts_from_the_shipped_teacher(tmp_path):
-    """The fine-tune config, cut to tiny cost, starts from the shipped transformer (the same
-    architecture: a mismatch is refused), draws its weighted motions and exports a transformer."""
-    config = _tiny_stage("gen2_finetune_rotate", tmp_path)
+@pytest.mark.parametrize("name", ["gen2_finetune_rotate", "gen2_framepack_determined"])
+def test_gen2_finetunes_start_from_the_shipped_teacher(tmp_path, name):
+    """The fine-tune configs, cut to tiny cost, start from the shipped transformer (the same
+    architecture: a mismatch is refused), draw their world and motions and export a transformer."""
+    config = _tiny_stage(name, tmp_path)
     assert config.task_args["init"] == str(REPO / "src/framepack/assets/tiny/transformer")
-    assert set(config.task_args["motion_weights"]) <= set(world.MOTIONS)
+    assert set(config.task_args.get("motion_weights", {})) <= set(world.MOTIONS)
+    assert config.task_args["world_start"] in world.STARTS
     trainer.train(config)
     from framepack import FramePackTransformer
 

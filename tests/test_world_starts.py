@@ -34,7 +34,9 @@ def test_caption_blind_rules_score_at_chance_on_the_new_world_and_above_it_on_th
     on 20,000 training scenes of the same world): within a 95% interval of chance on the new
     world's held-out scenes; well above it on the first world's, so the test can fail."""
     old = world.held_out(2 * SCENES)
-    for start, scenes, at_chance in (("independent", held_out_new, True), ("by-motion", old, False)):
+    determined = world.scenes("validation", SCENES, "determined") + world.scenes("test", SCENES, "determined")
+    for start, scenes, at_chance in (("independent", held_out_new, True), ("determined", determined, True),
+                                     ("by-motion", old, False)):
         fitted = yardstick.fit_start_frame_rule(itertools.islice(world.stream(11, start), 20_000))
         chance = _chance(scenes)
         for name, rule in (("edge", yardstick.edge_rule_of), ("fitted", fitted)):
@@ -93,6 +95,26 @@ def test_splits_are_disjoint_stable_and_hold_out_start_frames():
     drawn = [world.split_of(world.sample_params(rng, "independent"), "independent") for _ in range(16_000)]
     assert 800 <= drawn.count("validation") + drawn.count("test") <= 1200
     assert 350 <= drawn.count("validation") <= 650
+
+
+def test_the_determined_world_is_the_independent_worlds_start_frames_at_one_speed_and_heading():
+    """"determined" draws the same scenes as "independent" (start frames, motions, splits) with every
+    speed at the middle of the range and every bounce heading the same way, so the caption-alone
+    clip of each scene is the scene's own clip: there, a perfect caption-follower scores full marks."""
+    for split in ("validation", "test"):
+        independent, determined = world.scenes(split, 60, "independent"), world.scenes(split, 60, "determined")
+        assert [world.start_frame_key(p) for p in independent] == [world.start_frame_key(p) for p in determined]
+        assert [p.motion for p in independent] == [p.motion for p in determined]
+        assert all(world.split_of(p, "determined") == split for p in determined)
+    scenes = list(itertools.islice(world.stream(4, "determined"), 3000))
+    assert {p.motion for p in scenes} == set(world.MOTIONS)
+    assert {p.speed for p in scenes if p.motion != "stay"} == {world.DEFAULT_SPEED}
+    assert {p.heading for p in scenes if p.motion == "bounce"} == {world.DEFAULT_HEADING}
+    assert len({p.speed for p in itertools.islice(world.stream(4, "independent"), 300)}) > 100  # it can fail
+    ceiling = yardstick.caption_generator(scenes[:40], size=32)
+    for p in scenes[:40]:
+        first = world.render(p, 1)[0]
+        assert np.array_equal(ceiling(first, world.caption(p), 1.0, 0), world.render(p, 31, size=32))
 
 
 def test_the_first_world_is_unchanged():

@@ -985,8 +985,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["validation", "test", "held-out"],
                     help="caption: validation (default; for choosing models and settings) or test (reported once per "
                          "shipped model); direction: held-out (default) or validation")
-    ev.add_argument("--start", choices=["independent", "by-motion"],
-                    help="caption: the world's start frames, independent of the motion (default) or the first world's")
+    ev.add_argument("--start", choices=["independent", "determined", "by-motion"],
+                    help="caption: the world's start frames, independent of the motion (default); determined: the "
+                         "same start frames with one speed and bounce heading, so the caption determines the clip; "
+                         "by-motion: the first world's")
     ev.add_argument("--start-frames", type=int, help="caption: start frames, each with every caption (default 10)")
     ev.add_argument("--caption-seconds", type=_number, help="caption: length of each caption video (default 2)")
     ev.add_argument("--long-videos", type=int, help="scenes for the long videos (default 4; direction: 6)")

@@ -17,7 +17,9 @@ the object is (see :func:`object_cells`; ``object_region`` says which frames' ob
 ``mirror`` adds every clip's left-right reflection (see :func:`framepack.train.world.mirror`), and
 ``world_start`` picks the world's start-position sampler (:data:`framepack.train.world.STARTS`):
 "by-motion", the first world and the default (the shipped model's configs draw the same clips as
-before), or "independent", the world whose start frame does not give the motion away. Training
+before), "independent", the world whose start frame does not give the motion away, or
+"determined", its start frames with every motion at one speed and heading, so that the start frame
+and the caption determine the clip (no ``mirror``: its bounces head one way only). Training
 only ever sees that world's ``train`` split (:func:`framepack.train.world.split_of`), mirrors
 included.
 
@@ -203,6 +205,8 @@ class FramePackTask:
         self.world_start = str(args.get("world_start", "by-motion"))
         if self.world_start not in world.STARTS:
             raise ValueError(f"world_start must be one of {world.STARTS}, got {self.world_start!r}")
+        if self.mirror and self.world_start == "determined":  # a mirrored bounce heads the other way
+            raise ValueError('mirror: the "determined" world has no mirrored bounces (they all head one way)')
         # clips start at a random time in [0, start_seconds). Inference always starts at t = 0, and a
         # later start shows translations already stopped at the frame's edge under a caption that
         # says "moves": 22% of such clips did at 10 s, which taught the model that "moves" may not move

@@ -16,7 +16,7 @@ The exported ``metrics.json`` gives the held-out PSNR and :func:`flicker`.
 
 ``world_start`` picks the world's start-position sampler (:data:`framepack.train.world.STARTS`):
 "by-motion" (the default: the shipped VAE's config trains and measures on the same scenes as
-before) or "independent", whose training scenes are its ``train`` split and whose held-out PSNR is
+before), "independent" or "determined", whose training scenes are their ``train`` split and whose held-out PSNR is
 measured on its ``validation`` split (the test split is left for the shipped model's report).
 """
 

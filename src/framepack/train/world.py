@@ -33,7 +33,7 @@ Motions (``v = speed * frame / SIZE`` px/s):
   right in the frame. The object is not clamped and eventually leaves the frame. Pans only occur
   on striped backgrounds (a plain or vertically graded background would not show the pan).
 
-Start positions: two samplers (:data:`STARTS`).
+Start positions and motion parameters: three samplers (:data:`STARTS`).
 
 * ``"by-motion"`` (the first world, what the shipped demo model was trained on, and still the
   default of :func:`sample_params` and :func:`stream` so that existing training configs reproduce
@@ -49,6 +49,13 @@ Start positions: two samplers (:data:`STARTS`).
   ``(0.3 - 0.208) * 128 = 11.8`` px to travel, a full second at the top speed, before it stops at
   the border, so the caption, not the position, decides what happens. Only pans (the camera, not
   the object) carry it out of the frame, after seconds; metrics that need the object skip them.
+* ``"determined"``: the start frames of ``"independent"`` (the same draws, so the same scenes and
+  splits), and every motion at one speed, :data:`DEFAULT_SPEED` (the middle of
+  :data:`SPEED_RANGE`), a bounce always heading :data:`DEFAULT_HEADING`. In the other worlds the
+  speed, the bounce heading and so the rotation and growth rates are drawn and never named by the
+  caption, so no model can know them: against their ground truth a perfect caption-follower scores
+  well under full marks (the yardstick's *caption alone* ceiling). Here the start frame and the
+  caption determine the clip, and the caption-alone clip *is* the ground truth.
 
 Splits (:data:`SPLITS`). Every :class:`WorldParams` falls in one of :data:`HELD_OUT_MODULUS`
 buckets by a stable hash (BLAKE2b); the sampler quantises the continuous fields so the hash is
@@ -56,7 +63,7 @@ well defined. Bucket 0 is held out and halved by the next bits of the same hash 
 ``validation`` (for choosing models and settings) and ``test`` (reported once per shipped model);
 the rest is ``train``. For ``"by-motion"`` the hash covers every field, exactly as the first
 world's single held-out bucket did (:func:`is_held_out`, :func:`held_out`), so its training streams
-are unchanged. For ``"independent"`` it covers the start frame's fields only
+are unchanged. For ``"independent"`` and ``"determined"`` it covers the start frame's fields only
 (:func:`start_frame_key`): a held-out start frame is held out with every motion, which the caption
 control (every motion caption on one start frame) needs. :func:`stream` yields ``train`` only and
 :func:`scenes` one split only, so they are disjoint for every seed.
@@ -141,6 +148,8 @@ MOTIONS: Final = (
 PANS: Final = ("pan left", "pan right")
 
 SPEED_RANGE: Final = (6.0, 12.0)  # px/s at SIZE
+DEFAULT_SPEED: Final = sum(SPEED_RANGE) / 2  # "determined": every motion's speed
+DEFAULT_HEADING: Final = 45.0  # "determined": every bounce's heading (down and to the right)
 SIZE_RANGE: Final = (0.08, 0.16)  # nominal radius, fraction of the frame, as sampled
 RADIUS_BOUNDS: Final = (0.05, 0.30)  # allowed radius (fraction of the frame) at any time
 GROW_RATE: Final = 1.0 / 3.0  # radius change (px/s) per px/s of speed
@@ -150,7 +159,7 @@ STRIPE_PERIOD: Final = 16.0  # px at SIZE
 STRIPE_SHARPNESS: Final = 3.0  # stripes: clip(k * sin), soft (anti-aliased) edges ~2 px wide
 MIN_CONTRAST: Final = 90  # min Chebyshev RGB distance object <-> any background shade
 HELD_OUT_MODULUS: Final = 16  # 1/16 of the params space is reserved for evaluation
-STARTS: Final = ("by-motion", "independent")  # start-position samplers (module docstring)
+STARTS: Final = ("by-motion", "independent", "determined")  # the worlds' samplers (module docstring)
 CENTRAL: Final = (0.3, 0.7)  # "independent": start centres, fraction of the frame on both axes
 SPLITS: Final = ("train", "validation", "test")
 DIRECTION_THRESHOLD: Final = 2.0  # px of net displacement below which a track is "still"
@@ -547,17 +556,19 @@ def sample_params(rng: np.random.Generator, start: str = "by-motion") -> WorldPa
     rest in :data:`SIZE_RANGE`, positions as :func:`_start_position`. ``start="independent"``:
     size in :data:`SIZE_RANGE` and centre in :data:`CENTRAL` whatever the motion (module
     docstring). Both: speed uniform in :data:`SPEED_RANGE` (0 for ``stay``); bounce headings 20-70
-    degrees off the axes. Continuous fields are quantised (x, y, size to 1e-3, speed to 1e-2,
-    heading to 0.1 degree). Both draw the same random numbers, so a seed gives the same scenes'
-    motions and colours under either sampler.
+    degrees off the axes. ``start="determined"``: the start frame of ``"independent"``, speed
+    :data:`DEFAULT_SPEED` (0 for ``stay``), bounce heading :data:`DEFAULT_HEADING`. Continuous
+    fields are quantised (x, y, size to 1e-3, speed to 1e-2, heading to 0.1 degree). All draw the
+    same random numbers, so a seed gives the same scenes' motions and colours under every sampler.
     """
     _check_start(start)
     combos = combinations()
     u = rng.random(7).tolist()  # Python floats: fast scalar arithmetic and rounding
     combo = combos[min(int(u[0] * len(combos)), len(combos) - 1)]
     shape, color, background, background_color, motion = combo
-    speed = 0.0 if motion == "stay" else round(_uniform(u[2], *SPEED_RANGE), 2)
-    if start == "independent":
+    determined = start == "determined"
+    speed = 0.0 if motion == "stay" else DEFAULT_SPEED if determined else round(_uniform(u[2], *SPEED_RANGE), 2)
+    if start != "by-motion":
         size = round(_uniform(u[1], *SIZE_RANGE), 3)
         x, y = _uniform(u[3], *CENTRAL), _uniform(u[4], *CENTRAL)
     else:
@@ -565,8 +576,8 @@ def sample_params(rng: np.random.Generator, start: str = "by-motion") -> WorldPa
         size = round(_uniform(u[1], *size_range), 3)
         x, y = _start_position(motion, _EXTENT[shape] * size, u[3], u[4])
     heading = 0.0
-    if motion == "bounce":  # 20-70 degrees into one of the four quadrants
-        heading = round(_uniform(u[5], 20.0, 70.0) + 90.0 * min(int(u[6] * 4), 3), 1)
+    if motion == "bounce":  # 20-70 degrees into one of the four quadrants, or the one heading
+        heading = DEFAULT_HEADING if determined else round(_uniform(u[5], 20.0, 70.0) + 90.0 * min(int(u[6] * 4), 3), 1)
     return WorldParams(
         shape=shape,
         color=color,
@@ -592,7 +603,7 @@ def _hash(key: tuple) -> int:
 
 
 def _scene_hash(p: WorldParams, start: str) -> int:
-    if start == "independent":
+    if start != "by-motion":  # "independent" and "determined" share their start frames and splits
         return _hash(start_frame_key(p))
     return _hash((p.shape, p.color, p.background, p.background_color, p.motion, p.speed, p.x, p.y, p.size, p.heading))
 
@@ -659,16 +670,13 @@ def applicable_motions(p: WorldParams) -> tuple[str, ...]:
     return tuple(m for m in MOTIONS if _combination_problem(p.shape, p.color, p.background, p.background_color, m) is None)
 
 
-_DEFAULT_SPEED: Final = sum(SPEED_RANGE) / 2
-_DEFAULT_HEADING: Final = 45.0
-
-
 def with_motion(p: WorldParams, motion: str) -> WorldParams:
-    """The scene with ``p``'s start frame doing ``motion`` instead: ``p``'s speed (the middle of
-    :data:`SPEED_RANGE` if ``p`` stays), 0 for ``stay``, ``p``'s heading for a bounce if it bounces
-    (else 45 degrees). Renders the same frame at t = 0."""
-    speed = 0.0 if motion == "stay" else (p.speed or _DEFAULT_SPEED)
-    heading = p.heading if p.motion == "bounce" else (_DEFAULT_HEADING if motion == "bounce" else 0.0)
+    """The scene with ``p``'s start frame doing ``motion`` instead: ``p``'s speed
+    (:data:`DEFAULT_SPEED` if ``p`` stays), 0 for ``stay``, ``p``'s heading for a bounce if it
+    bounces (else :data:`DEFAULT_HEADING`). Renders the same frame at t = 0; keeps a
+    ``"determined"`` scene in its world."""
+    speed = 0.0 if motion == "stay" else (p.speed or DEFAULT_SPEED)
+    heading = p.heading if p.motion == "bounce" else (DEFAULT_HEADING if motion == "bounce" else 0.0)
     return replace(p, motion=motion, speed=speed, heading=heading)
 
 
