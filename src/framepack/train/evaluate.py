@@ -260,7 +260,8 @@ class YardstickConfig:
 
     model: str = "tiny"
     split: str = "validation"  # "validation" (choosing models and settings) or "test" (once per shipped model)
-    start: str = "independent"  # the world's sampler (world.STARTS): "by-motion" is the first world, "determined" fixes speed and heading
+    # the world's sampler (world.STARTS): "by-motion" is the first world, "determined" fixes speed and heading
+    start: str = "independent"
     start_frames: int = 10  # caption control: start frames, each with every caption that applies
     caption_seconds: float = 2.0
     long_videos: int = 4  # scenes for shape fidelity, persistence and drift
