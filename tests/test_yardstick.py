@@ -243,6 +243,9 @@ def test_the_student_script_holds_the_student_to_its_teachers_bounds(tmp_path):
     assert other.returncode != 0 and "not made on the same trials" in other.stderr
     loose = table("frozen.json", "--iou-margin", "1")  # a rule's own bound: the frozen video is within 1
     assert within(loose.stdout, "shape IoU in place") == "yes" and "| >= -1 | yes |" in loose.stdout
+    missed = trials - right  # a caption bound in trials: the frozen video is within exactly its own misses
+    assert within(table("frozen.json", "--caption-trials", str(missed)).stdout, "caption control") == "yes"
+    assert within(table("frozen.json", "--caption-trials", str(missed - 1)).stdout, "caption control") == "no"
 
 
 def _benchmark(name: str):
