@@ -555,7 +555,7 @@ def sample_params(rng: np.random.Generator, start: str = "by-motion") -> WorldPa
     ``start="by-motion"`` (the first world): grow starts in 0.08-0.11, shrink in 0.13-0.16, the
     rest in :data:`SIZE_RANGE`, positions as :func:`_start_position`. ``start="independent"``:
     size in :data:`SIZE_RANGE` and centre in :data:`CENTRAL` whatever the motion (module
-    docstring). Both: speed uniform in :data:`SPEED_RANGE` (0 for ``stay``); bounce headings 20-70
+    docstring). Those two: speed uniform in :data:`SPEED_RANGE` (0 for ``stay``); bounce headings 20-70
     degrees off the axes. ``start="determined"``: the start frame of ``"independent"``, speed
     :data:`DEFAULT_SPEED` (0 for ``stay``), bounce heading :data:`DEFAULT_HEADING`. Continuous
     fields are quantised (x, y, size to 1e-3, speed to 1e-2, heading to 0.1 degree). All draw the
