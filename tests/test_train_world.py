@@ -123,7 +123,7 @@ def test_vae_task_world_start():
 GEN2 = ("gen2_vae", "gen2_vae_smooth", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
 # runs that start from the chain's shipped result: the student (tests/test_distill.py) and fine-tunes
 GEN2_AFTER = ("gen2_student", "gen2_student3", "gen2_student4", "gen2_finetune_rotate", "gen2_framepack_far",
-              "gen2_framepack_determined")
+              "gen2_framepack_determined", "gen2_framepack_det_far")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -217,3 +217,21 @@ def test_gen2_finetunes_start_from_the_shipped_teacher(tmp_path, name):
     tuned = FramePackTransformer.from_pretrained(Path(config.output_dir) / "final")
     # the same architecture; the gap rule of long inverted videos is the config's (the shipped model's is its own)
     assert tuned.config.same_architecture(shipped.config)
+
+
+def test_the_far_determined_fine_tune_continues_the_determined_one(tmp_path):
+    """gen2_framepack_det_far, cut to tiny cost, starts from the determined fine-tune's export,
+    trains on the same world with the longer clips, and exports the same architecture told gaps
+    up to 9 windows (docs/training-gen2.md)."""
+    first = _tiny_stage("gen2_framepack_determined", tmp_path)
+    trainer.train(first)
+    far = _tiny_stage("gen2_framepack_det_far", tmp_path)
+    assert far.task_args["init"] == str(Path(first.output_dir) / "final")
+    assert far.task_args["world_start"] == first.task_args["world_start"] == "determined"
+    assert far.task_args["sections"] > far.task_args["config"]["max_inverted_padding"]  # capped gaps with later sections
+    trainer.train(far)
+    from framepack import FramePackTransformer
+
+    before, after = (FramePackTransformer.from_pretrained(Path(c.output_dir) / "final").config for c in (first, far))
+    assert after.same_architecture(before)
+    assert (before.max_inverted_padding, after.max_inverted_padding) == (3, 9)
