@@ -307,7 +307,6 @@ def test_repeated_tiles_decode_bit_identical_to_diffusers_and_less(hunyuan_vae, 
 
 
 def test_repeated_tiles_leave_the_pipelines_video_bit_identical(tmp_path):
-    import torch
     from diffusers.hooks import HookRegistry
 
     from framepack.settings import GenerationSettings
