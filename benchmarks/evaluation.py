@@ -4,7 +4,7 @@ The model's numbers come from the JSON of `framepack eval --json FILE` (it takes
 the controls are measured here, on the same split, start frames, scenes and lengths, in seconds:
 the world's own clips (full marks); the world's clips of the caption alone, at the speed and
 heading it does not give (a model that follows the caption perfectly and guesses those: the
-ceiling); a caption-blind generator (the world's clip of a motion the start frame alone decides);
+ceiling; in the determined world, the default, it is the ground truth); a caption-blind generator (the world's clip of a motion the start frame alone decides);
 a frozen video (the start frame repeated) and random noise. Also the caption-blind rules of
 issue 18 on both worlds' held-out start frames.
 
@@ -60,8 +60,7 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 def controls(config: YardstickConfig) -> dict[str, YardstickResult]:
-    scenes = world.scenes(config.split, config.start_frames, config.start) + yardstick.long_scenes(
-        config.split, config.long_videos, config.start)
+    scenes = world.scenes(config.split, config.start_frames, config.start) + config.long_scenes()
     generators = {
         "world's own clips": yardstick.world_generator(scenes),
         "caption alone (ceiling)": yardstick.caption_generator(scenes),
@@ -106,6 +105,7 @@ def blind_rules() -> str:
     """The issue's edge rule and the fitted start-frame rule on both worlds' held-out start frames."""
     lines = ["| world (held-out start frames) | chance | near an edge, move away; else stay | best fitted start-frame rule |",
              "|---|---|---|---|"]
+    # the determined world draws the same start frames and motions as the independent one: one row for both
     for start, label in (("by-motion", "first world (start by motion)"), ("independent", "new world (independent starts)")):
         scenes = world.scenes("validation", RULE_SCENES, start) + world.scenes("test", RULE_SCENES, start)
         fitted = yardstick.fit_start_frame_rule(itertools.islice(world.stream(11, start), RULE_TRAINING))
@@ -139,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-json", nargs="+", help="the JSON of `framepack eval --json FILE`, or of "
                         "several runs that each made a part of it (merged: see merge_runs)")
-    parser.add_argument("--doc", help="write the tables between this Markdown file's bench:yardstick markers")
+    parser.add_argument("--doc", help="write the tables between this Markdown file's bench:NAME markers")
+    parser.add_argument("--name", default="yardstick", help="the markers' NAME (default yardstick)")
     parser.add_argument("--command", default="", help="the `framepack eval` command that made the JSON, for the doc")
     parser.add_argument("--card-table", help="also write the model's own table (as `framepack eval` prints it) to "
                         "this file, for `python -m framepack.train.package --eval-table`")
@@ -171,9 +172,10 @@ def main() -> None:
         f"Caption-blind rules on {2 * RULE_SCENES} held-out start frames of each world (Wilson 95% intervals):",
         blind_rules(),
     ]).strip()
-    publish(report, Path(args.doc) if args.doc else None, "yardstick",
+    publish(report, Path(args.doc) if args.doc else None, args.name,
             f"python benchmarks/evaluation.py --model-json {' '.join(args.model_json)}"
-            + (f" --command '{args.command}'" if args.command else "") + (f" --doc {args.doc}" if args.doc else ""))
+            + (f" --command '{args.command}'" if args.command else "")
+            + (f" --name {args.name}" if args.name != "yardstick" else "") + (f" --doc {args.doc}" if args.doc else ""))
 
 
 if __name__ == "__main__":

@@ -866,14 +866,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="make a video with the embedded demo model from the bundled start image "
-                                            "and prompt (3.0-5.3 s for the whole command on 2 CPU cores)",
+                                            "and prompt (2.4-5.3 s for the whole command on 2 CPU cores)",
                                description="Make a 5 s video (4.83 s: 145 frames at 30 fps) from the bundled start image "
                                "and prompt with the embedded demo model's few-step student (tiny-fast: "
                                f"{student.get('steps', 4)} steps at cfg {student.get('cfg', 1.0):g}, CFG folded in); print "
                                "each section's context length and time. Measured over several runs on 2 CPU cores: "
-                               "1.6-2.7 s of generation, 3.0-5.3 s for the whole command, warm. --model tiny runs its "
+                               "1.3-2.7 s of generation, 2.4-5.3 s for the whole command, warm. --model tiny runs its "
                                f"teacher ({teacher.get('steps', 25)} steps at its default cfg {demo_cfg:g}, with its "
-                               "step cache): 4.2-7.0 s of generation.")
+                               "step cache): 3.4-4.9 s of generation.")
     demo.add_argument("--seconds", type=_number, default=5.0, help="video length in seconds (default 5, which makes 4.83 s)")
     demo.add_argument("--steps", type=_positive, help="sampling steps per section (default: the model's, 4 for "
                       "tiny-fast, 25 for tiny)")
@@ -985,10 +985,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["validation", "test", "held-out"],
                     help="caption: validation (default; for choosing models and settings) or test (reported once per "
                          "shipped model); direction: held-out (default) or validation")
-    ev.add_argument("--start", choices=["independent", "determined", "by-motion"],
-                    help="caption: the world's start frames, independent of the motion (default); determined: the "
-                         "same start frames with one speed and bounce heading, so the caption determines the clip; "
-                         "by-motion: the first world's")
+    ev.add_argument("--start", choices=["determined", "independent", "by-motion"],
+                    help="caption: determined (default): start frames independent of the motion, one speed and "
+                         "bounce heading, so the start frame and caption determine the clip; independent: the same "
+                         "start frames with the speed and heading drawn; by-motion: the first world's")
     ev.add_argument("--start-frames", type=int, help="caption: start frames, each with every caption (default 10)")
     ev.add_argument("--caption-seconds", type=_number, help="caption: length of each caption video (default 2)")
     ev.add_argument("--long-videos", type=int, help="scenes for the long videos (default 4; direction: 6)")

@@ -4,7 +4,8 @@ Two yardsticks, each on frames decoded from the generated mp4 (what a user gets)
 
 The default (issue 18), :class:`YardstickConfig` / :func:`run_yardstick` over the metrics of
 :mod:`framepack.train.yardstick`, on the ``validation`` or ``test`` split of the world with start
-frames independent of the motion: caption control (every start frame with every caption that
+frames independent of the motion (by default its determined sampler: one speed and bounce heading,
+so the start frame and caption determine the clip): caption control (every start frame with every caption that
 applies; accuracy, confusion matrix, chance), shape fidelity (IoU against the world's ground truth
 over 5 s and 30 s), persistence relative to the true area (30 s and 60 s), and the drift below;
 counts and 95% intervals. :func:`measure` runs it on any generator, so the tests check it on the
@@ -260,8 +261,9 @@ class YardstickConfig:
 
     model: str = "tiny"
     split: str = "validation"  # "validation" (choosing models and settings) or "test" (once per shipped model)
-    # the world's sampler (world.STARTS): "by-motion" is the first world, "determined" fixes speed and heading
-    start: str = "independent"
+    # the world's sampler (world.STARTS): "determined" (the default since 2026-12-06) fixes speed and bounce
+    # heading, so the start frame and caption determine the clip; "independent" draws them; "by-motion" is the first world
+    start: str = "determined"
     start_frames: int = 10  # caption control: start frames, each with every caption that applies
     caption_seconds: float = 2.0
     long_videos: int = 4  # scenes for shape fidelity, persistence and drift
@@ -293,6 +295,10 @@ class YardstickConfig:
                              f"{sorted({*self.shape_seconds, *self.persistence_seconds})} (or 0)")
         if self.cfg is not None and not (math.isfinite(self.cfg) and self.cfg >= 0):
             raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg}")
+
+    def long_scenes(self) -> list[world.WorldParams]:
+        """The long videos' scenes: the split's, after the first ``long_offset``."""
+        return yardstick.long_scenes(self.split, self.long_offset + self.long_videos, self.start)[self.long_offset:]
 
     def videos(self) -> int:
         """How many videos the run makes."""
@@ -347,8 +353,7 @@ def measure(config: YardstickConfig, generate: yardstick.Generator, vanilla: yar
         trials = yardstick.caption_control(generate, starts, config.caption_seconds, config.seed, progress)
         result.captions = [asdict(t) for t in trials]
     if config.long_videos:
-        scenes = yardstick.long_scenes(config.split, config.long_offset + config.long_videos, config.start)
-        scenes = scenes[config.long_offset:]
+        scenes = config.long_scenes()
         seed = config.seed + 1000
         result.long = yardstick.long_videos(generate, scenes, config.shape_seconds, config.persistence_seconds,
                                             seed, _drifts, progress)

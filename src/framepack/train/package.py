@@ -82,14 +82,9 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
     (:meth:`ModelSource.sampling_mode`); ``max_inverted_padding`` sets the transformer config's gap
     rule for inverted sections (:func:`framepack.planning.inverted_paddings`; None: the released layout;
     :data:`KEEP`: as the run's config says), the weights unchanged."""
-    gap_config = None if max_inverted_padding == KEEP else with_gap_cap(transformer / "config.json", max_inverted_padding)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _copy_tree(transformer, tmp / "transformer")
-    if half:
-        store_half(tmp / "transformer")
-    if gap_config is not None:
-        (tmp / "transformer" / "config.json").write_text(json.dumps(gap_config, indent=2) + "\n")
+    _write_transformer(transformer, tmp / "transformer", half, max_inverted_padding)
     _copy_tree(vae, tmp / "vae")
     for part in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
         _copy_tree(text / part, tmp / "text" / part)
@@ -107,6 +102,32 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
+
+
+def replace_transformer(out: Path, transformer: Path, half: bool = False,
+                        max_inverted_padding: int | None | str = KEEP) -> Path:
+    """Replace only the transformer of the model directory ``out`` (``half`` and
+    ``max_inverted_padding`` as in :func:`assemble`); its manifest, with the cache calibration
+    written since, and its other components are kept, so a fine-tune ships exactly as it was
+    measured: in a copy of the model it fine-tunes."""
+    tmp, old = out / "transformer.tmp", out / "transformer.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_transformer(transformer, tmp, half, max_inverted_padding)
+    if (out / "transformer").exists():  # else a crash after the first rename below: the old one is already aside
+        shutil.rmtree(old, ignore_errors=True)
+        (out / "transformer").replace(old)
+    tmp.replace(out / "transformer")  # the commit point: every moment before it leaves a whole transformer aside
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _write_transformer(transformer: Path, dest: Path, half: bool, max_inverted_padding: int | None | str) -> None:
+    gap_config = None if max_inverted_padding == KEEP else with_gap_cap(transformer / "config.json", max_inverted_padding)
+    _copy_tree(transformer, dest)
+    if half:
+        store_half(dest)
+    if gap_config is not None:
+        (dest / "config.json").write_text(json.dumps(gap_config, indent=2) + "\n")
 
 
 def world_description() -> dict:
@@ -359,14 +380,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card-only", action="store_true",
                         help="rewrite only the card of the model at --out (its weights and manifest, with the cache "
                              "calibration written since, are kept)")
+    parser.add_argument("--transformer-only", action="store_true",
+                        help="replace only the transformer of the model at --out (its manifest, with the cache "
+                             "calibration, and its other components are kept) and rewrite its card")
     parser.add_argument("--notes", help="a file of notes to append to the card (default: the current card's notes)")
     args = parser.parse_args(argv)
+    if args.card_only and args.transformer_only:
+        parser.error("--card-only and --transformer-only exclude each other")
     card = Path(args.out) / "MODEL_CARD.md"
     rows = stage_rows([Path(r) for r in args.vae_runs + args.transformer_runs], card_rows(card))
     notes = Path(args.notes).read_text() if args.notes else card_notes(card)  # read before the card is replaced
-    out = Path(args.out) if args.card_only else assemble(
-        Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text), cfg=args.cfg,
-        half=args.half, forward_up_to=args.forward_up_to, max_inverted_padding=args.max_inverted_padding)
+    if args.card_only:
+        out = Path(args.out)
+    elif args.transformer_only:
+        out = replace_transformer(Path(args.out), Path(args.transformer) / "final", half=args.half,
+                                  max_inverted_padding=args.max_inverted_padding)
+    else:
+        out = assemble(Path(args.out), Path(args.transformer) / "final", Path(args.vae) / "final", Path(args.text),
+                       cfg=args.cfg, half=args.half, forward_up_to=args.forward_up_to,
+                       max_inverted_padding=args.max_inverted_padding)
     table = Path(args.eval_table).read_text() if args.eval_table else None
     story = Path(args.story).read_text() if args.story else ""
     (out / "MODEL_CARD.md").write_text(model_card(out, rows, table, notes, story))
