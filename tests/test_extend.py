@@ -15,7 +15,7 @@ import pytest
 from framepack.components import asset
 from framepack.extend import frame_differences, seam, span_frames
 from framepack.planning import TEMPORAL_RATIO
-from framepack.video import overlap_frames, read_frames, write_segment
+from framepack.video import overlap_frames, read_frames, soft_join, write_segment
 
 FRAMEPACK = str(Path(sys.executable).with_name("framepack"))
 PROMPT = "An orange triangle moves to the right on a striped red background"
@@ -67,6 +67,26 @@ def test_the_seam_separates_a_jump_at_the_join_from_the_new_frames_own_changes()
     backward = np.concatenate([_ramp([2, 4, 6, 8]), original])
     measured = seam(original, backward, backwards=True, overlap=0)
     assert measured.new == (2.0,) * 4 and measured.join == 1.0 and measured.within
+
+
+def test_the_seam_does_not_count_the_originals_own_step_at_the_blends_outer_end():
+    """The blend (soft_join, as the pipeline joins the new section to the video's frames) ends on
+    the video's own frame: a step of the original right there is the original's, not the join's."""
+    # backward: 2 new frames, the 4-frame slot, a blend of 3 over the video's frames 4-6; the video
+    # steps by 20 from its frame 6 (the blend's last, all video) to 7; the new frames continue it exactly
+    original = _ramp([10] * 7 + [30] * 3)
+    backward = soft_join(_ramp([10] * 9), original[4:], 3)
+    assert len(backward) == 2 + len(original)
+    measured = seam(original, backward, backwards=True, overlap=3)
+    assert measured.join == 0.0 and max(measured.inside) == 20.0
+    # forward: the video steps by 20 from its frame 6 into 7, the blend's first (all video)
+    original = _ramp([30] * 7 + [10] * 3)
+    forward = soft_join(original, _ramp([10] * 5), 3)
+    measured = seam(original, forward, backwards=False, overlap=3)
+    assert measured.join == 0.0 and max(measured.inside) == 20.0
+    # a jump across the blend is still counted: 10 -> 50 -> 90 over its frames
+    measured = seam(original, soft_join(original, _ramp([90] * 5), 3), backwards=False, overlap=3)
+    assert measured.join == 40.0 and not measured.within
 
 
 def test_extending_backward_adds_the_new_frames_before_the_video_without_a_seam(ours, tmp_path):

@@ -327,13 +327,17 @@ def seam(original: np.ndarray, extended: np.ndarray, backwards: bool, overlap: i
     """The frame differences across the join of ``extended`` (the original's frames plus the new
     ones, at the same size) against those inside ``original``. The join counts as the largest
     difference from the last new frame into the video and across the blended ``overlap`` frames
-    (see the module docstring for where they lie), so a jump anywhere there counts."""
+    (see the module docstring for where they lie), so a jump anywhere there counts; not the step
+    between two of the video's own frames. The blend's outer end *is* the video's frame (its weight
+    there is 1, :func:`framepack.video.soft_join`), so the step from it to the next frame of the
+    video is the original's own."""
     inside = frame_differences(original)
     diffs = frame_differences(extended)
     new = len(extended) - len(original)
+    blended = max(overlap - 1, 0)  # the blend's frames that are not the video's own
     if backwards:  # new frames, then the slot of the video's first latent (4 frames), then the blend
-        region = diffs[new : new + TEMPORAL_RATIO + overlap]
+        region = diffs[new : new + TEMPORAL_RATIO + blended]
     else:  # the blend (the video's last frames into their reconstruction), then the first new frame
-        region = diffs[len(original) - overlap - 1 : len(original)]
+        region = diffs[len(original) - 1 - blended : len(original)]
     own = diffs[:new] if backwards else diffs[len(original) :]  # the differences on the new side of the region
     return Seam(float(region.max()), tuple(float(d) for d in inside), tuple(float(d) for d in own))
