@@ -4,9 +4,10 @@ The model's numbers come from the JSON of `framepack eval --json FILE` (it takes
 the controls are measured here, on the same split, start frames, scenes and lengths, in seconds:
 the world's own clips (full marks); the world's clips of the caption alone, at the speed and
 heading it does not give (a model that follows the caption perfectly and guesses those: the
-ceiling; in the determined world, the default, it is the ground truth); a caption-blind generator (the world's clip of a motion the start frame alone decides);
-a frozen video (the start frame repeated) and random noise. Also the caption-blind rules of
-issue 18 on both worlds' held-out start frames.
+ceiling; in the determined world, the default, it is the ground truth); a caption-blind
+generator (the world's clip of a motion the start frame alone decides); a frozen video (the
+start frame repeated) and random noise. Also the caption-blind rules of issue 18 on both worlds'
+held-out start frames.
 
     python benchmarks/evaluation.py --model-json runs/eval-yardstick-tiny.json --doc docs/evaluation.md
 """
