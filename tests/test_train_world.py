@@ -122,7 +122,7 @@ def test_vae_task_world_start():
 
 GEN2 = ("gen2_vae", "gen2_vae_smooth", "gen2_framepack", "gen2_framepack_long")  # the chain, in order (docs/training-gen2.md)
 # runs that start from the chain's shipped result: the student (tests/test_distill.py) and fine-tunes
-GEN2_AFTER = ("gen2_student", "gen2_student3", "gen2_student4", "gen2_finetune_rotate", "gen2_framepack_far",
+GEN2_AFTER = ("gen2_student", "gen2_student3", "gen2_student4", "gen2_student5", "gen2_finetune_rotate", "gen2_framepack_far",
               "gen2_framepack_determined", "gen2_framepack_det_far")
 REPO = Path(__file__).resolve().parents[1]
 
