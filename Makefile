@@ -72,10 +72,13 @@ demo-model: $(VENV)/.installed-train
 	$(PY) benchmarks/evaluation.py --model-json runs/gen2-student-eval-test.json --card-table runs/gen2-student-eval-test.md
 	cp configs/gen2_student_card.md src/framepack/assets/tiny-fast/MODEL_CARD.md
 	# the teacher fine-tuned on the determined world (2026-12-06): from the teacher packaged above, shipped in it
-	# (manifest and cache calibration kept) and measured on the determined world's test split, the default since
+	# (its manifest kept; the MagCache ratios, the old transformer's, measured again and the cache gated again)
+	# and measured on the determined world's test split, the default since
 	$(VENV)/bin/framepack train configs/gen2_framepack_determined.json
 	$(PY) -m framepack.train.package --out src/framepack/assets/tiny --transformer runs/gen2-framepack-det --transformer-only \
 	  --half --vae-runs $(GEN2_VAE_RUNS) --transformer-runs $(GEN2_TRANSFORMER_RUNS)
+	$(VENV)/bin/framepack calibrate-cache --model tiny
+	$(PY) benchmarks/caching.py --write-default
 	$(VENV)/bin/framepack eval --model tiny --split test --json runs/gen2-det-eval-test.json
 	$(PY) benchmarks/evaluation.py --model-json runs/gen2-det-eval-test.json --card-table runs/gen2-det-eval-test.md
 	$(PY) -m framepack.train.package --out src/framepack/assets/tiny --card-only --eval-table runs/gen2-det-eval-test.md \

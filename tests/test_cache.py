@@ -300,6 +300,23 @@ def test_calibrate_cache_writes_ratios_that_magcache_reads(tmp_path):
     assert ran.returncode == 0, ran.stderr
 
 
+def test_the_demo_models_magcache_ratios_are_its_own_transformers(tmp_path):
+    """The shipped ratios are what calibrate-cache measures on the shipped weights (a transformer swapped
+    in without calibrating again would keep the old one's ratios: package --transformer-only drops them)."""
+    source = json.loads(asset("tiny", "framepack.json").read_text())
+    shipped, steps = source.pop("magcache_ratios"), source.pop("magcache_steps")
+    for part in ("transformer", "hunyuan", "vae", "text_embeddings"):
+        source[part] = str(asset("tiny", source[part]))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "framepack.json").write_text(json.dumps(source))
+    cal = subprocess.run([*FRAMEPACK, "calibrate-cache", "--model", str(model), "--steps", str(steps)],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert cal.returncode == 0, cal.stderr
+    measured = json.loads((model / "framepack.json").read_text())["magcache_ratios"]
+    assert len(measured) == len(shipped) and max(abs(a - b) for a, b in zip(measured, shipped)) < 2e-3
+
+
 def test_demo_model_ships_calibrated_with_the_benchmarks_choice():
     manifest = json.loads(asset("tiny", "framepack.json").read_text())
     assert len(manifest["magcache_ratios"]) == manifest["magcache_steps"]

@@ -20,7 +20,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_transformer_only_replaces_the_weights_and_keeps_the_manifest_and_components(tmp_path):
+def test_transformer_only_replaces_the_weights_keeps_the_components_and_drops_the_old_ratios(tmp_path):
     model = shutil.copytree(TINY, tmp_path / "model")
     before = _files(model)
     # a run's export: fp32 weights (as training writes them) that differ from the model's
@@ -38,7 +38,11 @@ def test_transformer_only_replaces_the_weights_and_keeps_the_manifest_and_compon
 
     after = _files(model)
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-    assert changed == {f"transformer/{WEIGHTS}", "MODEL_CARD.md"}  # the manifest (cache calibration too) is kept
+    assert changed == {f"transformer/{WEIGHTS}", "MODEL_CARD.md", "framepack.json"}
+    # the manifest is kept but for the MagCache ratios, which were measured on the old transformer
+    manifest_before, manifest_after = json.loads(before["framepack.json"]), json.loads(after["framepack.json"])
+    assert "magcache_ratios" in manifest_before and "magcache_steps" in manifest_before
+    assert manifest_after == {k: v for k, v in manifest_before.items() if k not in ("magcache_ratios", "magcache_steps")}
     shipped = load_file(model / "transformer" / WEIGHTS)
     assert all(torch.equal(shipped[k], v.half() if v.is_floating_point() else v) for k, v in tuned.items())
     card = (model / "MODEL_CARD.md").read_text()

@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..cache import MANIFEST_RATIO_STEPS, MANIFEST_RATIOS
 from ..components import MANIFEST, resolve_model
 
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
@@ -47,6 +48,7 @@ def store_half(folder: Path) -> None:
         save_file(half, path, metadata=metadata)
 
 
+TRANSFORMER_MEASURES = (MANIFEST_RATIOS, MANIFEST_RATIO_STEPS)  # manifest keys measured on one transformer
 KEEP = "keep"  # assemble's max_inverted_padding: the gap rule the transformer's config.json already says
 
 
@@ -107,12 +109,17 @@ def assemble(out: Path, transformer: Path, vae: Path, text: Path, resolution: in
 def replace_transformer(out: Path, transformer: Path, half: bool = False,
                         max_inverted_padding: int | None | str = KEEP) -> Path:
     """Replace only the transformer of the model directory ``out`` (``half`` and
-    ``max_inverted_padding`` as in :func:`assemble`); its manifest, with the cache calibration
-    written since, and its other components are kept, so a fine-tune ships exactly as it was
-    measured: in a copy of the model it fine-tunes."""
+    ``max_inverted_padding`` as in :func:`assemble`); its other components and its manifest are
+    kept, so a fine-tune ships exactly as it was measured: in a copy of the model it fine-tunes.
+    The manifest's MagCache ratios are dropped: they were measured on the old transformer's
+    residuals (``framepack calibrate-cache`` measures the new one's)."""
     tmp, old = out / "transformer.tmp", out / "transformer.old"
     shutil.rmtree(tmp, ignore_errors=True)
     _write_transformer(transformer, tmp, half, max_inverted_padding)
+    # before the swap: a crash after it must not leave the old transformer's ratios beside the new one
+    if drop_manifest(out, TRANSFORMER_MEASURES):
+        log.warning("%s: its MagCache ratios were the previous transformer's and are removed; run "
+                    "`framepack calibrate-cache --model %s` to measure this one's", out, out)
     if (out / "transformer").exists():  # else a crash after the first rename below: the old one is already aside
         shutil.rmtree(old, ignore_errors=True)
         (out / "transformer").replace(old)
@@ -144,6 +151,16 @@ def update_manifest(model: Path, entries: dict) -> None:
     """Set ``entries`` in an assembled model's manifest (the rest kept as it is)."""
     path = Path(model) / MANIFEST
     path.write_text(json.dumps({**json.loads(path.read_text()), **entries}, indent=2) + "\n")
+
+
+def drop_manifest(model: Path, keys: tuple[str, ...]) -> list[str]:
+    """Remove ``keys`` from an assembled model's manifest; returns those it had."""
+    path = Path(model) / MANIFEST
+    manifest = json.loads(path.read_text())
+    had = [k for k in keys if k in manifest]
+    if had:
+        path.write_text(json.dumps({k: v for k, v in manifest.items() if k not in had}, indent=2) + "\n")
+    return had
 
 
 def add_world(model: Path) -> None:
@@ -381,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite only the card of the model at --out (its weights and manifest, with the cache "
                              "calibration written since, are kept)")
     parser.add_argument("--transformer-only", action="store_true",
-                        help="replace only the transformer of the model at --out (its manifest, with the cache "
-                             "calibration, and its other components are kept) and rewrite its card")
+                        help="replace only the transformer of the model at --out (its manifest, less the MagCache "
+                             "ratios of the old transformer, and its other components are kept) and rewrite its card")
     parser.add_argument("--notes", help="a file of notes to append to the card (default: the current card's notes)")
     args = parser.parse_args(argv)
     if args.card_only and args.transformer_only:
