@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..cache import MANIFEST_RATIO_STEPS, MANIFEST_RATIOS
@@ -147,19 +148,25 @@ def world_description() -> dict:
             "shade_range": list(world.SHADE_RANGE), "objects": [list(c) for c in world.PALETTE.values()]}
 
 
+def _rewrite_manifest(model: Path, change: Callable[[dict], dict]) -> None:
+    """``change`` applied to an assembled model's manifest, written atomically (its key order kept)."""
+    from ..jobs import atomic_write
+
+    path = Path(model) / MANIFEST
+    text = json.dumps(change(json.loads(path.read_text())), indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def update_manifest(model: Path, entries: dict) -> None:
     """Set ``entries`` in an assembled model's manifest (the rest kept as it is)."""
-    path = Path(model) / MANIFEST
-    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}, indent=2) + "\n")
+    _rewrite_manifest(model, lambda manifest: {**manifest, **entries})
 
 
 def drop_manifest(model: Path, keys: tuple[str, ...]) -> list[str]:
     """Remove ``keys`` from an assembled model's manifest; returns those it had."""
-    path = Path(model) / MANIFEST
-    manifest = json.loads(path.read_text())
-    had = [k for k in keys if k in manifest]
+    had = [k for k in keys if k in json.loads((Path(model) / MANIFEST).read_text())]
     if had:
-        path.write_text(json.dumps({k: v for k, v in manifest.items() if k not in had}, indent=2) + "\n")
+        _rewrite_manifest(model, lambda manifest: {k: v for k, v in manifest.items() if k not in had})
     return had
 
 
