@@ -278,16 +278,24 @@ def test_videos_and_jobs_from_before_the_field_still_load(tmp_path):
     assert settings_from_video(tmp_path / "oldjob.mp4")["cache"] == "none"
 
 
-def test_calibrate_cache_writes_ratios_that_magcache_reads(tmp_path):
-    """A model directory without ratios: magcache is refused in one line; calibrate-cache fixes that."""
+def _tiny_without_ratios(tmp_path: Path) -> tuple[Path, list[float]]:
+    """A model directory of the demo model's components, its manifest without MagCache ratios or a
+    cache choice; and the ratios the demo model ships."""
     source = json.loads(asset("tiny", "framepack.json").read_text())
-    for key in ("magcache_ratios", "magcache_steps", "cache"):
-        source.pop(key, None)
-    for part in ("transformer", "hunyuan", "vae"):
+    shipped = source.pop("magcache_ratios")
+    for key in ("magcache_steps", "cache"):
+        source.pop(key)
+    for part in ("transformer", "hunyuan", "vae", "text_embeddings"):
         source[part] = str(asset("tiny", source[part]))
     model = tmp_path / "model"
     model.mkdir()
     (model / "framepack.json").write_text(json.dumps(source))
+    return model, shipped
+
+
+def test_calibrate_cache_writes_ratios_that_magcache_reads(tmp_path):
+    """A model directory without ratios: magcache is refused in one line; calibrate-cache fixes that."""
+    model, _ = _tiny_without_ratios(tmp_path)
     refused = _generate(tmp_path, "refused", "--model", str(model), "--cache", "magcache")
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and "calibrate-cache" in last and "Traceback" not in refused.stderr
@@ -303,13 +311,8 @@ def test_calibrate_cache_writes_ratios_that_magcache_reads(tmp_path):
 def test_the_demo_models_magcache_ratios_are_its_own_transformers(tmp_path):
     """The shipped ratios are what calibrate-cache measures on the shipped weights (a transformer swapped
     in without calibrating again would keep the old one's ratios: package --transformer-only drops them)."""
-    source = json.loads(asset("tiny", "framepack.json").read_text())
-    shipped, steps = source.pop("magcache_ratios"), source.pop("magcache_steps")
-    for part in ("transformer", "hunyuan", "vae", "text_embeddings"):
-        source[part] = str(asset("tiny", source[part]))
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "framepack.json").write_text(json.dumps(source))
+    model, shipped = _tiny_without_ratios(tmp_path)
+    steps = len(shipped)
     cal = subprocess.run([*FRAMEPACK, "calibrate-cache", "--model", str(model), "--steps", str(steps)],
                          check=False, capture_output=True, text=True, timeout=600)
     assert cal.returncode == 0, cal.stderr

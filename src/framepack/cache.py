@@ -31,7 +31,6 @@ our two block classes are registered there (:func:`register_blocks`) rather than
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -338,12 +337,9 @@ def magnitude_ratios(norms: Sequence[torch.Tensor], steps: int) -> list[float]:
 
 def write_manifest_ratios(manifest: Path, ratios: Sequence[float], steps: int) -> None:
     """Put the ratios into a model's framepack.json (atomically; other keys kept)."""
-    data = json.loads(manifest.read_text())
-    data[MANIFEST_RATIOS] = list(ratios)
-    data[MANIFEST_RATIO_STEPS] = steps
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(manifest)
+    from .components import rewrite_manifest
+
+    rewrite_manifest(manifest, lambda data: {**data, MANIFEST_RATIOS: list(ratios), MANIFEST_RATIO_STEPS: steps})
 
 
 def calibrate_magcache(pipeline, settings, workdir: Path) -> list[float]:

@@ -468,6 +468,15 @@ MANIFEST = "framepack.json"
 EMBEDDED_MODELS: tuple[str, ...] = ("tiny", "tiny-fast")
 
 
+def rewrite_manifest(path: Path, change: Callable[[dict], dict]) -> None:
+    """``change`` applied to a model's ``framepack.json`` at ``path``, written atomically, its key
+    order kept (calibrate-cache and the packager edit shipped manifests, diffed in review)."""
+    from .jobs import atomic_write
+
+    text = json.dumps(change(json.loads(Path(path).read_text())), indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def asset(*parts: str) -> Path:
     """A file shipped inside the package (``framepack/assets/...``), e.g. the demo model."""
     return Path(str(resources.files("framepack").joinpath("assets", *parts)))

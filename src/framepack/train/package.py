@@ -12,11 +12,10 @@ import argparse
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from ..cache import MANIFEST_RATIO_STEPS, MANIFEST_RATIOS
-from ..components import MANIFEST, resolve_model
+from ..components import MANIFEST, resolve_model, rewrite_manifest
 
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 
@@ -148,25 +147,20 @@ def world_description() -> dict:
             "shade_range": list(world.SHADE_RANGE), "objects": [list(c) for c in world.PALETTE.values()]}
 
 
-def _rewrite_manifest(model: Path, change: Callable[[dict], dict]) -> None:
-    """``change`` applied to an assembled model's manifest, written atomically (its key order kept)."""
-    from ..jobs import atomic_write
-
-    path = Path(model) / MANIFEST
-    text = json.dumps(change(json.loads(path.read_text())), indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def update_manifest(model: Path, entries: dict) -> None:
     """Set ``entries`` in an assembled model's manifest (the rest kept as it is)."""
-    _rewrite_manifest(model, lambda manifest: {**manifest, **entries})
+    rewrite_manifest(Path(model) / MANIFEST, lambda manifest: {**manifest, **entries})
 
 
 def drop_manifest(model: Path, keys: tuple[str, ...]) -> list[str]:
     """Remove ``keys`` from an assembled model's manifest; returns those it had."""
-    had = [k for k in keys if k in json.loads((Path(model) / MANIFEST).read_text())]
-    if had:
-        _rewrite_manifest(model, lambda manifest: {k: v for k, v in manifest.items() if k not in had})
+    had: list[str] = []
+
+    def drop(manifest: dict) -> dict:
+        had.extend(k for k in keys if k in manifest)
+        return {k: v for k, v in manifest.items() if k not in keys}
+
+    rewrite_manifest(Path(model) / MANIFEST, drop)
     return had
 
 
